@@ -1,0 +1,51 @@
+"""`trl-infalign` command line: one sub-command per module in `trl_infalign.commands`.
+
+Each command module defines `add_parser(subparsers)` and `run(args) -> int`; modules are imported only when
+their command runs, so `trl-infalign theory` never imports torch-heavy training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "theory": ("trl_infalign.commands.theory", "Predict KL and BoN/WoN win rates of a transform in calibrated space."),
+    "build-reference": (
+        "trl_infalign.commands.build_reference",
+        "Sample K reference completions per prompt, score them, and add a `ref_rewards` column.",
+    ),
+    "evaluate": (
+        "trl_infalign.commands.evaluate",
+        "Measure standard / BoN-N / WoN-N win rates and KL of a policy against its reference.",
+    ),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trl-infalign", description="InfAlign / CTRL for Hugging Face TRL.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_parser(subparsers.add_parser(name, help=help_text, description=help_text))
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if command is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
