@@ -1,0 +1,110 @@
+"""Tiny, fully offline models and tokenizers for tests, the quickstart and the CPU benchmarks.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained on the strings you pass, the models are
+built from a `LlamaConfig` and saved to a local directory (TRL rebuilds the reference model from
+`config._name_or_path`, so policies must live on disk, not only in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+PAD, EOS, BOS = "<pad>", "</s>", "<s>"
+
+
+def build_tokenizer(texts: Sequence[str], vocab_size: int = 512, chat_template: bool = False):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`, left padded, with pad/eos/bos tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, BOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, bos_token=BOS, padding_side="left"
+    )
+    if chat_template:
+        fast.chat_template = (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}"
+        )
+    return fast
+
+
+def _llama_config(tokenizer, hidden_size: int, num_layers: int, **overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+
+
+def build_tiny_policy(tokenizer, output_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A randomly initialised `LlamaForCausalLM`, saved with its tokenizer to `output_dir`; returns the path."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(tokenizer, hidden_size, num_layers))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def build_tiny_reward_model(tokenizer, output_dir: str | Path | None = None, hidden_size: int = 32, seed: int = 0):
+    """A randomly initialised `LlamaForSequenceClassification` with one label (a reward model)."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(_llama_config(tokenizer, hidden_size, 1, num_labels=1))
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    return model
+
+
+def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
+    """A few steps of plain next-token training so that a random tiny model produces varied, text-like samples."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    encoded = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
+        rows = [encoded[i] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full((len(rows), width), -100)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model
