@@ -108,3 +108,63 @@ def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, 
         optimizer.zero_grad()
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One-token bandit: the cleanest end-to-end check of CTRL. With one prompt and one-token completions, RLOO with its k1
+# KL penalty has the exact stationary point π*(a) ∝ π_ref(a)·exp(Φ(c(a))/β), computable from the reference policy's
+# action probabilities and the prompt's fixed reference rewards.
+
+BANDIT_PROMPT = "q"
+
+
+def build_bandit_tokenizer(num_actions: int):
+    """A word-level tokenizer whose vocabulary is the special tokens, the prompt token `q` and actions `a0..a{V-1}`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, EOS: 1, BOS: 2, BANDIT_PROMPT: 3}
+    vocab.update({f"a{i}": 4 + i for i in range(num_actions)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, bos_token=BOS, padding_side="left")
+
+
+def bandit_action_ids(tokenizer, num_actions: int) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(f"a{i}") for i in range(num_actions)]
+
+
+def build_bandit_policy(tokenizer, output_dir, target_probs, steps: int = 300, lr: float = 1e-2, seed: int = 0) -> str:
+    """A tiny Llama whose next-token distribution after the prompt is close to `target_probs` over the actions.
+
+    Saved to `output_dir` (TRL rebuilds the reference model from that path).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(tokenizer, 32, 1))
+    prompt_ids = torch.tensor([tokenizer(BANDIT_PROMPT)["input_ids"]])
+    actions = torch.tensor(bandit_action_ids(tokenizer, len(target_probs)))
+    target = torch.as_tensor(target_probs, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        logp = torch.log_softmax(model(input_ids=prompt_ids).logits[0, -1], dim=-1)
+        loss = -(target * logp[actions]).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def bandit_next_token_probs(model, tokenizer):
+    """π(· | prompt) over the whole vocabulary, as a float64 tensor."""
+    import torch
+
+    prompt_ids = torch.tensor([tokenizer(BANDIT_PROMPT)["input_ids"]], device=next(model.parameters()).device)
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=prompt_ids).logits[0, -1].double(), dim=-1).cpu()

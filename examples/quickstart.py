@@ -1,0 +1,155 @@
+"""Quickstart: CTRL for Best-of-4 on a tiny policy, fully offline on a CPU, in a few minutes.
+
+1. Build a tiny "SFT" policy: a byte-level BPE tokenizer and a small Llama trained locally on generated review snippets.
+2. Reward: VADER sentiment (the `vaderSentiment` package's lexicon; nobody here wrote or tuned it).
+3. Reference rewards: K samples per prompt from the SFT policy, scored (`build_reference_rewards`).
+4. CTRL for Best-of-4 (`transform="auto"` picks exp(t·c) with t from the calibrated-space theory).
+5. Before/after table of KL, standard win rate and BoN-4 win rate against the reference, and a plot.
+
+Run:  python examples/quickstart.py [--output outputs/quickstart] [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "the music", "the story", "the cast"]
+VERBS = ["was", "is", "felt", "seemed"]
+ADJECTIVES = [
+    "great", "wonderful", "fine", "good", "brilliant", "moving", "fun", "okay", "long", "slow", "quiet", "strange",
+    "boring", "bad", "terrible", "dull", "awful", "weak", "beautiful", "sad", "funny", "loud", "simple", "clever",
+]
+ENDINGS = ["", " and i liked it", " but too long", " and a bit sad", " overall", " to me", " and loud", " at times"]
+
+
+def review_corpus(size: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(ADJECTIVES)}{rng.choice(ENDINGS)}" for _ in range(size)
+    ]
+
+
+def vader_sentiment(prompts, completions, **kwargs):
+    """Reward: VADER compound sentiment of prompt + completion, in [-1, 1]."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = vader_sentiment.analyzer = getattr(vader_sentiment, "analyzer", None) or SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(p + c)["compound"] for p, c in zip(prompts, completions, strict=True)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="outputs/quickstart", help="Where models, tables and the plot go.")
+    parser.add_argument("--steps", type=int, default=150, help="CTRL training steps.")
+    parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
+    parser.add_argument("--eval-samples", type=int, default=16, help="Samples per prompt for the evaluation.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, evaluate_policy
+    from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
+
+    start = time.time()
+    torch.manual_seed(args.seed)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    print("1/5  Building the tiny SFT policy (local tokenizer + small Llama, pre-trained on review snippets)")
+    corpus = review_corpus(2000, args.seed)
+    tokenizer = build_tokenizer(corpus, vocab_size=400)
+    sft_path = output / "sft"
+    build_tiny_policy(tokenizer, sft_path, hidden_size=64, num_layers=2, seed=args.seed)
+    policy = AutoModelForCausalLM.from_pretrained(sft_path)
+    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=args.seed)
+    policy.save_pretrained(sft_path)
+
+    prompts = [f"{s} {v}" for s in SUBJECTS for v in VERBS]
+    dataset = Dataset.from_dict({"prompt": prompts})
+
+    print(f"2/5  Reference rewards: {args.num_reference_samples} samples per prompt from the SFT policy, VADER-scored")
+    dataset = build_reference_rewards(
+        dataset,
+        str(sft_path),
+        vader_sentiment,
+        num_samples=args.num_reference_samples,
+        max_new_tokens=8,
+        cache_dir=str(output / "reference_cache"),
+        seed=args.seed,
+    )
+
+    print("3/5  Training CTRL for Best-of-4")
+    config = CTRLConfig(
+        output_dir=str(output / "ctrl-bon4"),
+        inference_procedure="bon",
+        inference_n=4,
+        transform="auto",
+        kl_budget=1.0,
+        learning_rate=1e-3,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        max_completion_length=8,
+        max_steps=args.steps,
+        logging_steps=25,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=args.seed,
+        num_reference_samples=args.num_reference_samples,
+    )
+    print(f"     transform {config.resolved_transform}, beta {config.beta:.4g} (from kl_budget {config.kl_budget})")
+    trainer = CTRLTrainer(
+        model=str(sft_path), reward_funcs=vader_sentiment, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+
+    print("4/5  Evaluating KL and standard / BoN-4 win rates against the SFT reference")
+    eval_prompts = prompts
+    common = dict(
+        num_samples=args.eval_samples, ns=(1, 4), procedures=("standard", "bon"), max_new_tokens=8, seed=args.seed + 1
+    )
+    before = evaluate_policy(str(sft_path), str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
+    after = evaluate_policy(trainer.model, str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
+    trainer.record_evaluation(after.to_dict())
+    trainer.save_model(config.output_dir)
+
+    def row(name, result):
+        wins = {(w["procedure"], w["n"]): w for w in result.win_rates}
+        std, bon = wins[("standard", 1)], wins[("bon", 4)]
+        return name, result.kl_k3, std, bon
+
+    rows = [row("SFT (before)", before), row("CTRL-BoN4 (after)", after)]
+    lines = [
+        "| policy | KL (k3) | standard win rate | BoN-4 win rate |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {kl:.3f} | {s['estimate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] "
+            f"| {b['estimate']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] |"
+            for name, kl, s, b in rows
+        ],
+    ]
+    table = "\n".join(lines)
+    print("\n5/5  Results (win rates against the SFT reference; 0.5 = no change)\n")
+    print(table)
+    (output / "results.md").write_text(table + "\n")
+    (output / "results.json").write_text(json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2))
+    after.plot(output / "win_rate_vs_n.png")
+    print(f"\nSaved: {output / 'results.md'}, {output / 'win_rate_vs_n.png'}, model in {config.output_dir}")
+    print(f"Done in {time.time() - start:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared set-up of the one-token bandit used by the end-to-end tests."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from trl_infalign import CTRLConfig, calibrate, get_transform
+from trl_infalign.tiny import (
+    BANDIT_PROMPT,
+    bandit_action_ids,
+    bandit_next_token_probs,
+    build_bandit_policy,
+    build_bandit_tokenizer,
+)
+
+NUM_ACTIONS = 12
+
+
+def make_bandit(tmp_path, num_actions: int = NUM_ACTIONS, num_reference: int = 64, seed: int = 0):
+    """Reference policy on disk, its action probabilities, a reward table and a one-prompt dataset with ref rewards."""
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.softmax(torch.randn(num_actions, generator=generator) * 0.6, dim=0)
+    tokenizer = build_bandit_tokenizer(num_actions)
+    path = build_bandit_policy(tokenizer, tmp_path / "reference", target, seed=seed)
+    from transformers import AutoModelForCausalLM
+
+    pi_ref = bandit_next_token_probs(AutoModelForCausalLM.from_pretrained(path), tokenizer)
+    rewards = torch.full((len(tokenizer),), -1.0, dtype=torch.float64)  # non-action tokens: worst reward
+    rewards[bandit_action_ids(tokenizer, num_actions)] = torch.arange(num_actions, dtype=torch.float64)
+    ref_samples = torch.multinomial(pi_ref, num_reference, replacement=True, generator=generator)
+    ref_rewards = rewards[ref_samples].tolist()
+    dataset = Dataset.from_dict({"prompt": [BANDIT_PROMPT] * 64, "ref_rewards": [ref_rewards] * 64})
+
+    def reward_func(completion_ids, **kwargs):
+        return [rewards[ids[0]].item() if ids else -1.0 for ids in completion_ids]
+
+    return path, tokenizer, pi_ref, rewards, ref_rewards, dataset, reward_func
+
+
+def optimal_policy(pi_ref, rewards, ref_rewards, transform: str, beta: float):
+    """π*(a) ∝ π_ref(a)·exp(Φ(c(a))/β) with c(a) calibrated against the prompt's fixed reference rewards."""
+    ref = torch.tensor(ref_rewards, dtype=torch.float64).expand(len(rewards), -1)
+    c = calibrate(rewards, ref)
+    logits = torch.log(pi_ref) + get_transform(transform)(c).double() / beta
+    return torch.softmax(logits, dim=0)
+
+
+def bandit_config(output_dir, transform: str, beta: float, **overrides) -> CTRLConfig:
+    kwargs = dict(
+        output_dir=str(output_dir),
+        transform=transform,
+        inference_procedure="bon",
+        inference_n=4,
+        beta=beta,
+        learning_rate=5e-3,
+        per_device_train_batch_size=64,
+        num_generations=16,
+        max_completion_length=1,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        mask_truncated_completions=False,
+        num_train_epochs=1,
+        max_steps=300,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        min_reference_samples=8,
+        disable_dropout=True,
+    )
+    kwargs.update(overrides)
+    return CTRLConfig(**kwargs)

@@ -1,0 +1,47 @@
+"""trl-infalign: InfAlign / CTRL (Calibrate-and-Transform RL, arXiv 2412.19792) for Hugging Face TRL.
+
+Public names are imported lazily, so `import trl_infalign` (and the theory CLI) stays fast; the trainer pulls in TRL
+only when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "calibration": ["calibrate", "pad_reference_rewards", "CalibrationError"],
+    "transforms": ["Transform", "TabulatedTransform", "TransformError", "register_transform", "get_transform", "available_transforms"],
+    "theory": [
+        "CalibratedPolicy", "policy", "kl_divergence", "win_rate", "beta_for_kl", "best_t", "best_t_for_beta",
+        "optimal_policy", "frontier", "plot_frontiers",
+    ],
+    "ctrl_config": ["CTRLConfig"],
+    "ctrl_trainer": ["CTRLTrainer", "HubUploadError"],
+    "reference": ["build_reference_rewards", "validate_reference_rewards"],
+    "evaluation": ["inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult"],
+    "callbacks": ["InferenceWinRateCallback"],
+}
+_NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_NAME_TO_MODULE)
+
+
+def __getattr__(name: str):
+    if name in _NAME_TO_MODULE:
+        value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trl_infalign' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .calibration import CalibrationError, calibrate, pad_reference_rewards
+    from .ctrl_config import CTRLConfig
+    from .ctrl_trainer import CTRLTrainer, HubUploadError
+    from .transforms import get_transform, register_transform

@@ -1,0 +1,146 @@
+"""Configuration of the CTRL trainer (Calibrate-and-Transform RL, InfAlign, arXiv 2412.19792)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import RLOOConfig
+
+PROCEDURES = ("standard", "bon", "won")
+
+
+@dataclass
+class CTRLConfig(RLOOConfig):
+    r"""
+    Configuration class for [`CTRLTrainer`]: every [`trl.RLOOConfig`] field, plus the InfAlign ones below.
+
+    CTRL replaces the reward RLOO sees by \\(\Phi(c)\\), where \\(c\\) is the calibrated reward (the response's
+    empirical CDF value among K reference-policy responses to the same prompt) and \\(\Phi\\) a transform chosen for the
+    inference-time procedure: Best-of-N (`bon`: \\(e^{t c}\\)), Worst-of-N (`won`: \\(-e^{-t c}\\)) or plain sampling
+    (`standard`: identity, exactly optimal for the win rate). The KL-regularised optimum is
+    \\(\pi^*(y|x) \propto \pi_{\mathrm{ref}}(y|x)\, e^{\Phi(c(x,y))/\beta}\\).
+
+    Parameters:
+        inference_procedure (`str`, defaults to `"bon"`):
+            How the trained model will be used: `standard` (one sample), `bon` (best of `inference_n`), `won` (worst of
+            `inference_n`, e.g. a jailbreak attacker keeping the worst of N).
+        inference_n (`int`, defaults to `4`):
+            N of the inference-time procedure.
+        transform (`str`, defaults to `"auto"`):
+            Transform spec, e.g. `"bon:t=10"`, `"won:t=5"`, `"identity"`, `"lsc"`, `"optimal"`. `auto` picks the
+            procedure's exp family with t chosen by the theory module (identity for `standard`). `optimal` is the
+            numerically optimal transform for (`inference_procedure`, `inference_n`, `beta`).
+        kl_budget (`float` or `None`, defaults to `None`):
+            If set, `beta` is replaced by the value at which the calibrated-space theory predicts KL = `kl_budget` for
+            the chosen transform (and, with `auto`, t is the best of the family at that KL).
+        reference_rewards_column (`str`, defaults to `"ref_rewards"`):
+            Dataset column holding, per prompt, the rewards of K reference-policy samples
+            (see [`build_reference_rewards`]).
+        num_reference_samples (`int`, defaults to `16`):
+            K used when building reference rewards with this config (recipes, `trl-infalign build-reference`).
+        min_reference_samples (`int`, defaults to `4`):
+            Rows with fewer valid reference rewards are refused: c has a resolution of 1/K.
+        nonfinite_rewards (`str`, defaults to `"raise"`):
+            What to do with a ±inf reward from the reward model(s): `raise` (names the prompt) or `skip` (the completion
+            gets no advantage and is counted in `ctrl/nonfinite_rewards`). A `None` reward is always skipped, as in TRL.
+    """
+
+    inference_procedure: str = field(
+        default="bon",
+        metadata={"help": "Inference-time procedure to align for.", "choices": list(PROCEDURES)},
+    )
+    inference_n: int = field(default=4, metadata={"help": "N of Best-of-N / Worst-of-N at inference."})
+    transform: str = field(
+        default="auto",
+        metadata={
+            "help": "Transform spec (`bon:t=10`, `won:t=5`, `identity`, `log`, `lsc`, `optimal`) or `auto` (the "
+            "procedure's exp family with t from the theory module; identity for `standard`)."
+        },
+    )
+    kl_budget: float | None = field(
+        default=None,
+        metadata={"help": "Target KL(pi || pi_ref): sets `beta` (and t with `auto`) from the calibrated-space theory."},
+    )
+    reference_rewards_column: str = field(
+        default="ref_rewards",
+        metadata={"help": "Dataset column with the rewards of K reference-policy samples per prompt."},
+    )
+    num_reference_samples: int = field(
+        default=16, metadata={"help": "K: reference samples per prompt when building reference rewards."}
+    )
+    min_reference_samples: int = field(
+        default=4, metadata={"help": "Refuse rows with fewer valid reference rewards than this."}
+    )
+    nonfinite_rewards: str = field(
+        default="raise",
+        metadata={"help": "On a +-inf reward: `raise` (default) or `skip` (no advantage, counted).", "choices": ["raise", "skip"]},
+    )
+
+    def __post_init__(self):
+        self._validate_ctrl_fields()
+        super().__post_init__()
+        self.resolve_transform()
+
+    def _validate_ctrl_fields(self):
+        if self.inference_procedure not in PROCEDURES:
+            raise ValueError(
+                f"CTRLConfig.inference_procedure={self.inference_procedure!r} is not one of {list(PROCEDURES)}."
+            )
+        if isinstance(self.inference_n, bool) or not isinstance(self.inference_n, int) or self.inference_n < 1:
+            raise ValueError(f"CTRLConfig.inference_n must be an integer >= 1, got {self.inference_n!r}.")
+        if self.inference_procedure == "standard" and self.inference_n != 1:
+            raise ValueError(
+                "CTRLConfig.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
+            )
+        if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
+            raise ValueError(f"CTRLConfig.kl_budget must be a finite number > 0 (or None), got {self.kl_budget!r}.")
+        if self.kl_budget is None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(
+                f"CTRLConfig.beta must be > 0, got {self.beta!r}: CTRL is KL-regularised RL, its optimum "
+                "pi_ref * exp(Phi(c)/beta) needs beta > 0. Set beta > 0 or a kl_budget."
+            )
+        if not self.reference_rewards_column:
+            raise ValueError("CTRLConfig.reference_rewards_column must name a dataset column, e.g. 'ref_rewards'.")
+        if self.num_reference_samples < 1:
+            raise ValueError(f"CTRLConfig.num_reference_samples must be >= 1, got {self.num_reference_samples}.")
+        if self.min_reference_samples < 1:
+            raise ValueError(f"CTRLConfig.min_reference_samples must be >= 1, got {self.min_reference_samples}.")
+        if self.nonfinite_rewards not in ("raise", "skip"):
+            raise ValueError(f"CTRLConfig.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
+
+    def resolve_transform(self):
+        """Turn `transform` into a concrete spec (stored in `resolved_transform`), setting `beta` from `kl_budget`.
+
+        Called at construction so that an invalid spec fails before any model is loaded.
+        """
+        from . import theory
+        from .transforms import TransformError, get_transform
+
+        procedure, n = self.inference_procedure, self.inference_n
+        spec = self.transform.strip()
+        try:
+            if spec == "auto":
+                if procedure == "standard":
+                    spec = "identity"
+                elif self.kl_budget is not None:
+                    best = theory.best_t(procedure, n, self.kl_budget)
+                    spec, self.beta = f"{procedure}:t={best.t:.6g}", best.beta
+                else:
+                    spec = f"{procedure}:t={theory.best_t_for_beta(procedure, n, self.beta):.6g}"
+            elif spec.split(":", 1)[0] == "optimal":
+                if self.kl_budget is not None:
+                    self.beta = theory.optimal_policy(procedure, n, kl=self.kl_budget).beta
+                spec = f"optimal:procedure={procedure},n={n},beta={self.beta:.6g}"
+            transform = get_transform(spec)
+            if self.kl_budget is not None and self.transform.strip() not in ("auto",) and transform.name != "optimal":
+                if transform.requires_raw_rewards:
+                    raise ValueError(
+                        f"CTRLConfig.kl_budget cannot be used with transform={self.transform!r}: it has no "
+                        "calibrated-space form to predict KL from. Set beta directly."
+                    )
+                self.beta = theory.beta_for_kl(transform, self.kl_budget)
+        except TransformError as error:
+            raise ValueError(f"CTRLConfig.transform={self.transform!r}: {error}") from error
+        self.resolved_transform = transform.spec
+        return transform
