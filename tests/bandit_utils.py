@@ -71,6 +71,7 @@ def bandit_config(output_dir, transform: str, beta: float, **overrides) -> CTRLC
         seed=0,
         min_reference_samples=8,
         disable_dropout=True,
+        disable_tqdm=True,
     )
     kwargs.update(overrides)
     return CTRLConfig(**kwargs)

@@ -1,0 +1,257 @@
+# /// script
+# dependencies = ["trl-infalign", "trl>=1.16", "peft", "matplotlib"]
+# ///
+"""CTRL (InfAlign, arXiv 2412.19792) on Anthropic HH-RLHF — or any prompt dataset — with TRL.
+
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/ctrl_hh.py \
+        --config recipes/configs/ctrl_hh_helpful_bon.yaml
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/ctrl_hh.py \
+        --config recipes/configs/ctrl_hh_harmless_won.yaml --push_to_hub --hub_model_id me/qwen-ctrl-won4
+
+Steps: load prompts (HH `chosen` transcripts -> chat prompts without the final answer), build or resume the reference
+rewards (K reference samples per prompt, cached in `reference_cache_dir`), train `CTRLTrainer`, evaluate BoN-N / WoN-N
+win rates and KL against the reference policy, write them into the model card, save, and optionally push to the Hub.
+Every `--flag` overrides the YAML. See docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import ScriptArguments as TrlScriptArguments
+
+from trl_infalign import CTRLConfig
+
+
+@dataclass
+class ScriptArguments(TrlScriptArguments):
+    """Data, reward model, reference pass and evaluation of the CTRL recipes (training knobs live in `CTRLConfig`)."""
+
+    dataset_name: str | None = field(
+        default="Anthropic/hh-rlhf",
+        metadata={"help": "Hub dataset (e.g. `Anthropic/hh-rlhf`, `trl-lib/tldr`), a local .jsonl/.json/.parquet file, a "
+                  "directory laid out like the Hub repo (`<data_dir>/<split>.jsonl[.gz]`), or a `save_to_disk` dir."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "Subset directory of the dataset: `helpful-base` (helpfulness, BoN) or `harmless-base` "
+                  "(harmlessness / jailbreak, WoN) for Anthropic/hh-rlhf."},
+    )
+    dataset_prompt_column: str = field(
+        default="prompt",
+        metadata={"help": "Prompt column for datasets that have one (e.g. trl-lib/tldr). Datasets without it must have "
+                  "HH `chosen` transcripts, which are turned into chat prompts."},
+    )
+    max_train_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
+    max_eval_prompts: int | None = field(default=256, metadata={"help": "Evaluate on at most this many test prompts."})
+    reward_model_name_or_path: str = field(
+        default="OpenAssistant/reward-model-deberta-v3-large-v2",
+        metadata={"help": "Sequence-classification reward model: Hub id or local directory."},
+    )
+    reward_model_input: str = field(
+        default="pair",
+        metadata={"help": "`pair`: the RM scores tokenizer(prompt, completion) as a text pair (OpenAssistant deberta RMs); "
+                  "`text`: TRL's default, the RM scores the chat-templated prompt + completion as one text.",
+                  "choices": ["pair", "text"]},
+    )
+    reward_max_length: int = field(default=512, metadata={"help": "Truncate text pairs to this many tokens (pair mode)."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Pairs per reward-model forward pass (pair mode)."})
+    reference_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the reference rewards are cached (resumable, shared by all processes); default "
+                  "`<output_dir>/reference_cache`. Reuse it across runs with the same reference policy and RM."},
+    )
+    reference_batch_size: int = field(
+        default=8, metadata={"help": "Prompts per reference chunk (unit of seeding, caching and sharding)."}
+    )
+    eval_num_samples: int = field(
+        default=16, metadata={"help": "Samples per eval prompt from the policy and from the reference (>= max eval N)."}
+    )
+    eval_ns: list[int] = field(default_factory=lambda: [1, 4], metadata={"help": "N values for BoN-N / WoN-N win rates."})
+    skip_eval: bool = field(default=False, metadata={"help": "Skip the final evaluation."})
+
+
+def is_local(name_or_path: str) -> bool:
+    return os.path.exists(os.path.expanduser(name_or_path))
+
+
+def load_prompts(script_args: ScriptArguments, split: str, max_prompts: int | None, seed: int | None = None):
+    from trl_infalign.hh import load_hh_prompts
+
+    return load_hh_prompts(
+        script_args.dataset_name, data_dir=script_args.data_dir, split=split, max_prompts=max_prompts,
+        name=script_args.dataset_config, prompt_column=script_args.dataset_prompt_column, seed=seed,
+    )
+
+
+def load_reward(script_args: ScriptArguments, model_args, training_args):
+    """(reward_funcs, reward_processing_classes) for the trainer, the reference pass and the evaluation."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl_infalign.hh import TextPairRewardModel
+
+    path = script_args.reward_model_name_or_path
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
+    if model_args.dtype not in (None, "auto"):
+        kwargs["dtype"] = model_args.dtype
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if script_args.reward_model_input == "text":
+        # TRL loads and places (DDP / DeepSpeed / FSDP) reward models given as paths itself.
+        return [path], [tokenizer]
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    reward = TextPairRewardModel(model, tokenizer, batch_size=script_args.reward_batch_size,
+                                 max_length=script_args.reward_max_length)
+    return [reward], [None]
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+                  attn_implementation=model_args.attn_implementation, dtype=model_args.dtype)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def reference_cache_dir(script_args: ScriptArguments, training_args) -> str:
+    return script_args.reference_cache_dir or os.path.join(training_args.output_dir, "reference_cache")
+
+
+def build_reference(dataset, script_args, training_args, model_args, reward_funcs, reward_classes):
+    """Add `ref_rewards` (K reference rewards per prompt), resuming from / writing to the cache dir."""
+    from trl_infalign import build_reference_rewards
+
+    return build_reference_rewards(
+        dataset, model_args.model_name_or_path, reward_funcs,
+        num_samples=training_args.num_reference_samples,
+        reward_processing_classes=reward_classes,
+        reward_weights=training_args.reward_weights,
+        output_column=training_args.reference_rewards_column,
+        cache_dir=reference_cache_dir(script_args, training_args),
+        batch_size=script_args.reference_batch_size,
+        max_new_tokens=training_args.max_completion_length,
+        temperature=training_args.temperature,
+        top_p=training_args.top_p,
+        top_k=training_args.top_k or 0,
+        generation_kwargs=training_args.generation_kwargs,
+        chat_template_kwargs=training_args.chat_template_kwargs,
+        seed=training_args.seed,
+        nonfinite=training_args.nonfinite_rewards,
+        use_vllm=training_args.use_vllm,
+        model_init_kwargs=model_init_kwargs(model_args, training_args),
+        progress=not training_args.disable_tqdm,
+    )
+
+
+def card_dataset_name(script_args: ScriptArguments) -> str | None:
+    """The dataset named in the model card: the Hub id (plus subset), or a local dataset's directory/file name."""
+    name = script_args.dataset_name
+    if name is None:
+        return None
+    if is_local(name):
+        path = Path(name).resolve()
+        return f"{path.name}/{script_args.data_dir}" if script_args.data_dir else path.name
+    return name
+
+
+def evaluate(trainer, script_args, training_args, model_args, reward_funcs, reward_classes):
+    """BoN-N / WoN-N (and standard) win rates and KL of the trained policy against the reference policy."""
+    from trl.models import unwrap_model_for_generation
+
+    from trl_infalign import evaluate_policy
+
+    prompts = load_prompts(script_args, script_args.dataset_test_split, script_args.max_eval_prompts)
+    procedures = ["standard"] + ([training_args.inference_procedure] if training_args.inference_procedure != "standard" else [])
+    ns = sorted(set(script_args.eval_ns) | {training_args.inference_n})
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
+        result = evaluate_policy(
+            policy, model_args.model_name_or_path, reward_funcs, prompts["prompt"],
+            tokenizer=trainer.processing_class, reward_processing_classes=reward_classes,
+            num_samples=script_args.eval_num_samples, ns=ns, procedures=procedures,
+            max_new_tokens=training_args.max_completion_length, seed=training_args.seed,
+        )
+    return result
+
+
+def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) -> int:
+    from accelerate import PartialState
+    from transformers import set_seed
+    from trl import get_peft_config
+
+    from trl_infalign import CTRLTrainer, HubUploadError
+
+    state = PartialState()
+    set_seed(training_args.seed)
+    # Never keep a Hub token in the training arguments: Trainer pickles them into training_args.bin, which is uploaded.
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+
+    # 1. Prompts.
+    train_dataset = load_prompts(script_args, script_args.dataset_train_split, script_args.max_train_prompts)
+    state.print(f"Loaded {len(train_dataset)} training prompts from {script_args.dataset_name} "
+                f"({script_args.data_dir or script_args.dataset_config or 'default'}, {script_args.dataset_train_split}).")
+
+    # 2. Reward model and reference rewards (cached, resumable, sharded over processes).
+    reward_funcs, reward_classes = load_reward(script_args, model_args, training_args)
+    train_dataset = build_reference(train_dataset, script_args, training_args, model_args, reward_funcs, reward_classes)
+    state.print(f"Reference rewards: K={training_args.num_reference_samples} per prompt "
+                f"(cache: {reference_cache_dir(script_args, training_args)}).")
+
+    # 3. Train.
+    trainer = CTRLTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        reward_processing_classes=reward_classes,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    state.print(f"Training done: transform {training_args.resolved_transform}, beta {training_args.beta:.4g}.")
+
+    # 4. Evaluate against the reference policy and put the results in the model card.
+    if not script_args.skip_eval:
+        result = evaluate(trainer, script_args, training_args, model_args, reward_funcs, reward_classes)
+        trainer.record_evaluation(result.to_dict())
+        if state.is_main_process:
+            eval_dir = Path(training_args.output_dir)
+            eval_dir.mkdir(parents=True, exist_ok=True)
+            result.to_json(eval_dir / "infalign_eval.json")
+            try:
+                result.plot(eval_dir / "infalign_eval.png")
+            except ImportError:
+                pass  # matplotlib is optional
+            print(result.to_markdown(), flush=True)
+
+    # 5. Save (model, tokenizer, model card) and publish.
+    dataset_name = card_dataset_name(script_args)
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=dataset_name)
+    state.print(f"Saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        try:
+            trainer.push_to_hub(dataset_name=dataset_name)
+        except HubUploadError as error:
+            state.print(f"Hub upload failed: {error}", file=sys.stderr)
+            return 3
+        state.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    state.wait_for_everyone()
+    return 0
+
+
+def make_parser():
+    from trl import ModelConfig, TrlParser
+
+    return TrlParser((ScriptArguments, CTRLConfig, ModelConfig))
+
+
+if __name__ == "__main__":
+    script_args, training_args, model_args = make_parser().parse_args_and_config()
+    sys.exit(main(script_args, training_args, model_args))

@@ -1,0 +1,81 @@
+"""Run CTRL under `accelerate launch --multi_gpu --num_processes 2` on CPU; each rank records what it saw.
+
+Prompt i's reference rewards are 1000·i + {0..6}; the reward of a completion to prompt i is 1000·i + (length mod 7).
+So a completion calibrated against its own prompt's references gets c = (j + ½)/7, strictly inside (0, 1), while one
+calibrated against another prompt's references (a cross-rank mix-up) gets exactly 0 or 1.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from datasets import Dataset  # noqa: E402
+
+from trl_infalign import CTRLConfig, CTRLTrainer  # noqa: E402
+from trl_infalign.tiny import build_tiny_policy, build_tokenizer  # noqa: E402
+
+out = Path(sys.argv[1])
+rank = int(os.environ.get("RANK", "0"))
+prompts = [f"prompt {i} says" for i in range(8)]
+tokenizer = build_tokenizer(prompts * 10 + ["hello world and more words"] * 10, vocab_size=300)
+policy = out / "policy"
+if rank == 0:
+    build_tiny_policy(tokenizer, policy, hidden_size=32, num_layers=1)
+else:
+    import time
+
+    while not (policy / "config.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+dataset = Dataset.from_dict(
+    {"prompt": prompts, "ref_rewards": [[1000.0 * i + k for k in range(7)] for i in range(len(prompts))]}
+)
+seen = []
+
+
+def reward(prompts, completions, **kwargs):
+    values = [1000.0 * int(p.split()[1]) + len(c) % 7 for p, c in zip(prompts, completions)]
+    seen.extend(zip(prompts, kwargs["ref_rewards"]))
+    return values
+
+
+args = CTRLConfig(
+    output_dir=str(out / "run"),
+    transform="bon:t=2",
+    beta=1.0,
+    per_device_train_batch_size=4,
+    num_generations=2,
+    max_completion_length=4,
+    max_steps=3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    min_reference_samples=7,
+)
+calibrated = []
+
+
+class RecordingCTRLTrainer(CTRLTrainer):
+    def _calculate_rewards(self, *args, **kwargs):
+        transformed = super()._calculate_rewards(*args, **kwargs)
+        calibrated.extend(list(self._logs["rewards"]["ctrl_calibrated"])[-len(transformed):])
+        return transformed
+
+
+trainer = RecordingCTRLTrainer(model=str(policy), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
+trainer.train()
+record = {
+    "rank": rank,
+    "world_size": trainer.accelerator.num_processes,
+    "prompts": sorted({p for p, _ in seen}),
+    "ref_matches_prompt": all(r[0] == 1000.0 * int(p.split()[1]) for p, r in seen),
+    "calibrated": calibrated,
+    "logged": [h for h in trainer.state.log_history if "ctrl/calibrated_reward" in h],
+}
+(out / f"rank{rank}.json").write_text(json.dumps(record))

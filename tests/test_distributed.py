@@ -1,0 +1,32 @@
+"""Two real processes (gloo on CPU): each rank calibrates its own prompts against their own reference rewards."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "ctrl_two_process.py"
+
+
+@pytest.mark.slow
+def test_two_process_calibration_uses_each_prompts_own_references(tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(SCRIPT), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2], "accelerate ran a single process"
+    # the ranks trained on different prompts, and each reward call saw its own prompt's reference rewards
+    assert records[0]["prompts"] != records[1]["prompts"]
+    assert all(r["ref_matches_prompt"] for r in records)
+    for record in records:
+        values = record["calibrated"]
+        assert len(values) == 3 * 4 * 2  # steps x per-device batch x processes (gathered)
+        # (j + 1/2) / 7 for own references; a mix-up would give exactly 0 or 1
+        assert all(0 < v < 1 and abs(v * 7 - round(v * 7 - 0.5) - 0.5) < 1e-6 for v in values), values
+        assert record["logged"], "ctrl/calibrated_reward was not logged"

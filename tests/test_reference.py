@@ -1,0 +1,374 @@
+"""Reference pass: values, determinism, resumption (incl. a real SIGKILL), sharding, validation, CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_infalign.reference import _build_reference_rewards, build_reference_rewards, validate_reference_rewards
+from trl_infalign.sampling import combine_rewards, generate_completions, load_reward_funcs, score_completions
+from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "build_reference_script.py"
+VENV_BIN = Path(sys.executable).parent
+
+TEXTS = [
+    "the cat sat on the mat", "a dog ran in the park", "hello world, how are you", "good morning to you all",
+    "the quick brown fox jumps", "over the lazy dog again", "tell me a story about a cat", "write a poem on rain",
+]
+PROMPTS = ["the cat", "a dog", "hello", "good morning", "the quick", "over the", "tell me"]
+TOPICS = ["pets", "pets", "greet", "greet", "fox", "fox", "story"]
+
+
+def _load_script_module():
+    spec = importlib.util.spec_from_file_location("build_reference_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script_module()
+SETTINGS = script.SETTINGS
+length_reward = script.length_reward
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    tokenizer = build_tokenizer(TEXTS * 4, vocab_size=300)
+    policy = build_tiny_policy(tokenizer, root / "policy", hidden_size=32, num_layers=1)
+    build_tiny_reward_model(tokenizer, root / "reward", hidden_size=16)
+    data = root / "prompts.jsonl"
+    with open(data, "w") as f:
+        for p, t in zip(PROMPTS, TOPICS):
+            f.write(json.dumps({"prompt": p, "topic": t}) + "\n")
+    dataset = Dataset.from_dict({"prompt": PROMPTS, "topic": TOPICS})
+    return {"root": root, "tokenizer": tokenizer, "policy": policy, "reward": str(root / "reward"), "data": data, "dataset": dataset}
+
+
+def _build(tiny, funcs=None, **kwargs):
+    settings = {**SETTINGS, "progress": False, **kwargs}
+    if funcs is not None and "reward_weights" not in kwargs:
+        settings["reward_weights"] = None
+    return build_reference_rewards(tiny["dataset"], tiny["policy"], funcs or [tiny["reward"], length_reward], **settings)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+    """An uninterrupted single-process build without cache: what every other path must reproduce exactly."""
+    return _build(tiny)["ref_rewards"]
+
+
+def _f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+class CountingReward:
+    """Callable reward that counts its calls (one per chunk), records kwargs, and can fail after `fail_after` calls."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after, self.kwargs = 0, fail_after, []
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.kwargs.append(kwargs)
+        return [len(c) / 10.0 for c in completions]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Values
+
+
+def test_values_equal_direct_computation(tiny, baseline):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
+    funcs, classes = load_reward_funcs([tiny["reward"], length_reward])
+    k, c = SETTINGS["num_samples"], SETTINGS["batch_size"]
+    expected = []
+    for chunk, lo in enumerate(range(0, len(PROMPTS), c)):
+        prompts = PROMPTS[lo : lo + c]
+        torch.manual_seed(SETTINGS["seed"] + chunk)
+        out = generate_completions(
+            model, tiny["tokenizer"], prompts, k, max_new_tokens=SETTINGS["max_new_tokens"], batch_size=c * k, progress=False
+        )
+        raw = score_completions(
+            funcs, classes, [p for p in prompts for _ in range(k)], [t for per in out.texts for t in per],
+            completion_ids=[i for per in out.ids for i in per],
+        )
+        expected += combine_rewards(raw, SETTINGS["reward_weights"]).view(len(prompts), k).tolist()
+    assert baseline == expected
+    assert len(baseline) == len(PROMPTS) and all(len(row) == k for row in baseline)
+    assert len({tuple(r) for r in baseline}) == len(PROMPTS)  # samples differ between rows
+
+
+def test_callable_gets_columns_and_completions_kept(tiny):
+    reward = CountingReward()
+    out = _build(tiny, [reward], keep_completions=True)
+    assert out.column_names == ["prompt", "topic", "ref_rewards", "ref_completions"]
+    k = SETTINGS["num_samples"]
+    assert reward.kwargs[0]["topic"] == [t for t in TOPICS[:2] for _ in range(k)]
+    assert {"trainer_state", "log_extra", "log_metric"} <= set(reward.kwargs[0])
+    for rewards, completions in zip(out["ref_rewards"], out["ref_completions"]):
+        assert rewards == [_f32(len(t) / 10.0) for t in completions]  # float32, like the trainer's rewards
+    validate_reference_rewards(out, min_samples=k)
+
+
+def test_loaded_model_and_conversational_prompts(tiny):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer(TEXTS * 4, vocab_size=300, chat_template=True)
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:3]]})
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
+    out = build_reference_rewards(
+        dataset, model, length_reward, tokenizer=tokenizer, num_samples=2, max_new_tokens=4, keep_completions=True,
+        progress=False,
+    )
+    first = out["ref_completions"][0][0]
+    assert first[0]["role"] == "assistant"
+    assert out["ref_rewards"][0][0] == _f32(len(first) / 10.0)  # a callable sees message lists, as in TRL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caching and resumption
+
+
+def test_resume_after_crash_is_identical_and_skips_finished_chunks(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    crashing = CountingReward(fail_after=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _build(tiny, [crashing], cache_dir=cache)
+    lines = (cache / "rank-00000.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * SETTINGS["batch_size"]  # two finished chunks on disk
+    assert json.loads(lines[0]) .keys() >= {"index", "ref_rewards"}
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["num_samples"] == SETTINGS["num_samples"] and meta["dataset_num_rows"] == len(PROMPTS)
+
+    resumed_reward = CountingReward()
+    resumed = _build(tiny, [resumed_reward], cache_dir=cache)
+    num_chunks = math.ceil(len(PROMPTS) / SETTINGS["batch_size"])
+    assert resumed_reward.calls == num_chunks - 2  # finished chunks were not recomputed
+    fresh = _build(tiny, [CountingReward()])
+    assert resumed["ref_rewards"] == fresh["ref_rewards"]
+
+    # A third run finds everything on disk and computes nothing.
+    idle = CountingReward()
+    assert _build(tiny, [idle], cache_dir=cache)["ref_rewards"] == fresh["ref_rewards"]
+    assert idle.calls == 0
+
+
+def test_half_written_last_line_is_redone(tiny, tmp_path, baseline):
+    cache = tmp_path / "cache"
+    assert _build(tiny, cache_dir=cache)["ref_rewards"] == baseline
+    shard = cache / "rank-00000.jsonl"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 15])  # killed in the middle of writing the last row
+    counter = CountingReward()
+    _, stats = _build_reference_rewards(
+        tiny["dataset"], tiny["policy"], [tiny["reward"], length_reward], cache_dir=cache, progress=False, **SETTINGS
+    )
+    assert stats.chunks_computed == 1 and stats.chunks_resumed == stats.num_chunks - 1
+    assert counter.calls == 0
+    again = _build(tiny, cache_dir=cache)["ref_rewards"]
+    assert again == baseline
+    assert all(line.strip() and json.loads(line) for line in shard.read_text().splitlines())
+
+
+def test_metadata_mismatch_names_the_field(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    _build(tiny, [length_reward], cache_dir=cache)
+    with pytest.raises(ValueError, match=r"'num_samples'.*new cache_dir.*delete"):
+        _build(tiny, [length_reward], cache_dir=cache, num_samples=4)
+    with pytest.raises(ValueError, match="'temperature'"):
+        _build(tiny, [length_reward], cache_dir=cache, temperature=0.7)
+    with pytest.raises(ValueError, match="'dataset_fingerprint'"):
+        build_reference_rewards(
+            tiny["dataset"].map(lambda x: {"prompt": x["prompt"] + "!"}), tiny["policy"], [length_reward],
+            cache_dir=cache, progress=False, **SETTINGS,
+        )
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_then_resume(tiny, tmp_path, baseline):
+    cache = tmp_path / "cache"
+    out = tmp_path / "killed.json"
+    cmd = [sys.executable, str(SCRIPT), "--policy", tiny["policy"], "--reward-model", tiny["reward"],
+           "--data", str(tiny["data"]), "--out", str(out), "--cache-dir", str(cache), "--sleep", "1.0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shard = cache / "rank-00000.jsonl"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if shard.exists() and len(shard.read_text().splitlines()) >= SETTINGS["batch_size"]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the build finished or failed before it could be killed:\n{proc.stdout.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    finished = len(shard.read_text().splitlines())
+    assert SETTINGS["batch_size"] <= finished < len(PROMPTS)
+
+    _, stats = _build_reference_rewards(
+        tiny["dataset"], tiny["policy"], [tiny["reward"], length_reward], cache_dir=cache, progress=False, **SETTINGS
+    )
+    assert stats.chunks_resumed >= 1 and stats.chunks_computed == stats.num_chunks - stats.chunks_resumed
+    resumed = _build(tiny, cache_dir=cache)["ref_rewards"]
+    assert resumed == baseline
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharding
+
+
+@pytest.mark.slow
+def test_two_process_sharding_with_torchrun(tiny, tmp_path, baseline):
+    cache = tmp_path / "cache"
+    out = tmp_path / "sharded.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           str(SCRIPT), "--policy", tiny["policy"], "--reward-model", tiny["reward"], "--data", str(tiny["data"]),
+           "--out", str(out), "--cache-dir", str(cache), "--no-cache-too"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    # Both ranks really ran: each wrote its own shard with its own chunks (chunk i -> rank i % 2).
+    c = SETTINGS["batch_size"]
+    for rank in (0, 1):
+        rows = {json.loads(line)["index"] for line in (cache / f"rank-{rank:05d}.jsonl").read_text().splitlines()}
+        assert rows == {r for r in range(len(PROMPTS)) if (r // c) % 2 == rank}
+        assert json.loads(Path(f"{out}.rank{rank}").read_text())["chunks_computed"] == len({r // c for r in rows})
+    assert result["ref_rewards"] == baseline
+    assert result["no_cache"] == baseline  # gather_object path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation of inputs
+
+
+def test_input_validation_errors(tiny):
+    ds = tiny["dataset"]
+    with pytest.raises(ValueError, match=r"prompt_column='question'.*\['prompt', 'topic'\]"):
+        _build(tiny, [length_reward], prompt_column="question")
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        _build(tiny, [length_reward], num_samples=0)
+    with pytest.raises(ValueError, match="empty"):
+        build_reference_rewards(ds.select([]), tiny["policy"], length_reward, progress=False)
+    with pytest.raises(ValueError, match=r"already has a column 'ref_rewards'.*overwrite=True"):
+        build_reference_rewards(ds.add_column("ref_rewards", [[0.0]] * len(ds)), tiny["policy"], length_reward, progress=False)
+    with pytest.raises(ValueError, match="reward_weights has 1 entries for 2"):
+        _build(tiny, reward_weights=[1.0])
+    with pytest.raises(ValueError, match="nonfinite must be"):
+        _build(tiny, [length_reward], nonfinite="ignore")
+    replaced = build_reference_rewards(
+        ds.add_column("ref_rewards", [[0.0]] * len(ds)), tiny["policy"], length_reward, overwrite=True, progress=False,
+        num_samples=2, max_new_tokens=3,
+    )
+    assert all(len(r) == 2 for r in replaced["ref_rewards"])
+
+
+def test_vllm_missing_is_a_clear_import_error(tiny):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    with pytest.raises(ImportError, match=r"pip install trl-infalign\[vllm\]"):
+        _build(tiny, [length_reward], use_vllm=True)
+
+
+def _nan_for(bad):
+    """Reward that is NaN for the samples whose (row, k) is in `bad` (a row's samples are consecutive)."""
+    k = SETTINGS["num_samples"]
+
+    def nan_reward(prompts, completions, **kwargs):
+        start = PROMPTS.index(prompts[0])
+        return [math.nan if divmod(start * k + j, k) in bad else 1.0 for j in range(len(completions))]
+
+    return nan_reward
+
+
+def test_nonfinite_rewards_raise_or_skip(tiny, caplog):
+    with pytest.raises(ValueError, match=r"Dataset row 3: reference sample 1 .*nonfinite='skip'"):
+        _build(tiny, [_nan_for({(3, 1)})])
+    out = _build(tiny, [_nan_for({(3, 1), (5, 0), (5, 2)})], nonfinite="skip")
+    lengths = [len(r) for r in out["ref_rewards"]]
+    k = SETTINGS["num_samples"]
+    assert lengths == [k, k, k, k - 1, k, k - 2, k]
+    assert "Dropped 3 non-finite reference rewards in 2 row(s)" in caplog.text
+    with pytest.raises(ValueError, match="min_samples=2"):
+        validate_reference_rewards(out, min_samples=2)
+    with pytest.raises(ValueError, match=r"Dataset row 6: all 3 reference samples"):
+        _build(tiny, [_nan_for({(6, 0), (6, 1), (6, 2)})], nonfinite="skip")
+
+
+def test_validate_reference_rewards():
+    good = Dataset.from_dict({"prompt": ["a", "b"], "ref_rewards": [[0.1, 0.2], [0.3, 0.4]]})
+    validate_reference_rewards(good, min_samples=2)
+    with pytest.raises(ValueError, match=r"no reference-rewards column 'ref_rewards'.*build_reference_rewards.*build-reference"):
+        validate_reference_rewards(Dataset.from_dict({"prompt": ["a"]}))
+    with pytest.raises(ValueError, match=r"row 1: 2 reward\(s\), fewer than min_samples=3"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [[1.0, 2.0, 3.0], [1.0, 2.0]]}), min_samples=3)
+    with pytest.raises(ValueError, match="row 0: empty list"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [[], [1.0]]}))
+    with pytest.raises(ValueError, match=r"row 1: element 1 is nan"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [[1.0], [1.0, float("nan")]]}))
+    with pytest.raises(ValueError, match=r"row 0: element 0 is inf"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [[float("inf")]]}))
+    with pytest.raises(ValueError, match=r"row 1: expected a list of rewards, got float"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [0.5, 0.7]}))
+    with pytest.raises(ValueError, match=r"row 0: element 0 is NoneType"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [[None, 1.0]]}))
+    many = Dataset.from_dict({"ref_rewards": [[]] * 9 + [[1.0]]})
+    with pytest.raises(ValueError, match=r"9 invalid row\(s\): row 0.*row 4: empty list \(and 4 more\)"):
+        validate_reference_rewards(many)
+    with pytest.raises(ValueError, match="'scores'"):
+        validate_reference_rewards(good, column="scores")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_end_to_end(tiny, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    from trl_infalign.cli import main
+
+    output = tmp_path / "out"
+    argv = ["build-reference", "--model", tiny["policy"], "--reward-model", tiny["reward"], "--dataset", str(tiny["data"]),
+            "--num-samples", "3", "--max-new-tokens", "6", "--batch-size", "2", "--seed", "7", "--output", str(output),
+            "--no-progress"]
+    assert main(argv) == 0
+    summary = capsys.readouterr().out
+    assert "7 rows x K=3" in summary and "mean" in summary and "std" in summary
+    dataset = load_from_disk(str(output))
+    assert dataset.column_names == ["prompt", "topic", "ref_rewards"]
+    lines = [json.loads(line) for line in (output / "ref_rewards.jsonl").read_text().splitlines()]
+    assert [line["ref_rewards"] for line in lines] == dataset["ref_rewards"]
+    assert (output / "cache" / "meta.json").exists()
+    # Same as the Python API with the same settings (single reward model).
+    direct = build_reference_rewards(
+        tiny["dataset"], tiny["policy"], tiny["reward"], num_samples=3, max_new_tokens=6, batch_size=2, seed=7,
+        progress=False,
+    )
+    assert dataset["ref_rewards"] == direct["ref_rewards"]
+    # A rerun resumes everything from the cache.
+    assert main(argv) == 0
+    assert "4 resumed" in capsys.readouterr().out

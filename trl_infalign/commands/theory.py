@@ -1,0 +1,176 @@
+"""`trl-infalign theory`: calibrated-space predictions of KL and standard / BoN-N / WoN-N win rates (notes §2).
+
+Examples::
+
+    trl-infalign theory --transform bon:t=10 --procedure bon --n 4 --kl 0.5 --json
+    trl-infalign theory --transform optimal --procedure won --n 4 --beta 0.1
+    trl-infalign theory --best-t --procedure bon --n 4 --kl 0.5 --json
+    trl-infalign theory --transform bon:t=10 --procedure bon --n 4 --kl 0.5 --plot frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+PROCEDURES = ("standard", "bon", "won")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transform", default=None,
+                        help="Transform spec (bon:t=10, won:t=5, identity, log, optimal, ...). Required unless --best-t.")
+    parser.add_argument("--procedure", choices=PROCEDURES, default="bon", help="Inference procedure (default: bon).")
+    parser.add_argument("--n", type=_positive_int, default=4, help="N of Best-/Worst-of-N (default: 4).")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--kl", type=_positive_float, default=None, help="KL budget KL(pi || pi_ref) in nats.")
+    budget.add_argument("--beta", type=_positive_float, default=None, help="KL coefficient beta.")
+    parser.add_argument("--best-t", action="store_true",
+                        help="Best t of the procedure's exp family (bon: exp(t c), won: -exp(-t c)) at --kl "
+                        "(or, with --beta, maximising win rate - beta * KL).")
+    parser.add_argument("--family", choices=("bon", "won"), default=None, help="Exp family for --best-t.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    parser.add_argument("--plot", metavar="FILE.png", default=None,
+                        help="Also draw win-rate-vs-KL frontiers (given transform, identity, exp family at best t, "
+                        "optimal) to this file (needs matplotlib).")
+    parser.set_defaults(_theory_parser=parser)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"trl-infalign theory: error: {message}", file=sys.stderr)
+    return code
+
+
+def _compute(args) -> dict:
+    from .. import theory
+
+    procedure, n = args.procedure, (1 if args.procedure == "standard" else args.n)
+    if args.best_t:
+        if args.kl is not None:
+            best = theory.best_t(procedure, n, args.kl, family=args.family)
+            spec, t = best.transform, best.t
+        else:
+            t = theory.best_t_for_beta(procedure, n, args.beta, family=args.family)
+            family = args.family or ("won" if procedure == "won" else "bon")
+            spec = f"{family}:t={t:.6g}"
+        pol = theory.policy(spec, args.beta if args.kl is None else theory.beta_for_kl(spec, args.kl))
+        out = {"t": t, "transform": spec}
+    elif args.transform.strip() == "optimal":
+        pol = theory.optimal_policy(procedure, n, beta=args.beta, kl=args.kl)
+        out = {"transform": f"optimal:procedure={procedure},n={n},beta={pol.beta:.6g}"}
+    else:
+        from ..transforms import get_transform
+
+        transform = get_transform(args.transform)
+        beta = args.beta if args.kl is None else theory.beta_for_kl(transform, args.kl)
+        pol = theory.policy(transform.spec, beta)
+        out = {"transform": transform.spec}
+    out.update({"procedure": procedure, "n": n, "beta": float(pol.beta), "kl": pol.kl(),
+                "win_rate": pol.win_rate(procedure, n), "standard_win_rate": pol.standard_win_rate()})
+    if n > 1:
+        out["bon_win_rate"] = pol.win_rate("bon", n)
+        out["won_win_rate"] = pol.win_rate("won", n)
+    return out
+
+
+def _plot(args, result: dict) -> str:
+    from .. import theory
+
+    procedure, n = args.procedure, (1 if args.procedure == "standard" else args.n)
+    transforms = []
+    if args.transform and args.transform.strip() != "optimal":
+        transforms.append(result["transform"])
+    if "identity" not in transforms:
+        transforms.append("identity")
+    if procedure != "standard":
+        try:
+            family = args.family or ("won" if procedure == "won" else "bon")
+            spec = (result["transform"] if args.best_t
+                    else theory.best_t(procedure, n, result["kl"], family=family).transform)
+            if spec not in transforms:
+                transforms.append(spec)
+        except ValueError:
+            pass
+    transforms.append("optimal")
+    kls = [k for k in theory.DEFAULT_KLS]
+    theory.plot_frontiers(procedure, n, transforms, kls=kls, path=args.plot)
+    return args.plot
+
+
+def _print_table(result: dict) -> None:
+    rows = [(key, f"{value:.6g}" if isinstance(value, float) else str(value)) for key, value in result.items()]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency, but keep a plain fallback
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+        return
+    table = Table(title="Calibrated-space prediction (InfAlign, arXiv 2412.19792)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def run(args) -> int:
+    parser = getattr(args, "_theory_parser", None)
+
+    def usage_error(message: str) -> int:
+        if parser is not None:
+            parser.error(message)  # exits with code 2
+        return _fail(message, 2)
+
+    if args.best_t:
+        if args.kl is None and args.beta is None:
+            return usage_error("--best-t needs --kl (or --beta)")
+        if args.transform is not None:
+            return usage_error("--best-t picks the transform itself: drop --transform")
+    else:
+        if args.transform is None:
+            return usage_error("--transform is required (or use --best-t)")
+        if args.kl is None and args.beta is None:
+            return usage_error("exactly one of --kl or --beta is required")
+
+    from ..transforms import TransformError
+
+    try:
+        result = _compute(args)
+    except TransformError as error:
+        return _fail(str(error), 2)
+    except ValueError as error:
+        return _fail(str(error), 2)
+    if args.plot:
+        try:
+            _plot(args, result)
+        except ImportError as error:
+            return _fail(str(error), 1)
+        result["plot"] = args.plot
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return 0
