@@ -63,7 +63,7 @@ class ScriptArguments(TrlScriptArguments):
     reference_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where the reference rewards are cached (resumable, shared by all processes); default "
-                  "`<output_dir>/reference_cache`. Reuse it across runs with the same reference policy and RM."},
+                  "`<output_dir>-reference-cache`. Reuse it across runs with the same reference policy and RM."},
     )
     reference_batch_size: int = field(
         default=8, metadata={"help": "Prompts per reference chunk (unit of seeding, caching and sharding)."}
@@ -119,7 +119,8 @@ def model_init_kwargs(model_args, training_args) -> dict:
 
 
 def reference_cache_dir(script_args: ScriptArguments, training_args) -> str:
-    return script_args.reference_cache_dir or os.path.join(training_args.output_dir, "reference_cache")
+    # Not inside output_dir: everything there is uploaded by push_to_hub.
+    return script_args.reference_cache_dir or training_args.output_dir.rstrip("/\\") + "-reference-cache"
 
 
 def build_reference(dataset, script_args, training_args, model_args, reward_funcs, reward_classes):
@@ -178,20 +179,31 @@ def evaluate(trainer, script_args, training_args, model_args, reward_funcs, rewa
     return result
 
 
-def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) -> int:
+def init_state(training_args):
+    """The process state, set up by the training arguments first (gloo on CPU with `use_cpu`, NCCL on GPUs), so that
+    the reference pass, the trainer and the evaluation all see the same world size."""
     from accelerate import PartialState
+
+    _ = training_args.device  # TrainingArguments builds the shared PartialState (cpu=use_cpu, ddp_backend, timeout)
+    return PartialState()
+
+
+def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) -> int:
     from transformers import set_seed
     from trl import get_peft_config
 
     from trl_infalign import CTRLTrainer, HubUploadError
 
-    state = PartialState()
+    state = init_state(training_args)
     set_seed(training_args.seed)
     # Never keep a Hub token in the training arguments: Trainer pickles them into training_args.bin, which is uploaded.
     if training_args.hub_token:
         os.environ["HF_TOKEN"] = training_args.hub_token
         training_args.hub_token = None
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    # Contact the Hub only once the run is complete: a missing login or network then costs no training, and the
+    # upload failure below leaves the finished output directory intact.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 
     # 1. Prompts.
     train_dataset = load_prompts(script_args, script_args.dataset_train_split, script_args.max_train_prompts)
@@ -235,7 +247,7 @@ def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) ->
     trainer.save_model(training_args.output_dir)
     trainer.create_model_card(dataset_name=dataset_name)
     state.print(f"Saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
+    if push_to_hub:
         try:
             trainer.push_to_hub(dataset_name=dataset_name)
         except HubUploadError as error:

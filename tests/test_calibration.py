@@ -273,3 +273,17 @@ def test_reference_quantile_and_centre():
     assert reference_centre(rows, None, "median").tolist() == pytest.approx([2.0, 10.0, 2.5])
     with pytest.raises(CalibrationError, match="centre"):
         reference_centre(values, mask, "mode")
+
+
+def test_mixed_precision_compares_at_lower_precision():
+    """A float32 reward of 0.3 ties a float64 reference of 0.3 (float32(0.3) > 0.3 would otherwise win)."""
+    values, mask = pad_reference_rewards([[0.1, 0.3], [0.0, 1.2, 1.2], [0.4]])  # float64
+    rewards = torch.tensor([0.3, 1.2, -0.5], dtype=torch.float32)
+    c = calibrate(rewards, values, mask)
+    assert c.dtype == torch.float64
+    assert c.tolist() == [0.75, 2 / 3, 0.0]
+    # float64 references beyond float32's range still order correctly and are not "non-finite"
+    huge = torch.tensor([[1e300, -1e300, 0.0]], dtype=torch.float64)
+    assert calibrate(torch.tensor([1.0]), huge).item() == pytest.approx(2 / 3)
+    # both float64: exact float64 comparison
+    assert calibrate(torch.tensor([0.3 + 1e-16], dtype=torch.float64), torch.tensor([[0.3]], dtype=torch.float64)).item() == 1.0

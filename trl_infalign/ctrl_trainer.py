@@ -113,6 +113,7 @@ class CTRLTrainer(RLOOTrainer):
                 "plus the CTRL fields (inference_procedure, inference_n, transform, ...)."
             )
         self.ctrl_transform = get_transform(args.resolved_transform)
+        self.ctrl_reference_counts = self._reference_counts(train_dataset, args.reference_rewards_column)
         for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             for name, ds in (dataset.items() if isinstance(dataset, dict) else [(split, dataset)]):
                 if ds is not None:
@@ -125,6 +126,7 @@ class CTRLTrainer(RLOOTrainer):
         self.reward_weights = torch.ones(1)
         self.reward_func_names = ["ctrl_transformed"]
         self.ctrl_evaluation: dict | None = None
+        self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
 
     @staticmethod
     def _check_reference_rewards(dataset, args: CTRLConfig, split: str):
@@ -134,6 +136,15 @@ class CTRLTrainer(RLOOTrainer):
             validate_reference_rewards(dataset, column=args.reference_rewards_column, min_samples=args.min_reference_samples)
         except ValueError as error:
             raise ValueError(f"{split}: {error}") from None
+
+    @staticmethod
+    def _reference_counts(dataset, column: str) -> tuple[int, int] | None:
+        """(min, max) number of reference rewards per row of a map-style dataset, for the model card."""
+        try:
+            lengths = [len(row) for row in dataset[column]]
+        except (TypeError, KeyError, ValueError):
+            return None
+        return (min(lengths), max(lengths)) if lengths else None
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -191,6 +202,12 @@ class CTRLTrainer(RLOOTrainer):
         """Attach inference-time evaluation results (e.g. `EvaluationResult.to_dict()`) to the model card."""
         self.ctrl_evaluation = results
 
+    def _describe_reference_counts(self) -> str:
+        counts = self.ctrl_reference_counts
+        if counts is None:
+            return str(self.args.num_reference_samples)
+        return str(counts[0]) if counts[0] == counts[1] else f"{counts[0]}–{counts[1]}"
+
     def ctrl_card_settings(self) -> dict:
         """The InfAlign settings and latest training metrics that the model card reports."""
         args = self.args
@@ -202,7 +219,7 @@ class CTRLTrainer(RLOOTrainer):
             "t": transform.params.get("t"),
             "beta": args.beta,
             "kl_budget": args.kl_budget,
-            "num_reference_samples": args.num_reference_samples,
+            "num_reference_samples": self._describe_reference_counts(),
             "reference_rewards_column": args.reference_rewards_column,
         }
         last = {}
@@ -236,7 +253,6 @@ class CTRLTrainer(RLOOTrainer):
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None, revision=None, **kwargs):
         """Save the model, tokenizer and card locally, then upload them; an upload failure loses nothing and says why."""
         self.save_model(self.args.output_dir)
-        self.create_model_card(model_name=kwargs.get("model_name"), dataset_name=kwargs.get("dataset_name"))
         try:
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs)
         except HubUploadError:
@@ -244,11 +260,16 @@ class CTRLTrainer(RLOOTrainer):
         except Exception as error:
             raise self._hub_failure(error, "Uploading to the Hub") from None
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save as `Trainer.save_model` does, plus the CTRL model card (README.md) beside the weights."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None):
         from .model_card import write_ctrl_model_card
 
         if not self.is_world_process_zero():
             return
         if dataset_name is None:
-            dataset_name = getattr(self.args, "dataset_name", None)
-        write_ctrl_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+            dataset_name = self.ctrl_dataset_name
+        write_ctrl_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)

@@ -46,7 +46,10 @@ def parse_hh_transcript(text: str) -> list[dict[str, str]]:
             turn, or does not start with a human turn. The message says what was expected and shows the start.
     """
     if not isinstance(text, str):
-        raise HHFormatError(f"Expected an HH-RLHF transcript string, got {type(text).__name__}: {_preview(repr(text))}.")
+        raise HHFormatError(
+            f'Expected an HH-RLHF transcript string ("\\n\\nHuman: ...\\n\\nAssistant: ..."), got '
+            f"{type(text).__name__}: {_preview(repr(text))}."
+        )
     normalised = text if text.startswith("\n\n") else "\n\n" + text.lstrip(" \n")
     parts = _TURN.split(normalised)
     # parts = [before, role1, content1, role2, content2, ...]
@@ -273,6 +276,7 @@ class TextPairRewardModel:
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
+                padding_side="right",
             )
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.inference_mode():

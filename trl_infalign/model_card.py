@@ -66,9 +66,11 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
     )
 
 
-def write_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> Path:
+def write_ctrl_model_card(
+    trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None
+) -> Path:
     card = build_ctrl_model_card(trainer, model_name=model_name, dataset_name=dataset_name, tags=tags)
-    path = Path(trainer.args.output_dir) / "README.md"
+    path = Path(output_dir or trainer.args.output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     card.save(str(path))
     return path

@@ -1,0 +1,176 @@
+"""CTRLConfig validation, the reward hand-off to RLOO on hand-computed cases, the model card and Hub failures."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_infalign import CTRLConfig, CTRLTrainer, HubUploadError, get_transform, theory
+from trl_infalign.tiny import build_tiny_policy, build_tokenizer
+
+PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(PROMPTS * 5 + ["great awful fine good bad"] * 5, vocab_size=300)
+    path = build_tiny_policy(tokenizer, root / "policy", hidden_size=32, num_layers=1)
+    return path, tokenizer
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+        max_steps=2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        transform="bon:t=2", beta=0.5, min_reference_samples=2, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return CTRLConfig(**kwargs)
+
+
+def dataset(k=4):
+    return Dataset.from_dict({"prompt": PROMPTS, "ref_rewards": [[float(j) for j in range(k)] for _ in PROMPTS]})
+
+
+# ---------------------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"inference_procedure": "top-k"}, "inference_procedure"),
+        ({"inference_n": 0}, "inference_n"),
+        ({"inference_procedure": "standard", "inference_n": 4}, "inference_n=1"),
+        ({"transform": "nope"}, "transform"),
+        ({"transform": "bon:t=-1"}, "transform"),
+        ({"kl_budget": -0.5}, "kl_budget"),
+        ({"kl_budget": float("nan")}, "kl_budget"),
+        ({"beta": 0.0}, "beta"),
+        ({"num_reference_samples": 0}, "num_reference_samples"),
+        ({"min_reference_samples": 0}, "min_reference_samples"),
+        ({"nonfinite_rewards": "ignore"}, "nonfinite_rewards"),
+        ({"reference_rewards_column": ""}, "reference_rewards_column"),
+        ({"transform": "lsc", "kl_budget": 0.5}, "kl_budget"),
+    ],
+)
+def test_invalid_config_names_the_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        config(tmp_path, **overrides)
+
+
+def test_auto_transform_resolution(tmp_path):
+    assert config(tmp_path, transform="auto", inference_procedure="standard", inference_n=1).resolved_transform == "identity"
+
+    budgeted = config(tmp_path, transform="auto", inference_procedure="bon", inference_n=4, kl_budget=0.5)
+    best = theory.best_t("bon", 4, 0.5)
+    assert budgeted.resolved_transform.startswith("bon:t=")
+    assert get_transform(budgeted.resolved_transform).params["t"] == pytest.approx(best.t, rel=1e-5)
+    assert budgeted.beta == pytest.approx(best.beta)
+    assert theory.kl_divergence(budgeted.resolved_transform, budgeted.beta) == pytest.approx(0.5, abs=1e-3)
+
+    at_beta = config(tmp_path, transform="auto", inference_procedure="won", inference_n=4, beta=0.3)
+    assert at_beta.resolved_transform.startswith("won:t=") and at_beta.beta == 0.3
+
+    fixed = config(tmp_path, transform="bon:t=5", kl_budget=0.3)
+    assert theory.kl_divergence("bon:t=5", fixed.beta) == pytest.approx(0.3, abs=1e-3)
+
+    optimal = config(tmp_path, transform="optimal", inference_procedure="won", inference_n=2, beta=0.2)
+    assert optimal.resolved_transform == "optimal:procedure=won,n=2,beta=0.2"
+
+
+# ------------------------------------------------------------------------------------------------- reward hand-off
+def make_trainer(tmp_path, tiny, reward_funcs, ds=None, **overrides):
+    path, tokenizer = tiny
+    trainer = CTRLTrainer(
+        model=path, reward_funcs=reward_funcs, args=config(tmp_path, **overrides), train_dataset=ds or dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.model.train()  # metrics of direct `_calculate_rewards` calls go to the "train" bucket
+    return trainer
+
+
+def test_rewards_are_transformed_calibrated_values(tmp_path, tiny):
+    """Hand-computed: references {0,1,2,3}; rewards 1.0, 3.5, -2, 2 → c = 3/8, 1, 0, 5/8 → Φ = exp(2c)."""
+    raw = [1.0, 3.5, -2.0, 2.0]
+    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: raw[: len(completions)])
+    inputs = [{"prompt": p, "ref_rewards": [0.0, 1.0, 2.0, 3.0]} for p in PROMPTS]
+    out = trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1], [2], [3], [4]])
+    expected = torch.exp(2 * torch.tensor([3 / 8, 1.0, 0.0, 5 / 8]))
+    assert out.shape == (4, 1)
+    torch.testing.assert_close(out[:, 0], expected)
+    metrics = trainer._metrics["train"]
+    assert metrics["ctrl/calibrated_reward"][-1] == pytest.approx((3 / 8 + 1 + 0 + 5 / 8) / 4)
+    assert metrics["ctrl/raw_reward"][-1] == pytest.approx(sum(raw) / 4)
+    assert metrics["ctrl/transformed_reward"][-1] == pytest.approx(expected.mean().item(), rel=1e-6)
+
+
+def test_weighted_reward_functions_are_combined_before_calibration(tmp_path, tiny):
+    def first(completions, **kw):
+        return [1.0, 2.0, 3.0, None][: len(completions)]
+
+    def second(completions, **kw):
+        return [10.0, 0.0, 0.0, None][: len(completions)]
+
+    trainer = make_trainer(tmp_path, tiny, [first, second], transform="identity", reward_weights=[1.0, 0.1])
+    inputs = [{"prompt": p, "ref_rewards": [1.5, 2.5, 3.0]} for p in PROMPTS]
+    out = trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1]] * 4)[:, 0]
+    # combined r = 2, 2, 3, NaN → c = 1/3, 1/3, (2 + ½)/3, NaN (all functions returned None → unscorable, as in TRL)
+    torch.testing.assert_close(out[:3], torch.tensor([1 / 3, 1 / 3, 2.5 / 3]))
+    assert math.isnan(out[3].item())
+    assert trainer._metrics["train"]["ctrl/raw_reward/second"][-1] == pytest.approx(10 / 3)
+
+
+def test_infinite_reward_raises_or_is_skipped(tmp_path, tiny):
+    def reward(completions, **kw):
+        return [0.5, float("inf"), 1.0, 2.0][: len(completions)]
+
+    inputs = [{"prompt": p, "ref_rewards": [0.0, 1.0]} for p in PROMPTS]
+    trainer = make_trainer(tmp_path, tiny, reward)
+    with pytest.raises(ValueError, match=r"nonfinite_rewards='skip'"):
+        trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1]] * 4)
+    trainer = make_trainer(tmp_path, tiny, reward, nonfinite_rewards="skip")
+    out = trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1]] * 4)[:, 0]
+    assert math.isnan(out[1].item()) and torch.isfinite(out[[0, 2, 3]]).all()
+    assert trainer._metrics["train"]["ctrl/nonfinite_rewards"][-1] == 1
+
+
+def test_dataset_without_reference_rewards_is_refused_with_instructions(tmp_path, tiny):
+    with pytest.raises(ValueError, match="build_reference_rewards|build-reference"):
+        make_trainer(tmp_path, tiny, lambda completions, **kw: [0.0] * len(completions), ds=Dataset.from_dict({"prompt": PROMPTS}))
+    short = Dataset.from_dict({"prompt": PROMPTS, "ref_rewards": [[1.0]] * len(PROMPTS)})
+    with pytest.raises(ValueError, match="ref_rewards"):
+        make_trainer(tmp_path, tiny, lambda completions, **kw: [0.0] * len(completions), ds=short)
+
+
+def test_trainer_requires_ctrl_config(tmp_path, tiny):
+    from trl import RLOOConfig
+
+    with pytest.raises(TypeError, match="CTRLConfig"):
+        CTRLTrainer(model=tiny[0], reward_funcs=lambda **kw: [], args=RLOOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False), train_dataset=dataset())
+
+
+# ------------------------------------------------------------------------------------------------ model card and Hub
+def test_model_card_names_method_paper_and_settings(tmp_path, tiny):
+    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: [float(len(c)) for c in completions], num_reference_samples=4)
+    trainer.train()
+    trainer.record_evaluation({"win_rates": [{"procedure": "bon", "n": 4, "estimate": 0.61, "ci_low": 0.55, "ci_high": 0.67}], "kl_k1": 0.12, "kl_k3": 0.11})
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    for needle in ["CTRL", "InfAlign", "2412.19792", "balashankar2025infalign", "`bon:t=2`", "| t | 2", "| N | 4",
+                   "| β (KL coefficient) | 0.5", "K (reference samples per prompt) | 4", "ctrl/calibrated_reward", "0.610",
+                   "- ctrl", "- infalign", "- trl", "Best-of-4"]:
+        assert needle in card, needle
+
+
+def test_push_to_hub_offline_keeps_local_output_and_says_why(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    secret = "hf_THISISAFAKETOKEN1234567890"
+    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: [0.0] * len(completions), hub_token=secret,
+                           hub_model_id="someone/ctrl-test")
+    with pytest.raises(HubUploadError) as error:
+        trainer.push_to_hub()
+    message = str(error.value)
+    assert "saved locally" in message and str((tmp_path / "out").resolve()) in message
+    assert secret not in message
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "README.md").exists()
+    assert (tmp_path / "out" / "tokenizer.json").exists()
