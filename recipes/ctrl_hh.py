@@ -167,7 +167,7 @@ def evaluate(trainer, script_args, training_args, model_args, reward_funcs, rewa
     from trl_infalign import evaluate_policy
 
     prompts = load_prompts(script_args, script_args.dataset_test_split, script_args.max_eval_prompts)
-    procedures = ["standard"] + ([training_args.inference_procedure] if training_args.inference_procedure != "standard" else [])
+    procedures = ["standard", "bon", "won"]  # same samples: all three cost one evaluation pass
     ns = sorted(set(script_args.eval_ns) | {training_args.inference_n})
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
         result = evaluate_policy(
@@ -175,6 +175,7 @@ def evaluate(trainer, script_args, training_args, model_args, reward_funcs, rewa
             tokenizer=trainer.processing_class, reward_processing_classes=reward_classes,
             num_samples=script_args.eval_num_samples, ns=ns, procedures=procedures,
             max_new_tokens=training_args.max_completion_length, seed=training_args.seed,
+            accelerator=trainer.accelerator, progress=not training_args.disable_tqdm,
         )
     return result
 
@@ -231,7 +232,8 @@ def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) ->
     # 4. Evaluate against the reference policy and put the results in the model card.
     if not script_args.skip_eval:
         result = evaluate(trainer, script_args, training_args, model_args, reward_funcs, reward_classes)
-        trainer.record_evaluation(result.to_dict())
+        # the card reads the rows in `win_rates` and the point KL estimates `kl_k1` / `kl_k3`
+        trainer.record_evaluation({**result.to_dict(), "kl_k1": result.kl_k1, "kl_k3": result.kl_k3})
         if state.is_main_process:
             eval_dir = Path(training_args.output_dir)
             eval_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ def test_bandit_reaches_ctrl_optimum(tmp_path, transform, beta):
     trainer = CTRLTrainer(model=path, reward_funcs=reward_func, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trained = bandit_next_token_probs(trainer.model, tokenizer)
-    assert total_variation(trained, target) < 0.05, (transform, trained, target)
+    assert total_variation(trained, target) < 0.02, (transform, trained, target)
     # and it is the *calibrated, transformed* optimum, not the raw-reward one at the same β
     raw_target = torch.softmax(torch.log(pi_ref) + rewards / beta, dim=0)
     assert total_variation(trained, raw_target) > total_variation(trained, target) + 0.05

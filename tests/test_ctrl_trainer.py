@@ -174,3 +174,24 @@ def test_push_to_hub_offline_keeps_local_output_and_says_why(tmp_path, tiny, mon
     assert secret not in message
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "README.md").exists()
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- PEFT and accumulation
+def test_trains_with_peft_and_gradient_accumulation(tmp_path, tiny):
+    from peft import LoraConfig
+
+    path, tokenizer = tiny
+    trainer = CTRLTrainer(
+        model=path,
+        reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+        args=config(tmp_path, gradient_accumulation_steps=2, max_steps=2),
+        train_dataset=dataset(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert before and any(not torch.equal(before[n], after[n]) for n in before), "LoRA weights did not move"
+    logged = [h for h in trainer.state.log_history if "ctrl/calibrated_reward" in h]
+    assert len(logged) == 2 and all(0 <= h["ctrl/calibrated_reward"] <= 1 for h in logged)

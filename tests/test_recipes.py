@@ -320,7 +320,7 @@ def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp
     for needle in ("CTRL", "InfAlign", "2412.19792", "| inference-time procedure | `bon` |", "| N | 2 |",
                    "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", "bon:t=0.562306",
                    "| t | 0.562306 |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
-                   f"{evaluation['kl_k1']:.4f}", "me/tiny-ctrl"):
+                   f"{evaluation['kl']['k1']['estimate']:.4f}", "me/tiny-ctrl"):
         assert needle in card, needle
     for row in evaluation["win_rates"]:
         assert f"| {row['procedure']} | {row['n']} | {row['estimate']:.3f} |" in card

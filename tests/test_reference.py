@@ -68,7 +68,7 @@ def _build(tiny, funcs=None, **kwargs):
 @pytest.fixture(scope="module")
 def baseline(tiny):
     """An uninterrupted single-process build without cache: what every other path must reproduce exactly."""
-    return _build(tiny)["ref_rewards"]
+    return list(_build(tiny)["ref_rewards"])
 
 
 def _f32(x: float) -> float:

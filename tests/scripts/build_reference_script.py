@@ -51,10 +51,10 @@ def main():
     result, stats = _build_reference_rewards(
         dataset, args.policy, funcs, cache_dir=args.cache_dir, accelerator=state, progress=False, **SETTINGS
     )
-    out = {"ref_rewards": result["ref_rewards"], "world_size": state.num_processes}
+    out = {"ref_rewards": list(result["ref_rewards"]), "world_size": state.num_processes}
     if args.no_cache_too:
         again, _ = _build_reference_rewards(dataset, args.policy, funcs, accelerator=state, progress=False, **SETTINGS)
-        out["no_cache"] = again["ref_rewards"]
+        out["no_cache"] = list(again["ref_rewards"])
     with open(f"{args.out}.rank{state.process_index}", "w") as f:
         json.dump({"chunks_computed": stats.chunks_computed, "rank": state.process_index}, f)
     if state.is_main_process:
