@@ -92,7 +92,7 @@ def make_trainer(tmp_path, tiny, reward_funcs, ds=None, **overrides):
 def test_rewards_are_transformed_calibrated_values(tmp_path, tiny):
     """Hand-computed: references {0,1,2,3}; rewards 1.0, 3.5, -2, 2 → c = 3/8, 1, 0, 5/8 → Φ = exp(2c)."""
     raw = [1.0, 3.5, -2.0, 2.0]
-    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: raw[: len(completions)])
+    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: raw[: len(completions)], normalize_transform=False)
     inputs = [{"prompt": p, "ref_rewards": [0.0, 1.0, 2.0, 3.0]} for p in PROMPTS]
     out = trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1], [2], [3], [4]])
     expected = torch.exp(2 * torch.tensor([3 / 8, 1.0, 0.0, 5 / 8]))
@@ -102,6 +102,18 @@ def test_rewards_are_transformed_calibrated_values(tmp_path, tiny):
     assert metrics["ctrl/calibrated_reward"][-1] == pytest.approx((3 / 8 + 1 + 0 + 5 / 8) / 4)
     assert metrics["ctrl/raw_reward"][-1] == pytest.approx(sum(raw) / 4)
     assert metrics["ctrl/transformed_reward"][-1] == pytest.approx(expected.mean().item(), rel=1e-6)
+
+
+def test_normalised_transform_keeps_the_optimum(tmp_path, tiny):
+    """Default: RLOO sees (Φ − Φ(0))/(Φ(1) − Φ(0)) with β/(Φ(1) − Φ(0)) — the same Φ/β, so the same optimum."""
+    raw = [1.0, 3.5, -2.0, 2.0]
+    trainer = make_trainer(tmp_path, tiny, lambda completions, **kw: raw[: len(completions)])
+    inputs = [{"prompt": p, "ref_rewards": [0.0, 1.0, 2.0, 3.0]} for p in PROMPTS]
+    out = trainer._calculate_rewards(inputs, PROMPTS, ["a", "b", "c", "d"], [[1], [2], [3], [4]])[:, 0]
+    span = math.exp(2) - 1
+    torch.testing.assert_close(out, (torch.exp(2 * torch.tensor([3 / 8, 1.0, 0.0, 5 / 8])) - 1) / span)
+    assert trainer.beta == pytest.approx(0.5 / span)
+    assert trainer.args.beta == 0.5  # the user's β (units of the unnormalised Φ) is reported unchanged
 
 
 def test_weighted_reward_functions_are_combined_before_calibration(tmp_path, tiny):

@@ -41,9 +41,15 @@ class CTRLConfig(RLOOConfig):
             K used when building reference rewards with this config (recipes, `trl-infalign build-reference`).
         min_reference_samples (`int`, defaults to `4`):
             Rows with fewer valid reference rewards are refused: c has a resolution of 1/K.
+        normalize_transform (`bool`, defaults to `True`):
+            Train on (Φ − min Φ)/(max Φ − min Φ) with β/(max Φ − min Φ) (min/max over c ∈ [0, 1]). Φ and a·Φ + b at
+            a·β have the same optimum, so this changes nothing but the reward scale RLOO sees; `beta` keeps the units
+            of the unnormalised Φ that `trl-infalign theory` reports. Transforms of raw rewards (`lsc`) are not rescaled.
         nonfinite_rewards (`str`, defaults to `"raise"`):
-            What to do with a ±inf reward from the reward model(s): `raise` (names the prompt) or `skip` (the completion
-            gets no advantage and is counted in `ctrl/nonfinite_rewards`). A `None` reward is always skipped, as in TRL.
+            What to do with a ±inf reward from any reward function, or a NaN from a reward *model*: `raise` (names the
+            function, prompt and completion) or `skip` (the completion gets no advantage and is counted in
+            `ctrl/nonfinite_rewards`). A `None` (or NaN) from a reward *callable* means "no reward" and is always
+            skipped, as in TRL.
     """
 
     inference_procedure: str = field(
@@ -72,9 +78,16 @@ class CTRLConfig(RLOOConfig):
     min_reference_samples: int = field(
         default=4, metadata={"help": "Refuse rows with fewer valid reference rewards than this."}
     )
+    normalize_transform: bool = field(
+        default=True,
+        metadata={
+            "help": "Rescale Phi affinely to [0, 1] and beta by the same factor: the optimum pi_ref*exp(Phi/beta) is "
+            "unchanged, but rewards stay O(1) (exp(t*c) at t=12 reaches 1.6e5). Off: RLOO sees Phi as is."
+        },
+    )
     nonfinite_rewards: str = field(
         default="raise",
-        metadata={"help": "On a +-inf reward: `raise` (default) or `skip` (no advantage, counted).", "choices": ["raise", "skip"]},
+        metadata={"help": "On a +-inf reward (or NaN from a reward model): `raise` (default) or `skip` (no advantage, counted).", "choices": ["raise", "skip"]},
     )
 
     def __post_init__(self):

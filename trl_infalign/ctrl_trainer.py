@@ -10,12 +10,18 @@ PEFT), the KL penalty and the leave-one-out baseline. This trainer only changes 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 import textwrap
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from trl import RLOOTrainer
@@ -24,6 +30,11 @@ from .calibration import calibrate, pad_reference_rewards
 from .ctrl_config import CTRLConfig
 from .sampling import combine_rewards
 from .transforms import get_transform
+
+logger = logging.getLogger(__name__)
+
+#: Written into every checkpoint and the final output: what the run calibrates against (checked on resume).
+CALIBRATION_STATE_FILE = "ctrl_calibration.json"
 
 INFALIGN_CITATION = textwrap.dedent("""\
     @inproceedings{balashankar2025infalign,
@@ -113,18 +124,31 @@ class CTRLTrainer(RLOOTrainer):
                 "plus the CTRL fields (inference_procedure, inference_n, transform, ...)."
             )
         self.ctrl_transform = get_transform(args.resolved_transform)
+        self._check_output_dir(args)  # before anything is loaded or computed
         self.ctrl_reference_counts = self._reference_counts(train_dataset, args.reference_rewards_column)
-        for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            for name, ds in (dataset.items() if isinstance(dataset, dict) else [(split, dataset)]):
-                if ds is not None:
-                    self._check_reference_rewards(ds, args, name)
+        named_datasets = [
+            (name, ds)
+            for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+            for name, ds in (dataset.items() if isinstance(dataset, dict) else [(split, dataset)])
+            if ds is not None
+        ]
+        for name, ds in named_datasets:
+            self._check_prompt_column(ds, name)
+            self._check_reference_rewards(ds, args, name)
+        self.ctrl_reference_fingerprint = self._scan_reference_rewards(train_dataset, args.reference_rewards_column)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *a, **kw)
+        self._check_pad_tokens()
+        self._check_disk_space()
+        for name, ds in named_datasets:
+            self._check_prompt_lengths(ds, name)
         # RLOO combines what `_calculate_rewards` returns with `reward_weights`; CTRL returns one column, Φ(c), and
         # applies the user's weights itself, before calibration (the reference rewards are combined the same way).
         self.ctrl_reward_weights = self.reward_weights.clone()
         self.ctrl_reward_func_names = list(self.reward_func_names)
         self.reward_weights = torch.ones(1)
         self.reward_func_names = ["ctrl_transformed"]
+        self.ctrl_offset, self.ctrl_scale = self._transform_normalisation()
+        self.beta = args.beta / self.ctrl_scale  # RLOO's penalty: Φ/β is unchanged by the rescaling
         self.ctrl_evaluation: dict | None = None
         self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
 
@@ -136,6 +160,252 @@ class CTRLTrainer(RLOOTrainer):
             validate_reference_rewards(dataset, column=args.reference_rewards_column, min_samples=args.min_reference_samples)
         except ValueError as error:
             raise ValueError(f"{split}: {error}") from None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checks made at construction, before any training work
+    @staticmethod
+    def _check_output_dir(args: CTRLConfig):
+        """Fail now, not at the first checkpoint, if `output_dir` cannot be created or written (probe file)."""
+        output_dir = Path(args.output_dir)
+        probe = output_dir / f".ctrl-write-probe-{os.getpid()}"
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            raise OSError(
+                f"CTRLConfig.output_dir={str(args.output_dir)!r} is not writable ({type(error).__name__}: {error}). "
+                "Checkpoints, the model and its card are written there: choose a writable directory with free space "
+                "(nothing has been computed yet)."
+            ) from None
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+
+    def _check_disk_space(self):
+        """Refuse to start if the output directory's disk cannot hold even the model weights; warn below one checkpoint.
+
+        A checkpoint holds the weights plus (unless `save_only_model`) the optimizer's two fp32 moments per trainable
+        parameter; the estimate ignores the tokenizer and small files."""
+        if not self.args.should_save:
+            return
+        try:
+            free = shutil.disk_usage(self.args.output_dir).free
+        except OSError:
+            return
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        params = list(model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        checkpoint = weights + (0 if self.args.save_only_model else 8 * trainable)
+        gib = 1024**3
+        if free < weights:
+            raise OSError(
+                f"Only {free / gib:.3g} GiB free under CTRLConfig.output_dir={str(self.args.output_dir)!r}, but the "
+                f"model weights alone need {weights / gib:.3g} GiB: training could not be saved. Free space or choose "
+                "another output_dir (nothing has been computed yet)."
+            )
+        if self.args.save_strategy != "no" and free < checkpoint:
+            warnings.warn(
+                f"Only {free / gib:.3g} GiB free under {str(self.args.output_dir)!r}; one checkpoint needs about "
+                f"{checkpoint / gib:.3g} GiB (weights + optimizer state). Set `save_only_model=True` or "
+                "`save_total_limit`, or free space.",
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _check_prompt_column(dataset, split: str):
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and "prompt" not in columns:
+            raise ValueError(
+                f"{split} has no 'prompt' column (columns: {list(columns)}). CTRLTrainer, like RLOOTrainer, samples "
+                "completions for `dataset['prompt']`: rename your prompt column, e.g. "
+                "`dataset = dataset.rename_column('question', 'prompt')`."
+            )
+
+    def _check_pad_tokens(self):
+        """RLOO pads the policy's prompts and each reward model's inputs: with neither pad nor EOS token (TRL falls back
+        to pad = EOS) the first batch would fail mid-training."""
+        if self._tokenizer.pad_token_id is None:
+            raise ValueError(
+                "The policy's tokenizer (processing_class) has neither a pad token nor an EOS token, so prompts cannot "
+                "be batched: set `tokenizer.pad_token = ...` (e.g. an existing special token) before creating the trainer."
+            )
+        for i, (func, tokenizer) in enumerate(zip(self.reward_funcs, self.reward_processing_classes)):
+            if isinstance(func, torch.nn.Module) and (tokenizer is None or tokenizer.pad_token_id is None):
+                raise ValueError(
+                    f"The tokenizer of reward model {i} ({self.reward_func_names[i]!r}) has neither a pad token nor "
+                    "an EOS token (TRL uses EOS as pad when there is no pad token), so prompt + completion cannot be "
+                    "batched for scoring: set `tokenizer.pad_token` and pass the tokenizer in `reward_processing_classes`."
+                )
+
+    def _context_length(self) -> int | None:
+        config = self.accelerator.unwrap_model(self.model).config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def _check_prompt_lengths(self, dataset, split: str, batch_size: int = 1024):
+        """Prompts that fill the model's context leave no room to generate: refuse them now, naming the rows.
+
+        Prompts whose length plus `max_completion_length` exceeds the context are allowed (completions usually end
+        earlier), with one warning giving their number. Only map-style datasets of text prompts are checked."""
+        from .sampling import tokenize_prompts
+
+        context = self._context_length()
+        if context is None or self._is_vlm or not hasattr(dataset, "select_columns") or "prompt" not in dataset.column_names:
+            return
+        too_long, over_budget, max_new = [], 0, self.args.max_completion_length or 0
+        for start in range(0, len(dataset), batch_size):
+            prompts = dataset[start : start + batch_size]["prompt"]
+            for offset, ids in enumerate(tokenize_prompts(self._tokenizer, prompts, self.chat_template_kwargs)):
+                if len(ids) >= context:
+                    too_long.append((start + offset, len(ids)))
+                elif len(ids) + max_new > context:
+                    over_budget += 1
+        if too_long:
+            shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
+            more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+            raise ValueError(
+                f"{split}: {len(too_long)} prompt(s) fill the model's context of {context} tokens, leaving no room for "
+                f"a completion: {shown}{more}. Drop or shorten them, e.g. `dataset.filter(lambda x: "
+                f"len(tokenizer(x['prompt']).input_ids) <= {max(context - max_new, 1)})`, or use a model with a longer "
+                "context. (Nothing has been trained yet.)"
+            )
+        if over_budget:
+            warnings.warn(
+                f"{split}: {over_budget} prompt(s) plus max_completion_length={max_new} exceed the model's context of "
+                f"{context} tokens; their completions may run past the context.",
+                stacklevel=3,
+            )
+
+    @staticmethod
+    def _scan_reference_rewards(dataset, column: str) -> str | None:
+        """Fingerprint of the train dataset's reference rewards (checked on resume); warns once about all-equal rows.
+
+        A row whose K reference rewards are all equal calibrates every completion to 0, ½ or 1 (below, tied with, or
+        above that single value): training still works, but such prompts carry almost no ranking signal."""
+        if dataset is None or not hasattr(dataset, "select_columns") or column not in (dataset.column_names or []):
+            return None
+        digest = hashlib.sha256()
+        constant: list[int] = []
+        index = 0
+        for batch in dataset.select_columns([column]).iter(batch_size=4096):
+            for row in batch[column]:
+                values = np.asarray(row, dtype=np.float64)
+                digest.update(np.int64(values.size).tobytes())
+                digest.update(values.tobytes())
+                if values.size > 1 and values.min() == values.max():
+                    constant.append(index)
+                index += 1
+        if constant:
+            shown = ", ".join(str(i) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
+            warnings.warn(
+                f"{len(constant)} of {index} prompts have all-equal reference rewards in column {column!r} (rows {shown}): "
+                "their calibrated reward can only be 0, 0.5 or 1, so they carry little training signal. Check the "
+                "reward model / reference samples (e.g. a larger K or temperature), or drop these rows.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return digest.hexdigest()
+
+    def ctrl_calibration_state(self) -> dict:
+        """What the run calibrates against; saved in every checkpoint and compared on resume."""
+        return {
+            "reference_rewards_column": self.args.reference_rewards_column,
+            "reference_rewards_sha256": self.ctrl_reference_fingerprint,
+            "resolved_transform": self.ctrl_transform.spec,
+            "beta": self.args.beta,
+            "rloo_beta": self.beta,
+            "transform_offset": self.ctrl_offset,
+            "transform_scale": self.ctrl_scale,
+            "inference_procedure": self.args.inference_procedure,
+            "inference_n": self.args.inference_n,
+            "min_reference_samples": self.args.min_reference_samples,
+        }
+
+    def _check_resumed_calibration(self, checkpoint: str):
+        path = Path(checkpoint) / CALIBRATION_STATE_FILE
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        current = json.loads(json.dumps(self.ctrl_calibration_state()))
+        changed = [
+            f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+            for key in current
+            if key in saved and saved[key] != current[key] and not (
+                isinstance(saved[key], float) and isinstance(current[key], float) and math.isclose(saved[key], current[key], rel_tol=1e-12)
+            )
+        ]
+        if changed:
+            raise ValueError(
+                f"Resuming from {checkpoint} with different calibration than the run that wrote it ("
+                + "; ".join(changed)
+                + "). The rewards before and after the resume would not be the same objective. Resume with the same "
+                "dataset (reference rewards) and CTRL settings, or start a new run in a fresh output_dir (or delete "
+                f"{path} to override)."
+            )
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, plus: `resume_from_checkpoint=True` skips checkpoints left incomplete by a crash (no
+        `trainer_state.json`, which the Trainer writes last), and a resume with other calibration data is refused."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = self._last_complete_checkpoint()
+            if checkpoint is not None:
+                resume_from_checkpoint = checkpoint
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._check_resumed_calibration(str(checkpoint))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def _last_complete_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        root = Path(self.args.output_dir)
+        if not root.is_dir():
+            return None
+        found = []
+        for path in root.iterdir():
+            name = path.name
+            if path.is_dir() and name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
+                found.append((int(name.split("-")[-1]), path))
+        incomplete = []
+        for _, path in sorted(found, reverse=True):
+            if (path / "trainer_state.json").is_file():
+                if incomplete:
+                    warnings.warn(
+                        f"Skipping incomplete checkpoint(s) {', '.join(str(p) for p in incomplete)} (no trainer_state.json: "
+                        f"the run was probably killed while saving); resuming from {path}.",
+                        stacklevel=3,
+                    )
+                return str(path)
+            incomplete.append(path)
+        if incomplete:
+            raise ValueError(
+                f"resume_from_checkpoint=True, but every checkpoint in {root} is incomplete (no trainer_state.json): "
+                f"{', '.join(str(p) for p in incomplete)}. Delete them and train from scratch, or pass a checkpoint path."
+            )
+        return None
+
+    def _transform_normalisation(self) -> tuple[float, float]:
+        """(offset, scale) with (Φ − offset)/scale spanning [0, 1] over c ∈ [0, 1]; (0, 1) when not normalising."""
+        transform = self.ctrl_transform
+        if not self.args.normalize_transform or transform.requires_raw_rewards:
+            return 0.0, 1.0
+        values = transform.phi(np.linspace(0.0, 1.0, 2049))
+        low, high = float(np.min(values)), float(np.max(values))
+        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+            return 0.0, 1.0
+        return low, high - low
 
     @staticmethod
     def _reference_counts(dataset, column: str) -> tuple[int, int] | None:
@@ -168,18 +438,29 @@ class CTRLTrainer(RLOOTrainer):
         ref_rows = gather_object([list(example[column]) for example in inputs])
         all_prompts = gather_object(list(prompts))
 
-        infinite = torch.isinf(raw)
+        # ±inf from any reward function, and NaN from a reward *model*, are failures (a callable's NaN means None:
+        # "no reward", which TRL skips). Checked per function, so that +inf and -inf cannot cancel into a NaN.
+        is_model = torch.tensor([isinstance(f, torch.nn.Module) for f in self.reward_funcs], device=device)
+        bad_per_func = torch.isinf(raw_per_func) | (torch.isnan(raw_per_func) & is_model.unsqueeze(0))
+        infinite = bad_per_func.any(dim=1) | torch.isinf(raw)
         if infinite.any() and self.args.nonfinite_rewards == "raise":
             row = int(infinite.nonzero()[0, 0])
+            funcs = bad_per_func[row].nonzero().flatten().tolist()
+            func = self.ctrl_reward_func_names[funcs[0]] if funcs else "combined"
+            value = raw_per_func[row, funcs[0]].item() if funcs else raw[row].item()
             raise ValueError(
-                f"The reward function(s) returned {raw[row].item()} for the completion at batch row {row} (prompt: "
-                f"{str(all_prompts[row])[:200]!r}). Fix the reward model, or set CTRLConfig.nonfinite_rewards='skip' to "
-                "give such completions no advantage."
+                f"The reward function {func!r} returned {value} for the completion at batch row {row} (global step "
+                f"{self.state.global_step}; prompt: {str(all_prompts[row])[:200]!r}; completion: "
+                f"{str(gather_object(list(completions))[row])[:200]!r}). Fix the reward model, or set "
+                "CTRLConfig.nonfinite_rewards='skip' to give such completions no advantage (counted in "
+                "ctrl/nonfinite_rewards). Checkpoints already saved in output_dir are intact: resume with "
+                "`trainer.train(resume_from_checkpoint=True)`."
             )
         raw = torch.where(infinite, torch.full_like(raw, math.nan), raw)
         ref, mask = pad_reference_rewards(ref_rows, device=device)
         calibrated = calibrate(raw, ref, mask, nonfinite="nan", min_references=self.args.min_reference_samples)
-        transformed = self.ctrl_transform(calibrated, rewards=raw, ref_rewards=ref, ref_mask=mask).to(torch.float32)
+        transformed = self.ctrl_transform(calibrated, rewards=raw, ref_rewards=ref, ref_mask=mask)
+        transformed = ((transformed - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
 
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
@@ -264,6 +545,10 @@ class CTRLTrainer(RLOOTrainer):
         """Save as `Trainer.save_model` does, plus the CTRL model card (README.md) beside the weights."""
         super().save_model(output_dir, _internal_call=_internal_call)
         self.create_model_card(output_dir=output_dir)
+        if self.is_world_process_zero():
+            target = Path(output_dir if output_dir is not None else self.args.output_dir)
+            target.mkdir(parents=True, exist_ok=True)
+            (target / CALIBRATION_STATE_FILE).write_text(json.dumps(self.ctrl_calibration_state(), indent=2) + "\n")
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None):
         from .model_card import write_ctrl_model_card
