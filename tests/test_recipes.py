@@ -267,10 +267,12 @@ def test_recipe_end_to_end_cli(tiny_models, tmp_path):
     card = (out / "README.md").read_text()
     assert "CTRL" in card and "2412.19792" in card and "Inference-time evaluation" in card
 
-    # resuming: a second run with the same cache recomputes no reference chunk
+    # resuming: a second run with the same cache recomputes no reference chunk (nothing is appended to the shards)
+    shards = {p.name: p.read_text() for p in cache.glob("rank-*.jsonl")}
     rerun = subprocess.run(cmd + ["--skip_eval", "true", "--max_steps", "1"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p.name: p.read_text() for p in cache.glob("rank-*.jsonl")} == shards
     assert json.loads((cache / "meta.json").read_text())["num_samples"] == 4
 
 
@@ -350,3 +352,19 @@ def test_offline_push_failure_keeps_local_output_and_says_why(tiny_models, tmp_p
     assert "CTRL" in (out / "README.md").read_text()
     assert FAKE_TOKEN not in result.stdout + result.stderr
     assert FAKE_TOKEN.encode() not in _all_text(out)
+
+
+@pytest.mark.slow
+def test_recipe_two_cpu_processes(tiny_models, tmp_path):
+    """`accelerate launch --config_file cpu_2proc.yaml recipes/ctrl_hh.py`: sharded reference pass, training, eval."""
+    out = tmp_path / "out"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [str(accelerate), "launch", "--config_file", str(RECIPES / "accelerate_configs" / "cpu_2proc.yaml"),
+           "--main_process_port", "29553", str(RECIPES / "ctrl_hh.py"), *_recipe_args(tiny_models, out)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    cache = Path(str(out) + "-reference-cache")
+    assert sorted(p.name for p in cache.glob("rank-*.jsonl")) == ["rank-00000.jsonl", "rank-00001.jsonl"]
+    assert (out / "model.safetensors").exists() and (out / "infalign_eval.json").exists()
+    assert "Inference-time evaluation" in (out / "README.md").read_text()

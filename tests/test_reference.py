@@ -154,7 +154,7 @@ def test_resume_after_crash_is_identical_and_skips_finished_chunks(tiny, tmp_pat
         _build(tiny, [crashing], cache_dir=cache)
     lines = (cache / "rank-00000.jsonl").read_text().splitlines()
     assert len(lines) == 2 * SETTINGS["batch_size"]  # two finished chunks on disk
-    assert json.loads(lines[0]) .keys() >= {"index", "ref_rewards"}
+    assert json.loads(lines[0]).keys() >= {"index", "ref_rewards"}
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["num_samples"] == SETTINGS["num_samples"] and meta["dataset_num_rows"] == len(PROMPTS)
 
@@ -177,12 +177,10 @@ def test_half_written_last_line_is_redone(tiny, tmp_path, baseline):
     shard = cache / "rank-00000.jsonl"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 15])  # killed in the middle of writing the last row
-    counter = CountingReward()
     _, stats = _build_reference_rewards(
         tiny["dataset"], tiny["policy"], [tiny["reward"], length_reward], cache_dir=cache, progress=False, **SETTINGS
     )
     assert stats.chunks_computed == 1 and stats.chunks_resumed == stats.num_chunks - 1
-    assert counter.calls == 0
     again = _build(tiny, cache_dir=cache)["ref_rewards"]
     assert again == baseline
     assert all(line.strip() and json.loads(line) for line in shard.read_text().splitlines())

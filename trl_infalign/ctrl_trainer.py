@@ -541,10 +541,20 @@ class CTRLTrainer(RLOOTrainer):
         except Exception as error:
             raise self._hub_failure(error, "Uploading to the Hub") from None
 
+    @contextmanager
+    def _hub_token_redacted(self):
+        token = self.args.hub_token
+        self.args.hub_token = None
+        try:
+            yield
+        finally:
+            self.args.hub_token = token
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save as `Trainer.save_model` does, plus the CTRL model card (README.md) beside the weights."""
-        super().save_model(output_dir, _internal_call=_internal_call)
-        self.create_model_card(output_dir=output_dir)
+        with self._hub_token_redacted():  # Trainer pickles `args` into training_args.bin: never the token
+            super().save_model(output_dir, _internal_call=_internal_call)
+            self.create_model_card(output_dir=output_dir)
         if self.is_world_process_zero():
             target = Path(output_dir if output_dir is not None else self.args.output_dir)
             target.mkdir(parents=True, exist_ok=True)

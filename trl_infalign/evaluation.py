@@ -385,6 +385,12 @@ class EvaluationResult:
             ax.errorbar([1], [r["estimate"]], yerr=yerr, fmt="s", color="black", capsize=3, label="standard")
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
+        from matplotlib.ticker import NullLocator, ScalarFormatter
+
+        ticks = sorted({r["n"] for r in self.win_rates})
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("N")
         ax.set_ylabel("win rate vs reference")
         if title is None and self.kl_k1 is not None:
@@ -499,11 +505,22 @@ def evaluate_scored(
 # ---------------------------------------------------------------------------------------------------------------------
 # sampling + scoring (shared with the callback)
 # ---------------------------------------------------------------------------------------------------------------------
-def _resolve_state(accelerator):
+def _resolve_state(accelerator=None):
+    """`accelerator` itself, or `PartialState()` — created with `cpu=True` under a CPU-only multi-process launch
+    (`torchrun` / `accelerate launch --multi_gpu` without GPUs), where a plain `PartialState()` would believe it is
+    alone and every process would evaluate every prompt."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator is None:
         from accelerate import PartialState
 
-        return PartialState()
+        accelerator = PartialState(cpu=True) if world > 1 and not torch.cuda.is_available() else PartialState()
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(
+            f"The launcher started WORLD_SIZE={world} processes but the accelerate state has {accelerator.num_processes}: "
+            "on CPU create it with `PartialState(cpu=True)` / `Accelerator(cpu=True)`."
+        )
     return accelerator
 
 

@@ -23,6 +23,21 @@ def _version(name: str) -> str:
         return "unknown"
 
 
+def _evaluation_for_card(evaluation) -> dict | None:
+    """Win-rate rows and KL from an `EvaluationResult`, its `to_dict()`, or a plain dict with `kl_k1`/`kl_k3`."""
+    if evaluation is None:
+        return None
+    if hasattr(evaluation, "to_dict"):
+        evaluation = evaluation.to_dict()
+    card = {"win_rates": list(evaluation.get("win_rates", []))}
+    kl = evaluation.get("kl")
+    if isinstance(kl, dict):
+        card["kl_k1"], card["kl_k3"] = kl["k1"]["estimate"], kl["k3"]["estimate"]
+    elif "kl_k1" in evaluation:
+        card["kl_k1"], card["kl_k3"] = evaluation["kl_k1"], evaluation.get("kl_k3", float("nan"))
+    return card
+
+
 def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> ModelCard:
     """Render the card for `trainer` (a `CTRLTrainer`) without writing it."""
     from trl import RLOOTrainer
@@ -32,11 +47,10 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
     all_tags = set([tags] if isinstance(tags, str) else (tags or []))
     all_tags.update(trainer._tag_names)
     settings = trainer.ctrl_card_settings()
-    if settings.get("t") is None:
-        settings["t"] = None
+    dataset_is_hub = bool(dataset_name) and not os.path.exists(dataset_name)
     card_data = ModelCardData(
         base_model=base_model if base_model_is_hub else None,
-        datasets=dataset_name,
+        datasets=dataset_name if dataset_is_hub else None,
         library_name="transformers",
         model_name=model_name,
         tags=["generated_from_trainer", *sorted(all_tags)],
@@ -50,9 +64,10 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         model_name=model_name or Path(trainer.args.output_dir).name,
         hub_model_id=getattr(trainer, "hub_model_id", None),
         dataset_name=dataset_name,
+        dataset_is_hub=dataset_is_hub,
         settings=settings,
         procedure_text=PROCEDURE_TEXT[procedure].format(n=settings["inference_n"]),
-        evaluation=trainer.ctrl_evaluation,
+        evaluation=_evaluation_for_card(trainer.ctrl_evaluation),
         wandb_url=None,
         paper_id=trainer._paper["id"],
         trainer_citation=trainer._paper["citation"],

@@ -196,6 +196,7 @@ def build_reference_rewards(
         nonfinite: `"raise"` (default) stops at the first NaN/inf combined reward and names the row; `"skip"` drops
             such samples from their row (rows may then hold fewer than K rewards; a row left with none is an error).
         keep_completions: also store the decoded reference completions in `completions_column`.
+        model_init_kwargs: `from_pretrained` kwargs for the policy and reward-model paths (e.g. `dtype`), as in TRL.
         cache_dir: directory for per-process JSONL shards and `meta.json`; a rerun with the same settings resumes.
         use_vllm: sample with `vllm.LLM(...).generate(SamplingParams(n=K, ...))` (needs `pip install trl-infalign[vllm]`).
         accelerator: an `accelerate.Accelerator` / `PartialState` (default: `PartialState()`); each process builds its
@@ -277,13 +278,14 @@ def _build_reference_rewards(
         dataset = dataset.remove_columns(drop)
 
     # ---- processes ------------------------------------------------------------------------------------------------
-    state = _resolve_state(accelerator)
+    state = resolve_process_state(accelerator)
     rank, world_size = state.process_index, state.num_processes
 
     # ---- models ---------------------------------------------------------------------------------------------------
     model_name = _model_name(model)
     reward_funcs_in = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    funcs, classes = load_reward_funcs(reward_funcs_in, reward_processing_classes, model_init_kwargs=None)
+    # Reward-model paths load with the same `model_init_kwargs` as the policy, as in RLOOTrainer.
+    funcs, classes = load_reward_funcs(reward_funcs_in, reward_processing_classes, model_init_kwargs=model_init_kwargs)
     names = [reward_func_name(f) for f in funcs]
     weights = [1.0] * len(funcs) if reward_weights is None else [float(w) for w in reward_weights]
     if len(weights) != len(funcs):
@@ -313,6 +315,7 @@ def _build_reference_rewards(
         "generation_kwargs": _jsonable(generation_kwargs or {}),
         "chat_template_kwargs": _jsonable(chat_template_kwargs or {}),
         "use_vllm": bool(use_vllm),
+        "model_init_kwargs": _jsonable(model_init_kwargs or {}),
         "nonfinite": nonfinite,
         "keep_completions": bool(keep_completions),
         "prompt_column": prompt_column,
@@ -533,11 +536,28 @@ def _resolve_tokenizer(model, tokenizer):
     return tokenizer
 
 
-def _resolve_state(accelerator):
+def resolve_process_state(accelerator=None):
+    """The accelerate state to shard over: `accelerator` itself, or `PartialState()`.
+
+    On a machine without GPUs, `PartialState()` ignores a `torchrun` / `accelerate launch --multi_gpu` launch (every
+    process believes it is alone) unless created with `cpu=True`; this does that when `WORLD_SIZE > 1` and no CUDA
+    device is visible, and refuses to go on if the launch and the state still disagree (the processes would all build
+    everything and write the same shard file).
+    """
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator is None:
         from accelerate import PartialState
 
-        return PartialState()
+        cpu = world > 1 and not torch.cuda.is_available()
+        accelerator = PartialState(cpu=True) if cpu else PartialState()
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(
+            f"The launcher started WORLD_SIZE={world} processes but the accelerate state has "
+            f"{accelerator.num_processes}: on CPU create it with `PartialState(cpu=True)` / `Accelerator(cpu=True)` "
+            "before building reference rewards."
+        )
     return accelerator  # an Accelerator or a PartialState: both have process_index, num_processes, device, ...
 
 
@@ -655,4 +675,4 @@ class _Cache:
             os.fsync(f.fileno())
 
 
-__all__ = ["build_reference_rewards", "validate_reference_rewards", "ReferenceStats"]
+__all__ = ["build_reference_rewards", "validate_reference_rewards", "resolve_process_state", "ReferenceStats"]

@@ -39,13 +39,12 @@ def main():
     os.environ["REFERENCE_TEST_SLEEP"] = str(args.sleep)
 
     import torch
-    from accelerate import PartialState
     from datasets import load_dataset
 
-    from trl_infalign.reference import _build_reference_rewards
+    from trl_infalign.reference import _build_reference_rewards, resolve_process_state
 
     torch.set_num_threads(1)
-    state = PartialState()
+    state = resolve_process_state()  # PartialState(cpu=True) under a CPU-only multi-process launch
     dataset = load_dataset("json", data_files=args.data, split="train")
     funcs = [args.reward_model, length_reward]
     result, stats = _build_reference_rewards(

@@ -74,11 +74,9 @@ def load_prompts(path: str, split: str = "train", config: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    from ..reference import _build_reference_rewards, resolve_process_state
 
-    from ..reference import _build_reference_rewards
-
-    state = PartialState()
+    state = resolve_process_state()
     output = Path(args.output)
     cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
     dataset = load_prompts(args.dataset, args.split, args.dataset_config)

@@ -1,0 +1,196 @@
+"""Step-time overhead of `CTRLTrainer` over plain `RLOOTrainer` (same tiny model, data, reward and seed).
+
+    python benchmarks/trainer_overhead.py --quick        # < 3 min on 2 CPU cores
+    python benchmarks/trainer_overhead.py                # more steps and repetitions
+
+Both trainers get the same tiny Llama policy, the same tiny Llama reward model (plain RLOO trains on its raw reward;
+CTRL on the same reward calibrated against the dataset's `ref_rewards` column and transformed), the same prompts and
+seed. Runs are interleaved (A B A B ...) so that drifting machine load hits both alike; the first `--warmup` steps of
+each run are dropped. Reported: median step time of each, their ratio (per repetition and pooled; target <= 1.03), and
+a micro-measurement of CTRL's reward hand-off alone: `CTRLTrainer._calculate_rewards` (reward model + gather +
+calibrate + transform + metrics) against RLOO's `_calculate_rewards` on the same batch, interleaved, per call.
+Prints a table and writes `trainer_overhead.json` to `--output` (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXTS = [
+    "the cat sat on the mat", "a dog ran in the park", "hello world, how are you", "good morning to you all",
+    "the quick brown fox jumps over the lazy dog", "tell me a story about a cat", "write a poem about the rain",
+    "what is the capital of france", "explain how a rainbow forms", "give me three tips for sleeping well",
+]
+
+
+def _step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self._start = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="Small run (< 3 min on 2 CPU cores).")
+    parser.add_argument("--repetitions", type=int, default=None, help="A/B pairs (default 3 quick, 6 full).")
+    parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default 8 quick, 20 full).")
+    parser.add_argument("--warmup", type=int, default=2, help="Steps dropped at the start of each run.")
+    parser.add_argument("--batch-size", type=int, default=16, help="Completions per step.")
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-completion-length", type=int, default=8)
+    parser.add_argument("--num-reference", type=int, default=16, help="K reference rewards per prompt.")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--micro-calls", type=int, default=None, help="Calls per side in the hand-off micro-benchmark.")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from trl_infalign import CTRLConfig, CTRLTrainer
+    from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.repetitions or (3 if args.quick else 6)
+    steps = args.steps or (8 if args.quick else 20)
+    micro_calls = args.micro_calls or (30 if args.quick else 200)
+    if steps <= args.warmup:
+        parser.error("--steps must exceed --warmup")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokenizer = build_tokenizer(TEXTS * 20, vocab_size=400)
+        policy = build_tiny_policy(tokenizer, tmp / "policy", hidden_size=args.hidden_size, seed=args.seed)
+        reward_model_path = tmp / "rm"
+        build_tiny_reward_model(tokenizer, reward_model_path, hidden_size=32, seed=args.seed)
+        generator = torch.Generator().manual_seed(args.seed)
+        prompts = (TEXTS * 4)[:32]
+        ref = torch.randn(len(prompts), args.num_reference, generator=generator, dtype=torch.float64).tolist()
+        plain_data = Dataset.from_dict({"prompt": prompts})
+        ctrl_data = Dataset.from_dict({"prompt": prompts, "ref_rewards": ref})
+        common = dict(
+            per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length, max_steps=steps, logging_steps=1000,
+            save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=args.seed, beta=0.05,
+            disable_tqdm=True, learning_rate=1e-5,
+        )
+
+        def make(kind: str):
+            from transformers import AutoModelForSequenceClassification
+
+            rm = AutoModelForSequenceClassification.from_pretrained(str(reward_model_path), num_labels=1)
+            out = str(tmp / f"out-{kind}")
+            if kind == "rloo":
+                return RLOOTrainer(model=policy, reward_funcs=rm, args=RLOOConfig(output_dir=out, **common),
+                                   train_dataset=plain_data, processing_class=tokenizer,
+                                   reward_processing_classes=tokenizer)
+            config = CTRLConfig(output_dir=out, transform="bon:t=4", inference_n=4, min_reference_samples=2, **common)
+            return CTRLTrainer(model=policy, reward_funcs=rm, args=config, train_dataset=ctrl_data,
+                               processing_class=tokenizer, reward_processing_classes=tokenizer)
+
+        step_times: dict[str, list[list[float]]] = {"rloo": [], "ctrl": []}
+        started = time.perf_counter()
+        for rep in range(reps):
+            for kind in ("rloo", "ctrl") if rep % 2 == 0 else ("ctrl", "rloo"):  # A B, B A, ...: no order bias
+                trainer = make(kind)
+                timer = _step_timer()
+                trainer.add_callback(timer)
+                trainer.train()
+                step_times[kind].append(timer.times[args.warmup:])
+                print(f"rep {rep} {kind:4s}: median step {statistics.median(timer.times[args.warmup:]) * 1e3:7.1f} ms",
+                      flush=True)
+        train_seconds = time.perf_counter() - started
+
+        # Micro: the reward hand-off alone, on one fixed batch.
+        trainer = make("ctrl")
+        trainer.model.train()
+        batch_prompts = [prompts[i // args.num_generations] for i in range(args.batch_size)]
+        inputs = [{"prompt": p, "ref_rewards": ref[i // args.num_generations]} for i, p in enumerate(batch_prompts)]
+        completions = [" good fine" if i % 2 else " bad" for i in range(args.batch_size)]
+        completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+
+        def plain_call():
+            with trainer._user_reward_names():
+                return RLOOTrainer._calculate_rewards(trainer, inputs, batch_prompts, completions, completion_ids)
+
+        def ctrl_call():
+            return trainer._calculate_rewards(inputs, batch_prompts, completions, completion_ids)
+
+        for _ in range(3):
+            plain_call(), ctrl_call()
+        micro = {"rloo": [], "ctrl": []}
+        for i in range(micro_calls):
+            for kind, fn in ((("rloo", plain_call), ("ctrl", ctrl_call)) if i % 2 == 0 else (("ctrl", ctrl_call), ("rloo", plain_call))):
+                t0 = time.perf_counter()
+                fn()
+                micro[kind].append(time.perf_counter() - t0)
+
+    med = {k: statistics.median([t for run in v for t in run]) for k, v in step_times.items()}
+    per_rep = [statistics.median(c) / statistics.median(r) for r, c in zip(step_times["rloo"], step_times["ctrl"])]
+    micro_med = {k: statistics.median(v) for k, v in micro.items()}
+    results = {
+        "median_step_s": med,
+        "ratio_ctrl_over_rloo": med["ctrl"] / med["rloo"],
+        "ratio_per_repetition": per_rep,
+        "ratio_median_of_repetitions": statistics.median(per_rep),
+        "step_times_s": step_times,
+        "handoff_median_s": micro_med,
+        "handoff_overhead_s": micro_med["ctrl"] - micro_med["rloo"],
+        "handoff_overhead_fraction_of_step": (micro_med["ctrl"] - micro_med["rloo"]) / med["rloo"],
+        "train_seconds": train_seconds,
+    }
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "repetitions": reps, "steps": steps, "warmup": args.warmup, "batch_size": args.batch_size,
+        "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
+        "num_reference": args.num_reference, "hidden_size": args.hidden_size, "micro_calls": micro_calls,
+    }
+
+    print()
+    print(f"{'':28s} {'RLOO':>10s} {'CTRL':>10s} {'CTRL/RLOO':>10s}")
+    print(f"{'median step time (ms)':28s} {med['rloo'] * 1e3:10.1f} {med['ctrl'] * 1e3:10.1f} {results['ratio_ctrl_over_rloo']:10.3f}")
+    print(f"{'ratio per repetition':28s} " + " ".join(f"{r:.3f}" for r in per_rep)
+          + f"  (median {results['ratio_median_of_repetitions']:.3f}; target <= 1.03)")
+    print(f"{'_calculate_rewards (ms)':28s} {micro_med['rloo'] * 1e3:10.2f} {micro_med['ctrl'] * 1e3:10.2f} "
+          f"{micro_med['ctrl'] / micro_med['rloo']:10.3f}")
+    print(f"CTRL hand-off overhead: {results['handoff_overhead_s'] * 1e3:.2f} ms per batch of {args.batch_size} "
+          f"= {100 * results['handoff_overhead_fraction_of_step']:.2f}% of a RLOO step")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trainer_overhead.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {out / 'trainer_overhead.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""InferenceWinRateCallback: hooks with a fake state, reference caching, train mode, and a tiny RLOO run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+from trl_infalign.callbacks import InferenceWinRateCallback
+from trl_infalign.tiny import build_tiny_policy, build_tokenizer
+
+PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("callback")
+    tokenizer = build_tokenizer(PROMPTS * 5 + ["great awful fine good bad"] * 5, vocab_size=300)
+    path = build_tiny_policy(tokenizer, root / "policy", hidden_size=32, num_layers=1)
+    return path, tokenizer
+
+
+class CountingReward:
+    __name__ = "counting_reward"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        return [float(len(c)) for c in completions]
+
+
+def test_hooks_with_fake_state(tiny, tmp_path):
+    path, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    reward = CountingReward()
+    cb = InferenceWinRateCallback(
+        PROMPTS, [reward], tokenizer=tokenizer, ns=(2, 4), procedures=("standard", "bon", "won"), num_samples=4,
+        every_n_steps=2, max_new_tokens=4, num_bootstrap=50,
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control, model=model, processing_class=tokenizer)
+    assert cb._reference_path == path  # default reference: the initial checkpoint
+
+    rng_before = torch.random.get_rng_state()
+    for step in (1, 2, 3, 4):
+        state.global_step = step
+        cb.on_step_end(args, state, control, model=model, processing_class=tokenizer)
+        assert model.training  # train mode restored
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # trainer's RNG stream untouched
+    assert [entry["step"] for entry in state.log_history] == [2, 4]
+    logged = state.log_history[-1]
+    for key in ("eval_infalign/bon@4_win_rate", "eval_infalign/won@2_win_rate", "eval_infalign/standard_win_rate",
+                "eval_infalign/bon@4_win_rate_ci_low", "eval_infalign/kl_k1", "eval_infalign/kl_k3"):
+        assert key in logged and math.isfinite(logged[key]), key
+    # the policy did not change and is its own reference: KL exactly 0
+    assert logged["eval_infalign/kl_k1"] == 0.0
+    # reference scored once (cached), policy scored at each evaluation
+    assert reward.calls == 1 + 2
+    assert [s for s, _ in cb.history] == [2, 4]
+
+
+def test_rejects_n_above_num_samples(tiny):
+    with pytest.raises(ValueError, match="num_samples"):
+        InferenceWinRateCallback(PROMPTS, [CountingReward()], ns=(8,), num_samples=4)
+
+
+def test_tiny_rloo_run_logs_metrics(tiny, tmp_path):
+    from trl import RLOOConfig, RLOOTrainer
+
+    path, tokenizer = tiny
+
+    def reward(completions, **kwargs):
+        return [float(c.count("g")) for c in completions]
+
+    config = RLOOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+        max_steps=4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, beta=0.1,
+        disable_tqdm=True, learning_rate=1e-3,
+    )
+    trainer = RLOOTrainer(
+        model=path, reward_funcs=reward, args=config, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=tokenizer,
+    )
+    assert trainer.ref_model is not None
+    cb = InferenceWinRateCallback(
+        PROMPTS, reward, ns=(2,), num_samples=4, every_n_steps=2, max_new_tokens=4, num_bootstrap=50, trainer=trainer,
+    )
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb._reference is trainer.ref_model  # default reference: the trainer's ref model
+    history = trainer.state.log_history
+    ours = [h for h in history if "eval_infalign/bon@2_win_rate" in h]
+    assert [h["step"] for h in ours] == [2, 4]
+    assert all("eval_infalign/kl_k3" in h and "eval_infalign/won@2_win_rate" in h for h in ours)
+    # TRL's own training metrics are still logged at every step (our log does not consume them)
+    train_logs = [h for h in history if "reward" in h]
+    assert [h["step"] for h in train_logs] == [1, 2, 3, 4]
