@@ -429,11 +429,16 @@ def main(argv=None) -> int:
                         help="Target KLs of the calibrated methods (β and t from the theory). Default: per task/mode.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models are tiny, and extra threads on a busy "
+                        "machine slow every matmul down by an order of magnitude).")
     args = parser.parse_args(argv)
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,10 @@ import json
 import os
 import random
 import time
+import warnings
 from pathlib import Path
+
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -59,7 +62,7 @@ def main() -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, evaluate_policy
+    from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, evaluate_policy, theory
     from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
 
     start = time.time()
@@ -110,16 +113,22 @@ def main() -> None:
         seed=args.seed,
         num_reference_samples=args.num_reference_samples,
     )
-    print(f"     transform {config.resolved_transform}, beta {config.beta:.4g} (from kl_budget {config.kl_budget})")
     trainer = CTRLTrainer(
         model=str(sft_path), reward_funcs=vader_sentiment, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+    predicted = theory.policy(config.resolved_transform, config.beta)
+    print(
+        f"     transform {config.resolved_transform}, beta {config.beta:.4g} from kl_budget {config.kl_budget} "
+        f"(RLOO sees Phi rescaled to [0, 1] with beta {trainer.beta:.3g}); theory predicts KL {predicted.kl():.3f}, "
+        f"BoN-4 win rate {predicted.win_rate('bon', 4):.3f} at the optimum"
     )
     trainer.train()
 
     print("4/5  Evaluating KL and standard / BoN-4 win rates against the SFT reference")
     eval_prompts = prompts
     common = dict(
-        num_samples=args.eval_samples, ns=(1, 4), procedures=("standard", "bon"), max_new_tokens=8, seed=args.seed + 1
+        num_samples=args.eval_samples, ns=(1, 2, 4, 8), procedures=("standard", "bon", "won"), max_new_tokens=8,
+        seed=args.seed + 1
     )
     before = evaluate_policy(str(sft_path), str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
     after = evaluate_policy(trainer.model, str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
@@ -132,6 +141,10 @@ def main() -> None:
         return name, result.kl_k3, std, bon
 
     rows = [row("SFT (before)", before), row("CTRL-BoN4 (after)", after)]
+    theory_row = (
+        f"| theory (calibrated-space optimum) | {predicted.kl():.3f} | {predicted.standard_win_rate():.3f} "
+        f"| {predicted.win_rate('bon', 4):.3f} |"
+    )
     lines = [
         "| policy | KL (k3) | standard win rate | BoN-4 win rate |",
         "|---|---|---|---|",
@@ -140,6 +153,7 @@ def main() -> None:
             f"| {b['estimate']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] |"
             for name, kl, s, b in rows
         ],
+        theory_row,
     ]
     table = "\n".join(lines)
     print("\n5/5  Results (win rates against the SFT reference; 0.5 = no change)\n")

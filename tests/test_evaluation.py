@@ -248,14 +248,14 @@ def length_reward(prompts, completions, **kwargs):
 
 def test_evaluate_policy_same_model_is_half_and_zero_kl(tiny):
     res = evaluate_policy(
-        tiny["policy"], tiny["policy"], [tiny["reward"]], PROMPTS * 2, num_samples=8, ns=(1, 2, 4, 8, 16, 32),
+        tiny["policy"], tiny["policy"], [tiny["reward"]], PROMPTS, num_samples=8, ns=(1, 2, 4, 8, 16, 32),
         max_new_tokens=6, num_bootstrap=300, progress=False,
     )
     assert [(r["procedure"], r["n"]) for r in res.win_rates][-1] == ("won", 8)  # ns filtered to <= num_samples
     for row in res.win_rates:
         assert row["ci_low"] <= 0.5 <= row["ci_high"], row
     assert res.kl_k1 == 0.0 and res.kl_k3 == 0.0
-    assert res.num_prompts == 12 and res.num_samples_policy == 8
+    assert res.num_prompts == 6 and res.num_samples_policy == 8
 
 
 def test_evaluate_policy_different_models_and_dataset_columns(tiny):
