@@ -64,14 +64,14 @@ MARKERS = {"raw_reward": "X", "identity": "o", "ctrl_bon": "s", "ctrl_won": "^",
 # Defaults per task and mode. Raw-reward β ranges are chosen so that its KLs span those of the target-KL sweep.
 DEFAULTS = {
     "bandit": {
-        "quick": dict(target_kls=(0.25, 0.5, 1.0), betas=(0.7, 1.0, 1.4), num_actions=200, steps=300),
+        "quick": dict(target_kls=(0.25, 0.5, 1.0), betas=(0.7, 1.0, 1.4), num_actions=200, steps=150),
         "full": dict(target_kls=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5), betas=(0.5, 0.7, 1.0, 1.4, 2.0),
-                     num_actions=500, steps=1000),
+                     num_actions=500, steps=1000, lr=5e-3, num_reference=2048),
     },
     "lm": {
-        "quick": dict(target_kls=(0.5,), betas=(0.05, 0.2), steps=60, pretrain_steps=250, num_reference=16,
+        "quick": dict(target_kls=(0.25, 0.5, 1.0), betas=(0.2, 0.5, 1.0), steps=60, pretrain_steps=250, num_reference=16,
                       eval_samples=16, hidden_size=64, num_layers=2, max_new_tokens=8, prompt_repeats=1),
-        "full": dict(target_kls=(0.25, 0.5, 1.0, 2.0), betas=(0.02, 0.05, 0.1, 0.2, 0.5), steps=400,
+        "full": dict(target_kls=(0.25, 0.5, 1.0, 2.0), betas=(0.1, 0.2, 0.5, 1.0, 2.0), steps=400, lr=1e-3,
                      pretrain_steps=600, num_reference=64, eval_samples=64, hidden_size=128, num_layers=4,
                      max_new_tokens=12, prompt_repeats=4),
     },
@@ -235,7 +235,7 @@ def bandit_optimum(pi_ref, rewards, ref_rewards, transform: str | None, beta: fl
     return torch.softmax(logits, dim=0)
 
 
-def run_bandit(workdir: Path, *, target_kls, betas, num_actions: int, steps: int, num_reference: int = 1024, lr: float = 5e-3, num_generations: int = 16,
+def run_bandit(workdir: Path, *, target_kls, betas, num_actions: int, steps: int, num_reference: int = 512, lr: float = 1e-2, num_generations: int = 64,
                device: str = "cpu", seed: int = 0, methods=METHODS, log=print) -> list[dict]:
     import torch
     from datasets import Dataset
@@ -413,6 +413,144 @@ def _row_line(row: dict) -> str:
     return (f"  [{row['task']}] {row['method']:<10} β={row['beta']:<11.5g} KL={row['kl']:.4f}  std={f(row['standard_win'])} "
             f"bon4={f(row['bon_win'])} (theory {f(row['theory_bon_win'])})  won4={f(row['won_win'])} "
             f"(theory {f(row['theory_won_win'])})  {row.get('train_seconds', 0):.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------------------------------
+def theory_curves(kl_max: float, num: int = 10) -> dict[str, dict[str, list[float]]]:
+    """Win-vs-KL curves of the calibrated-space model: {curve: {"kl", "bon", "won"}} for the identity, the bon / won exp
+    families at their best t for each KL (BoN-4 / WoN-4), the optimal transform for BoN-4 and the WoN-4 optimum."""
+    import numpy as np
+
+    from trl_infalign import theory
+
+    kls = [float(k) for k in np.linspace(0.03, kl_max, num)]
+    curves: dict[str, dict[str, list[float]]] = {}
+
+    def add(name, policies):
+        pols = [p for p in policies if p is not None]
+        curves[name] = {"kl": [p.kl() for p in pols], "bon": [p.win_rate("bon", N) for p in pols],
+                        "won": [p.win_rate("won", N) for p in pols]}
+
+    def safe(fn):
+        try:
+            return fn()
+        except ValueError:
+            return None
+
+    add("identity", [safe(lambda k=k: theory.policy("identity", theory.beta_for_kl("identity", k))) for k in kls])
+    for family, name in (("bon", "ctrl_bon"), ("won", "ctrl_won")):
+        def best(k, family=family):
+            b = theory.best_t(family, N, k)
+            return theory.policy(b.transform, b.beta)
+
+        add(name, [safe(lambda k=k: best(k)) for k in kls])
+    for procedure, name in (("bon", "optimal"), ("won", "optimal_won")):
+        points = theory.frontier(["optimal"], procedure, N, kls=kls)
+        add(name, [theory.optimal_policy(procedure, N, beta=p.beta) for p in points])
+    return curves
+
+
+CURVE_STYLE = {
+    "identity": dict(color=COLORS["identity"], label="theory: identity"),
+    "ctrl_bon": dict(color=COLORS["ctrl_bon"], label="theory: bon exp(t·c), best t"),
+    "ctrl_won": dict(color=COLORS["ctrl_won"], label="theory: won −exp(−t·c), best t"),
+    "optimal": dict(color="black", linestyle="--", label="theory: optimal for BoN-4"),
+    "optimal_won": dict(color="gray", linestyle=":", label="theory: optimal for WoN-4"),
+}
+
+
+def plot_task(task: str, rows: list[dict], path: Path, curves: dict | None = None) -> None:
+    """Two panels (BoN-4, WoN-4 win rate vs KL): theory curves, measured points (with CIs when sampled)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    kl_max = max([r["kl"] for r in rows] + [r["target_kl"] or 0 for r in rows] + [0.3])
+    curves = curves if curves is not None else theory_curves(min(1.15 * kl_max, 3.0))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (key, title) in zip(axes, (("bon", f"Best-of-{N}"), ("won", f"Worst-of-{N}"))):
+        for name, curve in curves.items():
+            if name == "optimal_won" and key == "bon":
+                continue
+            ax.plot(curve["kl"], curve[key], linewidth=1.6, **{"linestyle": "-", **CURVE_STYLE[name]})
+        for method in METHODS:
+            pts = [r for r in rows if r["method"] == method]
+            if not pts:
+                continue
+            x = [r["kl"] for r in pts]
+            y = [r[f"{key}_win"] for r in pts]
+            ci = [r.get(f"{key}_win_ci") for r in pts]
+            if all(c is not None for c in ci):
+                yerr = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]
+                ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=COLORS[method], alpha=0.5, capsize=2)
+            ax.scatter(x, y, marker=MARKERS[method], s=55, color=COLORS[method], edgecolor="white", linewidth=0.8,
+                       zorder=5, label=f"measured: {METHOD_LABELS[method]}")
+        ax.set_xlabel("KL(π ‖ π_ref) [nats]" + (" (exact)" if task == "bandit" else " (k3 estimate)"))
+        ax.set_ylabel(f"{title} win rate vs π_ref's {title}")
+        ax.set_title(f"{task}: {title} (N={N})")
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+    axes[1].legend(fontsize=7, loc="lower right")
+    kind = ("one-token bandit, exact metrics" if task == "bandit"
+            else "tiny-LM VADER task, sampled metrics (95% bootstrap CIs)")
+    fig.suptitle(f"Alignment quality — {kind}; curves: calibrated-space theory", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One markdown table of every run (theory columns: the method's transform at its measured KL)."""
+    lines = [
+        "| task | method | transform | target KL | β | KL | standard win | BoN-4 win | theory BoN-4 | WoN-4 win | theory WoN-4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['method']} | `{r['transform']}` | {_fmt(r['target_kl'], 2)} | {r['beta']:.4g} | "
+            f"{r['kl']:.3f} | {r['standard_win']:.3f} | {r['bon_win']:.3f} | {_fmt(r['theory_bon_win'])} | "
+            f"{r['won_win']:.3f} | {_fmt(r['theory_won_win'])} |"
+        )
+    return "\n".join(lines)
+
+
+def interpolate_raw(rows: list[dict], task: str, kl: float, key: str = "bon_win") -> float | None:
+    """Raw-reward RLOO's `key` at KL `kl`, linearly interpolated between its measured points (None outside them)."""
+    pts = sorted((r["kl"], r[key]) for r in rows if r["task"] == task and r["method"] == "raw_reward")
+    for (k0, v0), (k1, v1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1 and k1 > k0:
+            return v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def matched_kl_summary(rows: list[dict]) -> str:
+    """BoN-4 win rate at matched KL: per task and target KL, CTRL-BoN vs calibrated identity vs raw reward (raw
+    interpolated to the CTRL-BoN run's measured KL between its own measured points)."""
+    lines = [
+        "| task | target KL | CTRL-BoN: KL → BoN-4 | optimal: KL → BoN-4 | identity: KL → BoN-4 | raw reward interpolated at CTRL-BoN's KL → BoN-4 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        targets = sorted({r["target_kl"] for r in rows if r["task"] == task and r["target_kl"] is not None})
+        for kl in targets:
+            get = {r["method"]: r for r in rows if r["task"] == task and r["target_kl"] == kl}
+
+            def cell(method):
+                r = get.get(method)
+                return "–" if r is None else f"{r['kl']:.3f} → {r['bon_win']:.3f}"
+
+            bon = get.get("ctrl_bon")
+            raw = interpolate_raw(rows, task, bon["kl"]) if bon else None
+            raw_cell = "outside raw β range" if bon and raw is None else (f"{raw:.3f}" if raw is not None else "–")
+            lines.append(f"| {task} | {kl:g} | {cell('ctrl_bon')} | {cell('optimal')} | {cell('identity')} | {raw_cell} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

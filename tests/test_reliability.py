@@ -66,6 +66,7 @@ def ctrl_logs(trainer):
 
 
 # ================================================================================================ non-finite rewards
+@pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_infinite_reward_raises_naming_function_and_keeps_checkpoints(tmp_path, tiny):
     """±inf at step 2 stops training with the function, prompt and fix named; checkpoint-1 is intact."""
 
@@ -81,6 +82,7 @@ def test_infinite_reward_raises_naming_function_and_keeps_checkpoints(tmp_path, 
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
 
 
+@pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_nonfinite_rewards_skip_counts_and_trains(tmp_path, tiny):
     def half_inf(completions, **kwargs):
         return [float("-inf") if i % 2 else float(len(c)) for i, c in enumerate(completions)]
@@ -158,6 +160,7 @@ def test_eval_dataset_reference_rows_are_checked(tmp_path, tiny):
                     eval_dataset=dataset([[1.0]] * 4), processing_class=tokenizer)
 
 
+@pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_ragged_reference_rewards_train(tmp_path, tiny):
     rows = [[0.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0], [2.0, 5.0, 9.0], [0.0, 1.0, 1.5, 2.0]]
     trainer = trainer_for(tmp_path, tiny, ds=dataset(rows), max_steps=2)
@@ -202,6 +205,7 @@ def test_invalid_transform_beta_and_n_name_the_field(tmp_path, overrides, messag
 
 
 # ========================================================================================================== prompts
+@pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_empty_completions_are_scored(tmp_path, tiny):
     """Every completion is "" (only EOS may be sampled): the reward of "" is computed, calibrated and trained on."""
     path, tokenizer = tiny
@@ -294,6 +298,7 @@ def test_full_disk_is_refused_before_training(tmp_path, tiny, monkeypatch):
         trainer_for(tmp_path, tiny, save_strategy="steps", save_steps=1)
 
 
+@pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_hub_token_never_written_to_logs_or_outputs(tmp_path, tiny, capfd, caplog):
     import logging
 
