@@ -64,12 +64,12 @@ MARKERS = {"raw_reward": "X", "identity": "o", "ctrl_bon": "s", "ctrl_won": "^",
 # Defaults per task and mode. Raw-reward β ranges are chosen so that its KLs span those of the target-KL sweep.
 DEFAULTS = {
     "bandit": {
-        "quick": dict(target_kls=(0.25, 0.5, 1.0), betas=(0.7, 1.0, 1.4), num_actions=200, steps=150),
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), betas=(0.8, 1.1, 1.4), num_actions=200, steps=150),
         "full": dict(target_kls=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5), betas=(0.5, 0.7, 1.0, 1.4, 2.0),
                      num_actions=500, steps=1000, lr=5e-3, num_reference=2048),
     },
     "lm": {
-        "quick": dict(target_kls=(0.25, 0.5, 1.0), betas=(0.2, 0.5, 1.0), steps=60, pretrain_steps=250, num_reference=16,
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), betas=(0.25, 0.5, 1.0), steps=100, lr=1e-3, pretrain_steps=250, num_reference=16,
                       eval_samples=16, hidden_size=64, num_layers=2, max_new_tokens=8, prompt_repeats=1),
         "full": dict(target_kls=(0.25, 0.5, 1.0, 2.0), betas=(0.1, 0.2, 0.5, 1.0, 2.0), steps=400, lr=1e-3,
                      pretrain_steps=600, num_reference=64, eval_samples=64, hidden_size=128, num_layers=4,
@@ -418,14 +418,14 @@ def _row_line(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------------------------------
-def theory_curves(kl_max: float, num: int = 10) -> dict[str, dict[str, list[float]]]:
+def theory_curves(kl_max: float, num: int = 14) -> dict[str, dict[str, list[float]]]:
     """Win-vs-KL curves of the calibrated-space model: {curve: {"kl", "bon", "won"}} for the identity, the bon / won exp
     families at their best t for each KL (BoN-4 / WoN-4), the optimal transform for BoN-4 and the WoN-4 optimum."""
     import numpy as np
 
     from trl_infalign import theory
 
-    kls = [float(k) for k in np.linspace(0.03, kl_max, num)]
+    kls = [float(k) for k in np.geomspace(0.02, kl_max, num)]
     curves: dict[str, dict[str, list[float]]] = {}
 
     def add(name, policies):
@@ -468,8 +468,9 @@ def plot_task(task: str, rows: list[dict], path: Path, curves: dict | None = Non
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    kl_max = max([r["kl"] for r in rows] + [r["target_kl"] or 0 for r in rows] + [0.3])
-    curves = curves if curves is not None else theory_curves(min(1.15 * kl_max, 3.0))
+    kl_max = min(max([r["kl"] for r in rows] + [r["target_kl"] or 0 for r in rows] + [0.3]) * 1.15, 3.0)
+    curves = curves if curves is not None else theory_curves(kl_max)
+    off_plot = [r for r in rows if r["kl"] > kl_max]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, (key, title) in zip(axes, (("bon", f"Best-of-{N}"), ("won", f"Worst-of-{N}"))):
         for name, curve in curves.items():
@@ -492,7 +493,10 @@ def plot_task(task: str, rows: list[dict], path: Path, curves: dict | None = Non
         ax.set_ylabel(f"{title} win rate vs π_ref's {title}")
         ax.set_title(f"{task}: {title} (N={N})")
         ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, kl_max)
+        if off_plot:
+            ax.text(0.02, 0.98, "off plot (KL > {:.2g}): ".format(kl_max) + ", ".join(
+                f"{r['method']} KL={r['kl']:.3g}" for r in off_plot), transform=ax.transAxes, ha="left", va="top", fontsize=7)
     axes[1].legend(fontsize=7, loc="lower right")
     kind = ("one-token bandit, exact metrics" if task == "bandit"
             else "tiny-LM VADER task, sampled metrics (95% bootstrap CIs)")
@@ -534,8 +538,9 @@ def matched_kl_summary(rows: list[dict]) -> str:
     """BoN-4 win rate at matched KL: per task and target KL, CTRL-BoN vs calibrated identity vs raw reward (raw
     interpolated to the CTRL-BoN run's measured KL between its own measured points)."""
     lines = [
-        "| task | target KL | CTRL-BoN: KL → BoN-4 | optimal: KL → BoN-4 | identity: KL → BoN-4 | raw reward interpolated at CTRL-BoN's KL → BoN-4 |",
-        "|---|---|---|---|---|---|",
+        "| task | target KL | CTRL-BoN: KL → BoN-4 | optimal: KL → BoN-4 | identity: KL → BoN-4 | raw reward at CTRL-BoN's KL: BoN-4 "
+        "| raw reward at identity's KL: BoN-4 (standard) | identity: standard |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         targets = sorted({r["target_kl"] for r in rows if r["task"] == task and r["target_kl"] is not None})
@@ -546,10 +551,17 @@ def matched_kl_summary(rows: list[dict]) -> str:
                 r = get.get(method)
                 return "–" if r is None else f"{r['kl']:.3f} → {r['bon_win']:.3f}"
 
-            bon = get.get("ctrl_bon")
-            raw = interpolate_raw(rows, task, bon["kl"]) if bon else None
-            raw_cell = "outside raw β range" if bon and raw is None else (f"{raw:.3f}" if raw is not None else "–")
-            lines.append(f"| {task} | {kl:g} | {cell('ctrl_bon')} | {cell('optimal')} | {cell('identity')} | {raw_cell} |")
+            def raw_at(method, key="bon_win"):
+                r = get.get(method)
+                v = interpolate_raw(rows, task, r["kl"], key) if r else None
+                return "out of raw's KL range" if r and v is None else ("–" if v is None else f"{v:.3f}")
+
+            ident = get.get("identity")
+            raw_id = raw_at("identity")
+            if not raw_id.startswith("out") and raw_id != "–":
+                raw_id += f" ({raw_at('identity', 'standard_win')})"
+            lines.append(f"| {task} | {kl:g} | {cell('ctrl_bon')} | {cell('optimal')} | {cell('identity')} | "
+                         f"{raw_at('ctrl_bon')} | {raw_id} | {_fmt(ident['standard_win'] if ident else None)} |")
     return "\n".join(lines)
 
 
