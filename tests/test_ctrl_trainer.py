@@ -207,3 +207,18 @@ def test_trains_with_peft_and_gradient_accumulation(tmp_path, tiny):
     assert before and any(not torch.equal(before[n], after[n]) for n in before), "LoRA weights did not move"
     logged = [h for h in trainer.state.log_history if "ctrl/calibrated_reward" in h]
     assert len(logged) == 2 and all(0 <= h["ctrl/calibrated_reward"] <= 1 for h in logged)
+
+
+# ---------------------------------------------------------------------------------------------- running win-rate metric
+def test_running_win_rate_estimate_matches_theory_for_the_bon_policy():
+    """c drawn from the BoN-4 policy g(c) = 4c³: BoN-4 win rate 4/5 (closed form), WoN-4 from the theory module."""
+    from trl_infalign.ctrl_trainer import pooled_inference_win_rate
+
+    generator = torch.Generator().manual_seed(0)
+    c = torch.rand(100_000, generator=generator, dtype=torch.float64) ** 0.25
+    assert pooled_inference_win_rate(c, 4, "bon") == pytest.approx(0.8, abs=3e-3)
+    won = theory.CalibratedPolicy.bon_policy(4).win_rate("won", 4)
+    assert pooled_inference_win_rate(c, 4, "won") == pytest.approx(won, abs=3e-3)
+    uniform = torch.rand(100_000, generator=generator, dtype=torch.float64)
+    assert pooled_inference_win_rate(uniform, 4, "bon") == pytest.approx(0.5, abs=3e-3)
+    assert math.isnan(pooled_inference_win_rate(torch.tensor([0.5, float("nan")]), 4, "bon"))

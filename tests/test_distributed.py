@@ -11,16 +11,38 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "ctrl_two_process.py"
 
 
-@pytest.mark.slow
-def test_two_process_calibration_uses_each_prompts_own_references(tmp_path):
+ZERO2_CPU_CONFIG = Path(__file__).parent / "scripts" / "deepspeed_zero2_cpu.yaml"
+
+
+def run_two_processes(tmp_path, launch_args):
     accelerate = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(SCRIPT), str(tmp_path)]
+    cmd = [str(accelerate), "launch", *launch_args, str(SCRIPT), str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2], "accelerate ran a single process"
+    return records
+
+
+@pytest.mark.slow
+def test_two_process_calibration_uses_each_prompts_own_references(tmp_path):
+    records = run_two_processes(tmp_path, [
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "29533",
+    ])
+    check_each_rank_calibrated_against_its_own_references(records)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_on_cpu(tmp_path):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make test` (extra `deepspeed`)")
+    records = run_two_processes(tmp_path, ["--config_file", str(ZERO2_CPU_CONFIG)])
+    assert [r["deepspeed_zero_stage"] for r in records] == [2, 2], "DeepSpeed ZeRO-2 was not used"
+    check_each_rank_calibrated_against_its_own_references(records)
+
+
+def check_each_rank_calibrated_against_its_own_references(records):
     # the ranks trained on different prompts, and each reward call saw its own prompt's reference rewards
     assert records[0]["prompts"] != records[1]["prompts"]
     assert all(r["ref_matches_prompt"] for r in records)

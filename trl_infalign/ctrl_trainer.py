@@ -53,29 +53,21 @@ class HubUploadError(RuntimeError):
 def pooled_inference_win_rate(calibrated: torch.Tensor, n: int, procedure: str) -> float:
     """Win rate of the policy's BoN-n (WoN-n) against the reference's, from the batch's calibrated rewards.
 
-    Pools c over prompts (under π_ref, c is Uniform[0,1] for every prompt): sort the m values; the max of a random
-    n-subset is the j-th smallest with probability C(j−1, n−1)/C(m, n) (the min: C(m−j, n−1)/C(m, n)); the
+    Pools c over prompts (under π_ref, c is Uniform[0,1] for every prompt): the max (min) of a random n-subset of the
+    m sorted values is the j-th smallest with the all-subsets weights of `evaluation.order_statistic_weights`; the
     reference's BoN-n calibrated value has CDF c^n, its WoN-n 1 − (1 − c)^n. Needs m ≥ n; NaN otherwise.
     """
-    c = calibrated[torch.isfinite(calibrated)].double().sort().values
+    from .evaluation import order_statistic_weights
+
+    c = calibrated[torch.isfinite(calibrated)].double().sort().values.cpu()
     m = c.numel()
-    if procedure == "standard":
-        return c.mean().item() if m else math.nan
-    if m < n:
+    if m < max(n, 1):
         return math.nan
-    j = torch.arange(1, m + 1, dtype=torch.float64)
-
-    def log_binom(a, b):
-        return torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
-
-    total = log_binom(torch.tensor(float(m)), torch.tensor(float(n)))
-    if procedure == "bon":
-        k = j - 1
-        weight = torch.where(k >= n - 1, torch.exp(log_binom(k, torch.tensor(n - 1.0)) - total), torch.zeros_like(k))
-        return (weight * c**n).sum().item()
-    k = m - j
-    weight = torch.where(k >= n - 1, torch.exp(log_binom(k, torch.tensor(n - 1.0)) - total), torch.zeros_like(k))
-    return (weight * (1 - (1 - c) ** n)).sum().item()
+    if procedure == "standard":
+        return c.mean().item()
+    weights = order_statistic_weights(torch.tensor([m]), m, n, procedure)[0]
+    reference_cdf = c**n if procedure == "bon" else 1 - (1 - c) ** n
+    return (weights * reference_cdf).sum().item()
 
 
 class CTRLTrainer(RLOOTrainer):

@@ -1,4 +1,4 @@
-"""Run CTRL under `accelerate launch --multi_gpu --num_processes 2` on CPU; each rank records what it saw.
+"""Run CTRL with 2 processes on CPU (DDP or DeepSpeed, per the accelerate config); each rank records what it saw.
 
 Prompt i's reference rewards are 1000·i + {0..6}; the reward of a completion to prompt i is 1000·i + (length mod 7).
 So a completion calibrated against its own prompt's references gets c = (j + ½)/7, strictly inside (0, 1), while one
@@ -73,6 +73,9 @@ trainer.train()
 record = {
     "rank": rank,
     "world_size": trainer.accelerator.num_processes,
+    "deepspeed_zero_stage": (
+        trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    ),
     "prompts": sorted({p for p, _ in seen}),
     "ref_matches_prompt": all(r[0] == 1000.0 * int(p.split()[1]) for p, r in seen),
     "calibrated": calibrated,
