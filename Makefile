@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh clone (CPU, no GPU, no Hub access):
 #   make demo   -> creates .venv, installs trl-infalign, runs the offline quickstart (examples/quickstart.py)
-#   make test   -> creates .venv, installs trl-infalign[dev], runs the test suite
+#   make test   -> creates .venv, installs trl-infalign[dev,deepspeed], runs the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,7 +12,7 @@ TORCH  ?= torch==2.13.0
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,deepspeed]"
 	touch $@
 
 install: $(BIN)/.installed
