@@ -7,7 +7,6 @@ transform, the reward hand-off to RLOO — is CTRL, and not merely something tha
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from trl_infalign import CTRLTrainer
 from trl_infalign.tiny import bandit_next_token_probs

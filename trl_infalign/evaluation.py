@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sampling import model_name, resolve_process_state, resolve_tokenizer
+
 PROCEDURES = ("standard", "bon", "won")
 DEFAULT_NS = (1, 2, 4, 8, 16, 32)
 
@@ -505,25 +507,6 @@ def evaluate_scored(
 # ---------------------------------------------------------------------------------------------------------------------
 # sampling + scoring (shared with the callback)
 # ---------------------------------------------------------------------------------------------------------------------
-def _resolve_state(accelerator=None):
-    """`accelerator` itself, or `PartialState()` — created with `cpu=True` under a CPU-only multi-process launch
-    (`torchrun` / `accelerate launch --multi_gpu` without GPUs), where a plain `PartialState()` would believe it is
-    alone and every process would evaluate every prompt."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator is None:
-        from accelerate import PartialState
-
-        accelerator = PartialState(cpu=True) if world > 1 and not torch.cuda.is_available() else PartialState()
-    if world > 1 and accelerator.num_processes != world:
-        raise RuntimeError(
-            f"The launcher started WORLD_SIZE={world} processes but the accelerate state has {accelerator.num_processes}: "
-            "on CPU create it with `PartialState(cpu=True)` / `Accelerator(cpu=True)`."
-        )
-    return accelerator
-
-
 def _load_causal_lm(model, device):
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForCausalLM
@@ -531,20 +514,6 @@ def _load_causal_lm(model, device):
         model = AutoModelForCausalLM.from_pretrained(str(model))
         model.to(device)
     return model
-
-
-def _resolve_tokenizer(tokenizer, model):
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        path = model if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", "")
-        if not path:
-            raise ValueError("Pass `tokenizer=`: the policy is an in-memory model without a `config._name_or_path`.")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 def _split_prompts(prompts) -> tuple[list, dict[str, list]]:
@@ -652,11 +621,12 @@ def evaluate_policy(
     """
     from .sampling import load_reward_funcs
 
-    state = _resolve_state(accelerator)
+    state = resolve_process_state(accelerator)
     prompt_list, columns = _split_prompts(prompts)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-    tokenizer = _resolve_tokenizer(tokenizer, policy)
+    tokenizer = resolve_tokenizer(policy, tokenizer)
+    tokenizer.padding_side = "left"
     same = reference is policy or (isinstance(reference, (str, Path)) and isinstance(policy, (str, Path)) and str(reference) == str(policy))
     policy_model = _load_causal_lm(policy, state.device)
     reference_model = policy_model if same else _load_causal_lm(reference, state.device)
@@ -686,16 +656,10 @@ def evaluate_policy(
         pr = rr = lp = lr = torch.zeros(0, num_samples, dtype=torch.float64)
     pr, rr, lp, lr = _gather_rows(state, local, pr, rr, lp, lr)
     metadata = {
-        "policy": _model_name(policy), "reference": _model_name(reference), "num_samples": num_samples,
+        "policy": model_name(policy), "reference": model_name(reference), "num_samples": num_samples,
         "max_new_tokens": max_new_tokens, "seed": seed, "num_processes": getattr(state, "num_processes", 1),
     }
     return evaluate_scored(
         pr, rr, ns, procedures, lp, lr,
         num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata,
     )
-
-
-def _model_name(model) -> str:
-    if isinstance(model, (str, Path)):
-        return str(model)
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)

@@ -29,16 +29,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .sampling import (
     combine_rewards,
     generate_completions,
     is_conversational_prompt,
     load_reward_funcs,
+    model_name,
+    resolve_process_state,
+    resolve_tokenizer,
     reward_func_name,
     score_completions,
     tokenize_prompts,
@@ -282,7 +284,7 @@ def _build_reference_rewards(
     rank, world_size = state.process_index, state.num_processes
 
     # ---- models ---------------------------------------------------------------------------------------------------
-    model_name = _model_name(model)
+    policy_name = model_name(model)
     reward_funcs_in = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     # Reward-model paths load with the same `model_init_kwargs` as the policy, as in RLOOTrainer.
     funcs, classes = load_reward_funcs(reward_funcs_in, reward_processing_classes, model_init_kwargs=model_init_kwargs)
@@ -300,7 +302,7 @@ def _build_reference_rewards(
     num_chunks = math.ceil(num_rows / batch_size)
     meta = {
         "format_version": CACHE_FORMAT_VERSION,
-        "model": model_name,
+        "model": policy_name,
         "num_samples": num_samples,
         "reward_funcs": names,
         "reward_weights": weights,
@@ -468,7 +470,7 @@ def _make_sampler(model, tokenizer, use_vllm, state, *, model_init_kwargs, vllm_
         path = str(model)
         model = AutoModelForCausalLM.from_pretrained(path, **(model_init_kwargs or {}))
     model = model.to(state.device)
-    tokenizer = _resolve_tokenizer(model, tokenizer)
+    tokenizer = resolve_tokenizer(model, tokenizer)
 
     def sample(prompts, chunk_index, rows):
         torch.manual_seed(seed + chunk_index)
@@ -496,7 +498,7 @@ def _make_vllm_sampler(model, tokenizer, state, *, vllm_kwargs, num_samples, max
     path = model if isinstance(model, (str, os.PathLike)) else getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path:
         raise ValueError("use_vllm=True needs the reference model as a path (vLLM loads it itself).")
-    tokenizer = _resolve_tokenizer(path, tokenizer)
+    tokenizer = resolve_tokenizer(path, tokenizer)
     kwargs = dict(model=str(path), seed=seed)
     if state.num_processes > 1:  # one engine per process, as TRL's colocate mode does
         kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
@@ -519,52 +521,6 @@ def _make_vllm_sampler(model, tokenizer, state, *, vllm_kwargs, num_samples, max
         return texts, ids
 
     return sample
-
-
-def _resolve_tokenizer(model, tokenizer):
-    from transformers import AutoTokenizer
-
-    if tokenizer is None:
-        path = model if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "")
-        if not path:
-            raise ValueError(
-                "The model was given as an object without `config._name_or_path`: pass its `tokenizer=` explicitly."
-            )
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token is None:  # as RLOOTrainer does
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def resolve_process_state(accelerator=None):
-    """The accelerate state to shard over: `accelerator` itself, or `PartialState()`.
-
-    On a machine without GPUs, `PartialState()` ignores a `torchrun` / `accelerate launch --multi_gpu` launch (every
-    process believes it is alone) unless created with `cpu=True`; this does that when `WORLD_SIZE > 1` and no CUDA
-    device is visible, and refuses to go on if the launch and the state still disagree (the processes would all build
-    everything and write the same shard file).
-    """
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator is None:
-        from accelerate import PartialState
-
-        cpu = world > 1 and not torch.cuda.is_available()
-        accelerator = PartialState(cpu=True) if cpu else PartialState()
-    if world > 1 and accelerator.num_processes != world:
-        raise RuntimeError(
-            f"The launcher started WORLD_SIZE={world} processes but the accelerate state has "
-            f"{accelerator.num_processes}: on CPU create it with `PartialState(cpu=True)` / `Accelerator(cpu=True)` "
-            "before building reference rewards."
-        )
-    return accelerator  # an Accelerator or a PartialState: both have process_index, num_processes, device, ...
-
-
-def _model_name(model) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        return str(model)
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 def _is_module(func) -> bool:

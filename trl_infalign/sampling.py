@@ -15,6 +15,7 @@ meaningful if both sides format the prompt, decode the completion and read the r
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,54 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template_kwargs: dict | 
         )
         return [list(ids) for ids in tokenized["input_ids"]]
     return [list(ids) for ids in tokenizer(text=list(prompts))["input_ids"]]
+
+
+def resolve_process_state(accelerator=None):
+    """The accelerate state to shard work over: `accelerator` itself, or `PartialState()`.
+
+    On a machine without GPUs, `PartialState()` ignores a `torchrun` / `accelerate launch --multi_gpu` launch (every
+    process believes it is alone) unless created with `cpu=True`; this does that when `WORLD_SIZE > 1` and no CUDA
+    device is visible, and refuses to go on if the launch and the state still disagree (every process would do all
+    the work and write the same files).
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is None:
+        from accelerate import PartialState
+
+        cpu = world > 1 and not torch.cuda.is_available()
+        accelerator = PartialState(cpu=True) if cpu else PartialState()
+    if world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(
+            f"The launcher started WORLD_SIZE={world} processes but the accelerate state has "
+            f"{accelerator.num_processes}: on CPU create it with `PartialState(cpu=True)` / `Accelerator(cpu=True)`."
+        )
+    return accelerator  # an Accelerator or a PartialState: both have process_index, num_processes, device, ...
+
+
+def resolve_tokenizer(model, tokenizer=None):
+    """`tokenizer`, or the one saved beside `model` (a path or a model with `config._name_or_path`); pad = EOS if unset,
+    as RLOOTrainer does."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        path = model if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "")
+        if not path:
+            raise ValueError(
+                "The model was given as an object without `config._name_or_path`: pass its `tokenizer=` explicitly."
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_name(model) -> str:
+    """A readable name for a model given as a path or an object (for metadata and reports)."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

@@ -93,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
                                         ("--reward-model", args.reward_models), ("--dataset", args.dataset)) if not v]
         if missing:
             raise SystemExit(f"error: missing {', '.join(missing)} (or pass --scored FILE.json).")
-        from ..evaluation import _resolve_state
+        from ..sampling import resolve_process_state
         from .build_reference import load_prompts
 
-        state = _resolve_state()
+        state = resolve_process_state()
         dataset = load_prompts(args.dataset, args.split, args.dataset_config)
         if args.prompt_column not in dataset.column_names:
             raise SystemExit(f"error: no column {args.prompt_column!r} in {args.dataset} (columns: {dataset.column_names}).")
