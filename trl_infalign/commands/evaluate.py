@@ -17,15 +17,7 @@ import json
 import math
 from pathlib import Path
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+from . import positive_int
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +33,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset-config", default=None)
     src.add_argument("--split", default="test", help="Split (default: test; a local file is read as one split).")
     src.add_argument("--prompt-column", default="prompt")
-    src.add_argument("--num-prompts", type=_positive_int, default=None, help="Use the first k prompts.")
-    src.add_argument("--num-samples", "-m", type=_positive_int, default=32, help="m samples per prompt and model.")
-    src.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    src.add_argument("--batch-size", type=_positive_int, default=32, help="Completions per generate call.")
+    src.add_argument("--num-prompts", type=positive_int, default=None, help="Use the first k prompts.")
+    src.add_argument("--num-samples", "-m", type=positive_int, default=32, help="m samples per prompt and model.")
+    src.add_argument("--max-new-tokens", type=positive_int, default=64)
+    src.add_argument("--batch-size", type=positive_int, default=32, help="Completions per generate call.")
     parser.add_argument("--scored", metavar="FILE.json", help="Already-scored samples instead of models (see above).")
-    parser.add_argument("--n", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32], dest="ns",
+    parser.add_argument("--n", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32], dest="ns",
                         help="N values (filtered to N <= m).")
     parser.add_argument("--procedures", nargs="+", choices=["standard", "bon", "won"], default=["standard", "bon", "won"])
     parser.add_argument("--num-bootstrap", type=int, default=1000)

@@ -12,40 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
+from . import positive_float, positive_int
+
 PROCEDURES = ("standard", "bon", "won")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default=None,
                         help="Transform spec (bon:t=10, won:t=5, identity, log, optimal, ...). Required unless --best-t.")
     parser.add_argument("--procedure", choices=PROCEDURES, default="bon", help="Inference procedure (default: bon).")
-    parser.add_argument("--n", type=_positive_int, default=4, help="N of Best-/Worst-of-N (default: 4).")
+    parser.add_argument("--n", type=positive_int, default=4, help="N of Best-/Worst-of-N (default: 4).")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--kl", type=_positive_float, default=None, help="KL budget KL(pi || pi_ref) in nats.")
-    budget.add_argument("--beta", type=_positive_float, default=None, help="KL coefficient beta.")
+    budget.add_argument("--kl", type=positive_float, default=None, help="KL budget KL(pi || pi_ref) in nats.")
+    budget.add_argument("--beta", type=positive_float, default=None, help="KL coefficient beta.")
     parser.add_argument("--best-t", action="store_true",
                         help="Best t of the procedure's exp family (bon: exp(t c), won: -exp(-t c)) at --kl "
                         "(or, with --beta, maximising win rate - beta * KL).")
