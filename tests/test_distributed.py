@@ -52,3 +52,25 @@ def check_each_rank_calibrated_against_its_own_references(records):
         # (j + 1/2) / 7 for own references; a mix-up would give exactly 0 or 1
         assert all(0 < v < 1 and abs(v * 7 - round(v * 7 - 0.5) - 0.5) < 1e-6 for v in values), values
         assert record["logged"], "ctrl/calibrated_reward was not logged"
+
+
+@pytest.mark.slow
+def test_evaluate_policy_shards_prompts_over_two_processes(tmp_path):
+    from trl_infalign.tiny import build_tiny_policy, build_tokenizer
+
+    tokenizer = build_tokenizer([f"prompt {i} says hello" for i in range(20)], vocab_size=300)
+    policy = build_tiny_policy(tokenizer, tmp_path / "policy", hidden_size=32, num_layers=1)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    script = Path(__file__).parent / "scripts" / "evaluate_two_process.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29547", str(script), policy,
+                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads((tmp_path / f"eval_rank{r}.json").read_text()) for r in (0, 1)]
+    # each rank sampled and scored only its own share of the prompts, and together they cover all of them
+    shares = [set(r["scored_prompts"]) for r in records]
+    assert shares[0] and shares[1] and not shares[0] & shares[1] and len(shares[0] | shares[1]) == 6
+    # every rank returns the same, complete result
+    assert records[0]["result"] == records[1]["result"]
+    assert records[0]["result"]["num_prompts"] == 6 and records[0]["result"]["metadata"]["num_processes"] == 2
+    assert records[0]["result"]["kl"]["k1"]["estimate"] == 0.0  # policy is its own reference
