@@ -117,7 +117,6 @@ class CTRLTrainer(RLOOTrainer):
             )
         self.ctrl_transform = get_transform(args.resolved_transform)
         self._check_output_dir(args)  # before anything is loaded or computed
-        self.ctrl_reference_counts = self._reference_counts(train_dataset, args.reference_rewards_column)
         named_datasets = [
             (name, ds)
             for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
@@ -127,7 +126,9 @@ class CTRLTrainer(RLOOTrainer):
         for name, ds in named_datasets:
             self._check_prompt_column(ds, name)
             self._check_reference_rewards(ds, args, name)
-        self.ctrl_reference_fingerprint = self._scan_reference_rewards(train_dataset, args.reference_rewards_column)
+        self.ctrl_reference_fingerprint, self.ctrl_reference_counts = self._scan_reference_rewards(
+            train_dataset, args.reference_rewards_column
+        )
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *a, **kw)
         self._check_pad_tokens()
         self._check_disk_space()
@@ -279,16 +280,17 @@ class CTRLTrainer(RLOOTrainer):
             )
 
     @staticmethod
-    def _scan_reference_rewards(dataset, column: str) -> str | None:
-        """Fingerprint of the train dataset's reference rewards (checked on resume); warns once about all-equal rows.
+    def _scan_reference_rewards(dataset, column: str) -> tuple[str | None, tuple[int, int] | None]:
+        """Fingerprint of the train dataset's reference rewards (checked on resume) and the (min, max) number per row
+        (for the model card), in one pass; warns once about all-equal rows.
 
         A row whose K reference rewards are all equal calibrates every completion to 0, ½ or 1 (below, tied with, or
         above that single value): training still works, but such prompts carry almost no ranking signal."""
         if dataset is None or not hasattr(dataset, "select_columns") or column not in (dataset.column_names or []):
-            return None
+            return None, None
         digest = hashlib.sha256()
         constant: list[int] = []
-        index = 0
+        index, fewest, most = 0, math.inf, 0
         for batch in dataset.select_columns([column]).iter(batch_size=4096):
             for row in batch[column]:
                 values = np.asarray(row, dtype=np.float64)
@@ -296,6 +298,7 @@ class CTRLTrainer(RLOOTrainer):
                 digest.update(values.tobytes())
                 if values.size > 1 and values.min() == values.max():
                     constant.append(index)
+                fewest, most = min(fewest, values.size), max(most, values.size)
                 index += 1
         if constant:
             shown = ", ".join(str(i) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
@@ -306,7 +309,7 @@ class CTRLTrainer(RLOOTrainer):
                 UserWarning,
                 stacklevel=3,
             )
-        return digest.hexdigest()
+        return digest.hexdigest(), ((int(fewest), most) if index else None)
 
     def ctrl_calibration_state(self) -> dict:
         """What the run calibrates against; saved in every checkpoint and compared on resume."""
@@ -398,15 +401,6 @@ class CTRLTrainer(RLOOTrainer):
         if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
             return 0.0, 1.0
         return low, high - low
-
-    @staticmethod
-    def _reference_counts(dataset, column: str) -> tuple[int, int] | None:
-        """(min, max) number of reference rewards per row of a map-style dataset, for the model card."""
-        try:
-            lengths = [len(row) for row in dataset[column]]
-        except (TypeError, KeyError, ValueError):
-            return None
-        return (min(lengths), max(lengths)) if lengths else None
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
