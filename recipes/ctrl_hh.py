@@ -16,7 +16,6 @@ Every `--flag` overrides the YAML. See docs/recipes.md.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field

@@ -382,6 +382,14 @@ def calibrate(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # per-prompt summaries of the reference rewards (used by the `lsc` transform)
+def _valid_references(ref_rewards: Any, ref_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(values as float64 for float64 input else float32, mask, valid count per row); raises on bad references."""
+    device = ref_rewards.device if isinstance(ref_rewards, torch.Tensor) else None
+    values, mask = _reference_tensors(ref_rewards, ref_mask, device)
+    count = _check_references(values, mask, 1)
+    return values.to(torch.float64 if values.dtype == torch.float64 else torch.float32), mask, count
+
+
 def reference_quantile(ref_rewards: Any, ref_mask: Any = None, q: float = 0.5) -> torch.Tensor:
     """Per-row q-quantile of the valid reference rewards (linear interpolation, as `numpy.quantile`'s default).
 
@@ -391,11 +399,8 @@ def reference_quantile(ref_rewards: Any, ref_mask: Any = None, q: float = 0.5) -
     q = float(q)
     if not 0.0 <= q <= 1.0:
         raise CalibrationError(f"q must be in [0, 1], got {q!r}.")
-    device = ref_rewards.device if isinstance(ref_rewards, torch.Tensor) else None
-    values, mask = _reference_tensors(ref_rewards, ref_mask, device)
-    count = _check_references(values, mask, 1)
-    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    values = values.to(dtype)
+    values, mask, count = _valid_references(ref_rewards, ref_mask)
+    dtype = values.dtype
     if mask is not None:
         values = torch.where(mask, values, torch.tensor(math.inf, dtype=dtype, device=values.device))
     ordered = values.sort(dim=1).values
@@ -416,11 +421,8 @@ def reference_centre(ref_rewards: Any, ref_mask: Any = None, centre: str | float
         return reference_quantile(ref_rewards, ref_mask, float(centre))
     if centre != "mean":
         raise CalibrationError(f"centre must be 'mean', 'median' or a quantile level in [0, 1], got {centre!r}.")
-    device = ref_rewards.device if isinstance(ref_rewards, torch.Tensor) else None
-    values, mask = _reference_tensors(ref_rewards, ref_mask, device)
-    count = _check_references(values, mask, 1)
-    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    values = values.to(dtype)
+    values, mask, count = _valid_references(ref_rewards, ref_mask)
+    dtype = values.dtype
     if mask is not None:
         values = torch.where(mask, values, torch.zeros((), dtype=dtype, device=values.device))
     return values.sum(dim=1) / count.to(dtype)

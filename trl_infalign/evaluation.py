@@ -102,10 +102,8 @@ def order_statistic_weights(num_valid: torch.Tensor, width: int, n: int, procedu
     return w / w.sum(dim=1, keepdim=True)  # sums to 1 exactly up to rounding
 
 
-def per_prompt_win_rates(policy_rewards, reference_rewards, n: int, procedure: str = "bon") -> np.ndarray:
-    """Exact all-subsets win probability of each prompt, shape (P,): P(X_π > X_ref) + ½ P(X_π = X_ref), where X is
-    the max (bon) / min (won) / a single sample (standard) of N samples drawn without replacement from the row."""
-    procedure, n = _check_procedure(procedure, n)
+def _as_paired_rewards(policy_rewards, reference_rewards) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides as (P, m) float64 tensors, checked to cover the same P prompts."""
     a = _as_2d_float(policy_rewards, "policy_rewards")
     b = _as_2d_float(reference_rewards, "reference_rewards")
     if a.shape[0] != b.shape[0]:
@@ -113,6 +111,14 @@ def per_prompt_win_rates(policy_rewards, reference_rewards, n: int, procedure: s
             f"policy_rewards has {a.shape[0]} prompts but reference_rewards has {b.shape[0]}: both must have shape "
             "(num_prompts, num_samples) with the same prompts in the same order."
         )
+    return a, b
+
+
+def per_prompt_win_rates(policy_rewards, reference_rewards, n: int, procedure: str = "bon") -> np.ndarray:
+    """Exact all-subsets win probability of each prompt, shape (P,): P(X_π > X_ref) + ½ P(X_π = X_ref), where X is
+    the max (bon) / min (won) / a single sample (standard) of N samples drawn without replacement from the row."""
+    procedure, n = _check_procedure(procedure, n)
+    a, b = _as_paired_rewards(policy_rewards, reference_rewards)
     sides = {}
     for name, t in (("policy_rewards", a), ("reference_rewards", b)):
         valid = ~torch.isnan(t)
@@ -467,13 +473,7 @@ def evaluate_scored(
     log π_ref(y) of the *policy* samples (same layout as `policy_rewards`). N values above the smallest per-prompt
     valid count are skipped with a warning; `standard` is evaluated once (N = 1).
     """
-    a = _as_2d_float(policy_rewards, "policy_rewards")
-    b = _as_2d_float(reference_rewards, "reference_rewards")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"policy_rewards has {a.shape[0]} prompts but reference_rewards has {b.shape[0]}: both must have shape "
-            "(num_prompts, num_samples) with the same prompts in the same order."
-        )
+    a, b = _as_paired_rewards(policy_rewards, reference_rewards)
     max_n = int(min((~torch.isnan(a)).sum(dim=1).min(), (~torch.isnan(b)).sum(dim=1).min()))
     results = [
         inference_win_rate(a, b, n, p, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
