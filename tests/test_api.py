@@ -22,3 +22,10 @@ def test_cli_help_lists_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: "invalid choice", exit code 2
         main(["no-such-command"])
     assert exit_info.value.code == 2
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    code = main(["evaluate", "--scored", str(tmp_path / "missing.json"), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("trl-infalign evaluate: error:") and "missing.json" in err and "Traceback" not in err

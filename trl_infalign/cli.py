@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -44,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as error:
+        # Bad input (a missing column or file, an invalid value, no network, a missing extra): say what and how to fix it, without a
+        # traceback. TRL_INFALIGN_DEBUG=1 shows the traceback.
+        if os.environ.get("TRL_INFALIGN_DEBUG"):
+            raise
+        print(f"trl-infalign {command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
