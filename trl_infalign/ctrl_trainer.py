@@ -422,14 +422,14 @@ class CTRLTrainer(RLOOTrainer):
         raw = combine_rewards(raw_per_func, self.ctrl_reward_weights)
         column = self.args.reference_rewards_column
         ref_rows = gather_object([list(example[column]) for example in inputs])
-        all_prompts = gather_object(list(prompts))
 
         # ±inf from any reward function, and NaN from a reward *model*, are failures (a callable's NaN means None:
         # "no reward", which TRL skips). Checked per function, so that +inf and -inf cannot cancel into a NaN.
         is_model = torch.tensor([isinstance(f, torch.nn.Module) for f in self.reward_funcs], device=device)
         bad_per_func = torch.isinf(raw_per_func) | (torch.isnan(raw_per_func) & is_model.unsqueeze(0))
         infinite = bad_per_func.any(dim=1) | torch.isinf(raw)
-        if infinite.any() and self.args.nonfinite_rewards == "raise":
+        if infinite.any() and self.args.nonfinite_rewards == "raise":  # same on every rank: `raw` is gathered
+            all_prompts, all_completions = gather_object(list(prompts)), gather_object(list(completions))
             row = int(infinite.nonzero()[0, 0])
             funcs = bad_per_func[row].nonzero().flatten().tolist()
             func = self.ctrl_reward_func_names[funcs[0]] if funcs else "combined"
@@ -437,7 +437,7 @@ class CTRLTrainer(RLOOTrainer):
             raise ValueError(
                 f"The reward function {func!r} returned {value} for the completion at batch row {row} (global step "
                 f"{self.state.global_step}; prompt: {str(all_prompts[row])[:200]!r}; completion: "
-                f"{str(gather_object(list(completions))[row])[:200]!r}). Fix the reward model, or set "
+                f"{str(all_completions[row])[:200]!r}). Fix the reward model, or set "
                 "CTRLConfig.nonfinite_rewards='skip' to give such completions no advantage (counted in "
                 "ctrl/nonfinite_rewards). Checkpoints already saved in output_dir are intact: resume with "
                 "`trainer.train(resume_from_checkpoint=True)`."
