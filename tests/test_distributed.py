@@ -16,7 +16,12 @@ ZERO2_CPU_CONFIG = Path(__file__).parent / "scripts" / "deepspeed_zero2_cpu.yaml
 
 def run_two_processes(tmp_path, launch_args):
     accelerate = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # DeepSpeed JIT-builds its CPU communication op under TORCH_EXTENSIONS_DIR (once per environment: kept in the
+    # venv), guarded by a lock file that a killed build leaves behind and every later build would wait on forever.
+    extensions = Path(sys.prefix) / "torch_extensions"
+    for stale_lock in extensions.glob("**/lock"):
+        stale_lock.unlink()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
     cmd = [str(accelerate), "launch", *launch_args, str(SCRIPT), str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
