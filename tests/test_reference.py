@@ -6,10 +6,8 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from datasets import Dataset
 from trl_infalign.reference import _build_reference_rewards, build_reference_rewards, validate_reference_rewards
 from trl_infalign.sampling import combine_rewards, generate_completions, load_reward_funcs, score_completions
 from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+
+from process_utils import sigkill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "build_reference_script.py"
@@ -208,19 +208,7 @@ def test_sigkill_mid_build_then_resume(tiny, tmp_path, baseline):
            "--data", str(tiny["data"]), "--out", str(out), "--cache-dir", str(cache), "--sleep", "1.0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     shard = cache / "rank-00000.jsonl"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if shard.exists() and len(shard.read_text().splitlines()) >= SETTINGS["batch_size"]:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the build finished or failed before it could be killed:\n{proc.stdout.read().decode()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, lambda: shard.exists() and len(shard.read_text().splitlines()) >= SETTINGS["batch_size"])
     assert not out.exists()
     finished = len(shard.read_text().splitlines())
     assert SETTINGS["batch_size"] <= finished < len(PROMPTS)

@@ -7,10 +7,8 @@ table in docs/reliability.md maps each case to its test here.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from datasets import Dataset
 from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, calibrate
 from trl_infalign.calibration import CalibrationError
 from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+
+from process_utils import sigkill_when
 
 PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
 SCRIPT = Path(__file__).parent / "scripts" / "reliability_train.py"
@@ -334,18 +334,7 @@ def test_sigkill_during_training_then_resume(tmp_path, tiny):
     cmd = [sys.executable, str(SCRIPT), str(work), "--max-steps", "8", "--save-steps", "2", "--sleep", "0.4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = work / "out" / "checkpoint-2" / "trainer_state.json"
-    try:
-        deadline = time.monotonic() + 120
-        while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"finished or failed before the kill:\n{proc.stdout.read().decode()}"
-        assert first.exists(), "no checkpoint within 120 s"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(proc, first.exists)
     assert not (work / "out" / "checkpoint-8").exists()
     (work / "out" / "checkpoint-999").mkdir()  # what a kill in the middle of a save leaves: no trainer_state.json
 
