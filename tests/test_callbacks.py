@@ -10,17 +10,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
 from trl_infalign.callbacks import InferenceWinRateCallback
-from trl_infalign.tiny import build_tiny_policy, build_tokenizer
 
 PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("callback")
-    tokenizer = build_tokenizer(PROMPTS * 5 + ["great awful fine good bad"] * 5, vocab_size=300)
-    path = build_tiny_policy(tokenizer, root / "policy", hidden_size=32, num_layers=1)
-    return path, tokenizer
 
 
 class CountingReward:

@@ -18,20 +18,13 @@ from datasets import Dataset
 
 from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, calibrate
 from trl_infalign.calibration import CalibrationError
-from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+from trl_infalign.tiny import build_tiny_reward_model
 
 from process_utils import sigkill_when
 
 PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
 SCRIPT = Path(__file__).parent / "scripts" / "reliability_train.py"
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    tokenizer = build_tokenizer(PROMPTS * 5 + ["great awful fine good bad 0 1 2 3 4 5 6 7 8 9"] * 5, vocab_size=300)
-    path = build_tiny_policy(tokenizer, root / "policy", hidden_size=32, num_layers=1)
-    return path, tokenizer
 
 
 def length_reward(completions, **kwargs):
