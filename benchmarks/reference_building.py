@@ -25,12 +25,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TEXTS = [
-    "the cat sat on the mat", "a dog ran in the park", "hello world, how are you", "good morning to you all",
-    "the quick brown fox jumps over the lazy dog", "tell me a story about a cat", "write a poem about the rain",
-    "what is the capital of france", "explain how a rainbow forms", "give me three tips for sleeping well",
-]
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +42,7 @@ def main(argv=None) -> int:
     from datasets import Dataset
 
     from trl_infalign.reference import _build_reference_rewards
-    from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+    from trl_infalign.tiny import SAMPLE_TEXTS, build_tiny_policy, build_tiny_reward_model, build_tokenizer
 
     batch_sizes = args.batch_sizes or [8, 32, 128]
     num_prompts = args.num_prompts or (8 if args.quick else 64)
@@ -58,10 +52,10 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(TEXTS * 8, vocab_size=400)
+        tokenizer = build_tokenizer(SAMPLE_TEXTS * 8, vocab_size=400)
         policy = build_tiny_policy(tokenizer, Path(tmp) / "policy", hidden_size=args.hidden_size)
         build_tiny_reward_model(tokenizer, Path(tmp) / "reward")
-        prompts = [TEXTS[i % len(TEXTS)].split(",")[0][: 8 + i % 12] for i in range(num_prompts)]
+        prompts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)].split(",")[0][: 8 + i % 12] for i in range(num_prompts)]
         dataset = Dataset.from_dict({"prompt": prompts})
         # Warm-up (model loading, first-call overheads) outside the timings.
         _build_reference_rewards(dataset.select(range(2)), policy, str(Path(tmp) / "reward"), num_samples=2,

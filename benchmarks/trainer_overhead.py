@@ -28,12 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TEXTS = [
-    "the cat sat on the mat", "a dog ran in the park", "hello world, how are you", "good morning to you all",
-    "the quick brown fox jumps over the lazy dog", "tell me a story about a cat", "write a poem about the rain",
-    "what is the capital of france", "explain how a rainbow forms", "give me three tips for sleeping well",
-]
-
 
 def _step_timer():
     from transformers import TrainerCallback
@@ -74,7 +68,7 @@ def main(argv=None) -> int:
     from trl import RLOOConfig, RLOOTrainer
 
     from trl_infalign import CTRLConfig, CTRLTrainer
-    from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
+    from trl_infalign.tiny import SAMPLE_TEXTS, build_tiny_policy, build_tiny_reward_model, build_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,12 +80,12 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tokenizer = build_tokenizer(TEXTS * 20, vocab_size=400)
+        tokenizer = build_tokenizer(SAMPLE_TEXTS * 20, vocab_size=400)
         policy = build_tiny_policy(tokenizer, tmp / "policy", hidden_size=args.hidden_size, seed=args.seed)
         reward_model_path = tmp / "rm"
         build_tiny_reward_model(tokenizer, reward_model_path, hidden_size=32, seed=args.seed)
         generator = torch.Generator().manual_seed(args.seed)
-        prompts = (TEXTS * 4)[:32]
+        prompts = (SAMPLE_TEXTS * 4)[:32]
         ref = torch.randn(len(prompts), args.num_reference, generator=generator, dtype=torch.float64).tolist()
         plain_data = Dataset.from_dict({"prompt": prompts})
         ctrl_data = Dataset.from_dict({"prompt": prompts, "ref_rewards": ref})

@@ -12,6 +12,13 @@ from pathlib import Path
 
 PAD, EOS, BOS = "<pad>", "</s>", "<s>"
 
+# A few generic prompts/texts for tokenizers and prompt sets of the CPU benchmarks.
+SAMPLE_TEXTS = [
+    "the cat sat on the mat", "a dog ran in the park", "hello world, how are you", "good morning to you all",
+    "the quick brown fox jumps over the lazy dog", "tell me a story about a cat", "write a poem about the rain",
+    "what is the capital of france", "explain how a rainbow forms", "give me three tips for sleeping well",
+]
+
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int = 512, chat_template: bool = False):
     """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`, left padded, with pad/eos/bos tokens."""
