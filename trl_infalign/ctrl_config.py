@@ -85,6 +85,15 @@ class CTRLConfig(RLOOConfig):
             "unchanged, but rewards stay O(1) (exp(t*c) at t=12 reaches 1.6e5). Off: RLOO sees Phi as is."
         },
     )
+    reference_provenance_check: str = field(
+        default="raise",
+        metadata={
+            "help": "Compare how the reference rewards were made (recorded by build_reference_rewards: reference "
+            "model, reward functions and weights, prompt format, sampling settings) with this run: `raise` (default) "
+            "lists every difference with its fix, `warn` only warns, `off` skips the check.",
+            "choices": ["raise", "warn", "off"],
+        },
+    )
     nonfinite_rewards: str = field(
         default="raise",
         metadata={"help": "On a +-inf reward (or NaN from a reward model): `raise` (default) or `skip` (no advantage, counted).", "choices": ["raise", "skip"]},
@@ -119,6 +128,11 @@ class CTRLConfig(RLOOConfig):
             raise ValueError(f"CTRLConfig.num_reference_samples must be >= 1, got {self.num_reference_samples}.")
         if self.min_reference_samples < 1:
             raise ValueError(f"CTRLConfig.min_reference_samples must be >= 1, got {self.min_reference_samples}.")
+        if self.reference_provenance_check not in ("raise", "warn", "off"):
+            raise ValueError(
+                "CTRLConfig.reference_provenance_check must be 'raise', 'warn' or 'off', got "
+                f"{self.reference_provenance_check!r}."
+            )
         if self.nonfinite_rewards not in ("raise", "skip"):
             raise ValueError(f"CTRLConfig.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
 

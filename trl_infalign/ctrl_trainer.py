@@ -134,6 +134,10 @@ class CTRLTrainer(RLOOTrainer):
         self._check_disk_space()
         for name, ds in named_datasets:
             self._check_prompt_lengths(ds, name)
+        from .provenance import check_reference_provenance
+
+        for name, ds in named_datasets:
+            check_reference_provenance(self, ds, name)
         # RLOO combines what `_calculate_rewards` returns with `reward_weights`; CTRL returns one column, Φ(c), and
         # applies the user's weights itself, before calibration (the reference rewards are combined the same way).
         self.ctrl_reward_weights = self.reward_weights.clone()
