@@ -14,12 +14,17 @@ order statistics: the max of a uniformly random N-subset of m sorted values is t
 C(j−1, N−1)/C(m, N) (the min: C(m−j, N−1)/C(m, N)). It is unbiased for the BoN-N win rate of the two policies and has
 far lower variance than drawing one random BoN pair per prompt. Confidence intervals are percentile bootstraps over
 prompts (prompts are the independent units; samples within a prompt are not resampled).
+
+KL is reported **per completion, in nats** — the unit of `CTRLConfig.kl_budget`, of RLOO's penalty and of the
+calibrated-space theory: for a policy sample y, log π(y) − log π_ref(y) summed over the completion's tokens (TRL's
+logged `kl` is instead the per-token mean, smaller by the completion length). The headline estimator is k1 (notes §6).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -267,12 +272,26 @@ def kl_estimates(policy_logps, reference_logps) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluation of a whole sweep
 # ---------------------------------------------------------------------------------------------------------------------
+KL_UNIT = "nats per completion"
+KL_HEADLINE = "KL per completion (k1, nats)"
+
+
 @dataclass
 class EvaluationResult:
     """Win rates for every (procedure, N) and the KL of the policy against the reference.
 
-    `win_rates`: rows `{procedure, n, estimate, ci_low, ci_high}` (standard first, then bon / won by N);
-    `kl_k1`, `kl_k3` and their CIs `kl_k1_ci`, `kl_k3_ci` (None when no log-probs were given).
+    `win_rates`: rows `{procedure, n, estimate, ci_low, ci_high}` (standard first, then bon / won by N).
+
+    KL is per completion, in nats (the unit of `kl_budget`): for policy samples y_{x,j} of prompt x,
+
+        k1(x) = mean_j [log π(y_{x,j}) − log π_ref(y_{x,j})]                        (headline)
+        k3(x) = mean_j [ρ − 1 − log ρ],  ρ = π_ref(y_{x,j}) / π(y_{x,j})
+
+    with log π(y) the sum of the completion's token log-probs. `kl_k1` / `kl_k3` are the means over prompts of
+    k1(x) / k3(x), and `kl_k1_ci` / `kl_k3_ci` their percentile bootstrap CIs over prompts (same resampling and seed as
+    the win rates). Both are unbiased; k1 has light tails, k3 is heavy-tailed once KL ≳ 1 (a single sample with large
+    log ρ can carry most of its mean), which is why k1 is the headline. All None when no log-probs were given.
+    `kl_k1_per_prompt` / `kl_k3_per_prompt` hold k1(x) / k3(x).
     """
 
     win_rates: list[dict]
@@ -287,6 +306,26 @@ class EvaluationResult:
     num_bootstrap: int = 1000
     metadata: dict = field(default_factory=dict)
     results: list[WinRateResult] = field(default_factory=list, repr=False)
+    kl_k1_per_prompt: np.ndarray | None = field(default=None, repr=False)
+    kl_k3_per_prompt: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def kl_per_completion(self) -> dict | None:
+        """The headline KL: `{"estimator": "k1", "unit": "nats per completion", "estimate", "ci_low", "ci_high"}`."""
+        if self.kl_k1 is None:
+            return None
+        low, high = self.kl_k1_ci if self.kl_k1_ci is not None else (math.nan, math.nan)
+        return {"estimator": "k1", "unit": KL_UNIT, "estimate": self.kl_k1, "ci_low": low, "ci_high": high}
+
+    def kl_summary(self, digits: int = 4) -> str | None:
+        """`"KL per completion (k1, nats) = 1.4800 [1.3300, 1.6300]"` (the CI at `confidence`), or None without KL."""
+        if self.kl_k1 is None:
+            return None
+        text = f"{KL_HEADLINE} = {self.kl_k1:.{digits}f}"
+        low, high = self.kl_k1_ci if self.kl_k1_ci is not None else (math.nan, math.nan)
+        if not math.isnan(low):
+            text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+        return text
 
     def win_rate(self, procedure: str, n: int = 1) -> dict:
         """The row of one (procedure, N)."""
@@ -297,7 +336,8 @@ class EvaluationResult:
         raise KeyError(f"no win rate for procedure={procedure!r}, n={n} (have {[(r['procedure'], r['n']) for r in self.win_rates]}).")
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat metrics: `{prefix}bon@4_win_rate`, `..._ci_low`, `..._ci_high`, `{prefix}kl_k1`, `{prefix}kl_k3`."""
+        """Flat metrics: `{prefix}bon@4_win_rate`, `..._ci_low`, `..._ci_high`, `{prefix}kl_k1` (per-completion KL,
+        nats) with `{prefix}kl_k1_ci_low` / `_ci_high`, and the same for `{prefix}kl_k3`."""
         out: dict[str, float] = {}
         for row in self.win_rates:
             key = prefix + metric_name(row["procedure"], row["n"])
@@ -305,8 +345,10 @@ class EvaluationResult:
             out[key + "_ci_low"] = row["ci_low"]
             out[key + "_ci_high"] = row["ci_high"]
         if self.kl_k1 is not None:
-            out[prefix + "kl_k1"] = self.kl_k1
-            out[prefix + "kl_k3"] = self.kl_k3
+            for name, value, ci in (("kl_k1", self.kl_k1, self.kl_k1_ci), ("kl_k3", self.kl_k3, self.kl_k3_ci)):
+                out[prefix + name] = value
+                if ci is not None:
+                    out[prefix + name + "_ci_low"], out[prefix + name + "_ci_high"] = ci
         return out
 
     def to_dict(self, per_prompt: bool = False) -> dict:
@@ -319,6 +361,8 @@ class EvaluationResult:
         out = {
             "win_rates": [dict(row) for row in self.win_rates],
             "kl": kl,
+            "kl_per_completion": self.kl_per_completion,
+            "kl_unit": KL_UNIT,
             "num_prompts": self.num_prompts,
             "num_samples_policy": self.num_samples_policy,
             "num_samples_reference": self.num_samples_reference,
@@ -328,6 +372,9 @@ class EvaluationResult:
         }
         if per_prompt:
             out["per_prompt"] = {r.name: [float(v) for v in r.per_prompt] for r in self.results}
+            for name, values in (("kl_k1", self.kl_k1_per_prompt), ("kl_k3", self.kl_k3_per_prompt)):
+                if values is not None:
+                    out["per_prompt"][name] = [float(v) for v in values]
         return _jsonable(out)
 
     def to_json(self, path: str | Path | None = None, per_prompt: bool = False, indent: int = 2) -> str:
@@ -347,17 +394,39 @@ class EvaluationResult:
             ci = "—" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
             lines.append(f"| {row['procedure']} | {row['n']} | {row['estimate']:.4f} | {ci} |")
         if self.kl_k1 is not None:
-            lines += ["", f"| KL(π‖π_ref) estimator | value | {pct} CI |", "|---|---:|---|"]
-            for name, value, ci in (("k1", self.kl_k1, self.kl_k1_ci), ("k3", self.kl_k3, self.kl_k3_ci)):
-                ci_text = "—" if math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+            lines += ["", f"| KL(π‖π_ref) per completion (nats), estimator | value | {pct} CI |", "|---|---:|---|"]
+            for name, value, ci in (("k1 (headline)", self.kl_k1, self.kl_k1_ci), ("k3", self.kl_k3, self.kl_k3_ci)):
+                ci_text = "—" if ci is None or math.isnan(ci[0]) else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
                 lines.append(f"| {name} | {value:.4f} | {ci_text} |")
+            lines += ["", f"**{self.kl_summary()}** ({pct} CI): the sum over a completion's tokens of "
+                      "log π − log π_ref, the unit of `kl_budget`. k3 is heavy-tailed once KL ≳ 1; TRL's logged `kl` is "
+                      "the per-token mean."]
+            if self.metadata.get("kl_note"):
+                lines += ["", f"Note: {self.metadata['kl_note']}"]
         lines += [
             "",
             f"{self.num_prompts} prompts, {self.num_samples_policy} policy and {self.num_samples_reference} reference "
             "samples per prompt; exact all-subsets estimator, ties count ½; CI: percentile bootstrap over prompts "
             f"({self.num_bootstrap} resamples).",
         ]
+        described = self._describe_models()
+        if described:
+            lines += ["", described]
         return "\n".join(lines)
+
+    def _describe_models(self) -> str | None:
+        """One line naming the evaluated models and the sampling settings, from `metadata`."""
+        md = self.metadata
+        parts = []
+        if md.get("policy") is not None:
+            parts.append(f"policy: `{md['policy']}`")
+        if md.get("reference") is not None:
+            parts.append(f"reference: `{md['reference']}`")
+        if "temperature" in md:
+            parts.append(f"sampling: temperature {md['temperature']:g}, top_p {md['top_p']:g}, top_k {md['top_k']}")
+        if md.get("max_new_tokens") is not None:
+            parts.append(f"max_new_tokens {md['max_new_tokens']}")
+        return ("Evaluated " + "; ".join(parts) + ".") if parts else None
 
     def plot(self, path: str | Path | None = None, ax=None, title: str | None = None):
         """Win rate vs N for BoN and WoN (standard at N = 1 as a marker), with CI bands; saves to `path` if given.
@@ -402,7 +471,7 @@ class EvaluationResult:
         ax.set_xlabel("N")
         ax.set_ylabel("win rate vs reference")
         if title is None and self.kl_k1 is not None:
-            title = f"KL k1 = {self.kl_k1:.3f}, k3 = {self.kl_k3:.3f}"
+            title = self.kl_summary(digits=3)
         if title:
             ax.set_title(title)
         ax.legend()
@@ -431,7 +500,17 @@ def _jsonable(value):
     return str(value)
 
 
-def _resolve_ns(ns: Sequence[int], procedures: Sequence[str], max_n: int) -> list[tuple[str, int]]:
+class SkippedNWarning(UserWarning):
+    """Some requested N were dropped because there are fewer than N samples per prompt (N must be <= m)."""
+
+
+def _resolve_ns(
+    ns: Sequence[int], procedures: Sequence[str], max_n: int, *, fix: str | None = None, stacklevel: int = 3
+) -> list[tuple[str, int]]:
+    """(procedure, N) pairs to evaluate; N > `max_n` are dropped with a :class:`SkippedNWarning` naming them and `fix`.
+
+    Raises a ValueError (naming the dropped N and `fix`) when nothing is left to evaluate.
+    """
     procedures = list(procedures)
     for p in procedures:
         _check_procedure(p, 1)
@@ -440,18 +519,52 @@ def _resolve_ns(ns: Sequence[int], procedures: Sequence[str], max_n: int) -> lis
         _check_procedure("bon", n)
     dropped = [n for n in ns if n > max_n]
     kept = [n for n in ns if n <= max_n]
-    if dropped and any(p != "standard" for p in procedures):
-        warnings.warn(
-            f"Skipping N = {dropped}: only {max_n} samples per prompt are available on the smaller side (N must be <= m).",
-            stacklevel=3,
-        )
+    fix = fix or f"give at least max(N) = {max(ns) if ns else 1} valid samples per prompt on both sides"
     pairs = [("standard", 1)] if "standard" in procedures else []
     for p in ("bon", "won"):
         if p in procedures:
             pairs += [(p, n) for n in kept]
     if not pairs:
-        raise ValueError(f"Nothing to evaluate: procedures={procedures}, ns={ns} with at most {max_n} samples per prompt.")
+        raise ValueError(
+            f"Nothing to evaluate: procedures={procedures}, ns={ns}, but N = {dropped} need more than the {max_n} "
+            f"samples per prompt available (best/worst of N needs N <= m). Fix: {fix}, or lower N."
+        )
+    if dropped and any(p != "standard" for p in procedures):
+        warnings.warn(
+            f"Skipping N = {dropped}: only {max_n} samples per prompt are available, and best/worst of N needs at least "
+            f"N samples per prompt (evaluating N = {kept}). Fix: {fix}.",
+            SkippedNWarning,
+            stacklevel=stacklevel,
+        )
     return pairs
+
+
+def _check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
+    """Validate the sampling settings (same meaning as `transformers.GenerationConfig`): returns them normalised."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(temperature)) or temperature <= 0:
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature!r} (1.0 samples from the policy itself; greedy "
+            "decoding is not sampling and would make every BoN/WoN subset identical)."
+        )
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(top_p)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r} (1.0 disables nucleus truncation).")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r} (0 disables top-k truncation).")
+    return float(temperature), float(top_p), int(top_k)
+
+
+def _is_default_sampling(temperature: float, top_p: float, top_k: int) -> bool:
+    return temperature == 1.0 and top_p == 1.0 and top_k == 0
+
+
+def _kl_sampling_note(temperature: float, top_p: float, top_k: int) -> str:
+    return (
+        f"samples drawn with temperature={temperature:g}, top_p={top_p:g}, top_k={top_k}: they are not draws from π "
+        "itself, so kl_k1 / kl_k3 estimate E_sampled[log π − log π_ref] (log-probs at temperature 1), not KL(π‖π_ref). "
+        "Evaluate KL with temperature=1, top_p=1, top_k=0."
+    )
 
 
 def evaluate_scored(
@@ -470,14 +583,18 @@ def evaluate_scored(
     """Win rates (and KL, if log-probs are given) from samples generated and scored elsewhere (vLLM, an API, ...).
 
     `policy_rewards` (P, m), `reference_rewards` (P, m'); `policy_logps` / `reference_logps` (P, m): log π(y) and
-    log π_ref(y) of the *policy* samples (same layout as `policy_rewards`). N values above the smallest per-prompt
-    valid count are skipped with a warning; `standard` is evaluated once (N = 1).
+    log π_ref(y) of the *policy* samples (same layout as `policy_rewards`), each the **sum over the completion's
+    tokens**, so that the KL comes out per completion, in nats (see :class:`EvaluationResult`).
+
+    N values above the smallest per-prompt valid count (on either side) are skipped with a :class:`SkippedNWarning`
+    naming them; a ValueError if nothing is left. `standard` is evaluated once (N = 1).
     """
     a, b = _as_paired_rewards(policy_rewards, reference_rewards)
     max_n = int(min((~torch.isnan(a)).sum(dim=1).min(), (~torch.isnan(b)).sum(dim=1).min()))
+    pairs = _resolve_ns(ns, procedures, max_n,
+                        fix="give at least N valid (non-NaN) samples per prompt on both sides (m >= N)")
     results = [
-        inference_win_rate(a, b, n, p, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
-        for p, n in _resolve_ns(ns, procedures, max_n)
+        inference_win_rate(a, b, n, p, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed) for p, n in pairs
     ]
     out = EvaluationResult(
         win_rates=[{k: r.to_dict()[k] for k in ("procedure", "n", "estimate", "ci_low", "ci_high")} for r in results],
@@ -499,6 +616,7 @@ def evaluate_scored(
         per_k1 = (torch.where(ok, k1, 0.0).sum(1) / ok.sum(1)).numpy()
         per_k3 = (torch.where(ok, k3, 0.0).sum(1) / ok.sum(1)).numpy()
         out.kl_k1, out.kl_k3 = float(per_k1.mean()), float(per_k3.mean())
+        out.kl_k1_per_prompt, out.kl_k3_per_prompt = per_k1, per_k3
         out.kl_k1_ci = _bootstrap_mean_ci(per_k1, num_bootstrap, confidence, seed)
         out.kl_k3_ci = _bootstrap_mean_ci(per_k3, num_bootstrap, confidence, seed)
     return out
@@ -536,11 +654,12 @@ class _Sampled:
 
 
 def _sample_and_score(model, tokenizer, prompts, columns, funcs, classes, weights, *, num_samples, max_new_tokens,
-                      batch_size, progress) -> _Sampled:
+                      batch_size, progress, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> _Sampled:
     from .sampling import combine_rewards, generate_completions, score_completions
 
     comps = generate_completions(
-        model, tokenizer, prompts, num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        model, tokenizer, prompts, num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, batch_size=batch_size, progress=progress,
     )
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
     flat_texts = [t for row in comps.texts for t in row]
@@ -564,6 +683,44 @@ def _policy_sample_logps(model, reference, tokenizer, comps, num_samples, batch_
     else:
         lr = completion_logprobs(reference, prompt_ids, completion_ids, pad_token_id=pad, batch_size=batch_size)
     return lp.reshape(shape), lr.reshape(shape)
+
+
+def _completion_lengths(comps) -> torch.Tensor:
+    """(P, m) number of tokens of each completion (EOS included when generated)."""
+    return torch.tensor([[len(ids) for ids in row] for row in comps.ids], dtype=torch.float64)
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    if a.rstrip("/") == b.rstrip("/"):
+        return True
+    try:
+        return bool(a) and bool(b) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def describe_policy(policy, reference, policy_name: str | None = None) -> str:
+    """The name `metadata["policy"]` records for the evaluated model.
+
+    `policy_name` if given; else the policy's path when it is a path; else, for an in-memory model, its
+    `config._name_or_path` — unless that is the reference's name (a model being trained from the reference keeps the
+    reference's `_name_or_path`), in which case `"in-memory model (initialised from '<reference>')"`. Passing the
+    reference object itself as the policy records the reference's name (it *is* the reference).
+    """
+    if policy_name is not None:
+        if not isinstance(policy_name, (str, os.PathLike)) or not str(policy_name):
+            raise ValueError(f"policy_name must be a non-empty string naming the evaluated model, got {policy_name!r}.")
+        return str(policy_name)
+    if isinstance(policy, (str, os.PathLike)):
+        return str(policy)
+    name = str(getattr(getattr(policy, "config", None), "_name_or_path", "") or "")
+    if policy is reference:
+        return model_name(policy)
+    if not name:
+        return f"in-memory {type(policy).__name__} (no name_or_path; pass policy_name=)"
+    if _same_model_name(name, model_name(reference)):
+        return f"in-memory model (initialised from {name!r})"
+    return name
 
 
 def _gather_rows(state, indices: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -597,12 +754,16 @@ def evaluate_policy(
     ns: Sequence[int] = DEFAULT_NS,
     procedures: Sequence[str] = PROCEDURES,
     max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
     batch_size: int = 32,
     num_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
     accelerator=None,
     progress: bool = True,
+    policy_name: str | None = None,
 ) -> EvaluationResult:
     """Sample, score and compare: standard / BoN-N / WoN-N win rates and KL of `policy` against `reference`.
 
@@ -614,17 +775,42 @@ def evaluate_policy(
         prompts: list of prompts (strings or conversational message lists), or a `datasets.Dataset` with a `prompt`
             column (its other columns are passed to reward callables).
         tokenizer: the policy tokenizer (default: loaded from the policy's path).
-        num_samples: m samples per prompt from each model; `ns` is filtered to N <= m.
+        num_samples: m samples per prompt from each model. N > m cannot be evaluated: those N are dropped with a
+            :class:`SkippedNWarning` naming them (fix: `num_samples >= N`); a ValueError if no (procedure, N) is left.
+        temperature, top_p, top_k: sampling settings for **both** models (as in `transformers.GenerationConfig`:
+            temperature > 0, top_p in (0, 1], top_k >= 0 with 0 = off). The defaults (1, 1, 0) sample π itself, as
+            TRL's trainers do; the win rates then compare the models deployed with these settings. Other settings
+            make the policy samples draws from a tempered / truncated π, so the KL estimators (log-probs at
+            temperature 1) no longer estimate KL(π‖π_ref): a UserWarning says so and `metadata["kl_note"]` records it.
         accelerator: an `Accelerator` / `PartialState` (default `PartialState()`): prompts are sharded across processes,
             per-prompt results gathered with `gather_object`; every process returns the same result.
         seed: sampling seed (offset per process and per model) and bootstrap seed.
+        policy_name: what `metadata["policy"]` records. Default: the policy's path if given as a path; for an
+            in-memory model its `config._name_or_path`, except that a model trained in memory from the reference
+            (whose `_name_or_path` is still the reference's) is recorded as "in-memory model (initialised from
+            '<reference>')" — pass e.g. the output directory and step to name it properly.
+
+    Returns:
+        :class:`EvaluationResult`; `metadata` has `policy`, `reference`, `policy_in_memory`, `num_samples`,
+        `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `num_processes`, `ns_requested`, `ns_skipped`,
+        `mean_completion_tokens` (policy samples; per-completion KL / this ≈ a per-token KL) and, with non-default
+        sampling, `kl_note`.
     """
     from .sampling import load_reward_funcs
 
     state = resolve_process_state(accelerator)
     prompt_list, columns = _split_prompts(prompts)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    temperature, top_p, top_k = _check_sampling(temperature, top_p, top_k)
+    requested = sorted({int(n) for n in ns})
+    pairs = _resolve_ns(requested, procedures, num_samples,
+                        fix=f"pass num_samples >= N (num_samples={max(requested) if requested else 1} keeps every N)")
+    kept = sorted({n for p, n in pairs if p != "standard"})
+    kl_note = None if _is_default_sampling(temperature, top_p, top_k) else _kl_sampling_note(temperature, top_p, top_k)
+    if kl_note is not None:
+        warnings.warn(f"evaluate_policy: {kl_note}", UserWarning, stacklevel=2)
+    name = describe_policy(policy, reference, policy_name)
     tokenizer = resolve_tokenizer(policy, tokenizer)
     tokenizer.padding_side = "left"
     same = reference is policy or (isinstance(reference, (str, Path)) and isinstance(policy, (str, Path)) and str(reference) == str(policy))
@@ -634,15 +820,14 @@ def evaluate_policy(
     for f in funcs:
         if isinstance(f, torch.nn.Module):
             f.to(state.device)
-    ns = [n for n in ns if int(n) <= num_samples]  # N <= m by construction
-    _resolve_ns(ns, procedures, num_samples)  # validate before the expensive part
 
     local = _local_indices(state, len(prompt_list))
     local_prompts = [prompt_list[i] for i in local]
     local_columns = {k: [v[i] for i in local] for k, v in columns.items()}
     show = progress and state.is_main_process
     rank = getattr(state, "process_index", 0)
-    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  temperature=temperature, top_p=top_p, top_k=top_k)
     if local_prompts:
         torch.manual_seed(seed * 1_000_003 + 2 * rank)
         pol = _sample_and_score(policy_model, tokenizer, local_prompts, local_columns, funcs, classes, reward_weights,
@@ -651,15 +836,23 @@ def evaluate_policy(
         ref = _sample_and_score(reference_model, tokenizer, local_prompts, local_columns, funcs, classes, reward_weights,
                                 progress="Reference samples" if show else False, **kwargs)
         lp, lr = _policy_sample_logps(policy_model, reference_model, tokenizer, pol.completions, num_samples, batch_size)
-        pr, rr = pol.rewards, ref.rewards
+        pr, rr, lengths = pol.rewards, ref.rewards, _completion_lengths(pol.completions)
     else:
-        pr = rr = lp = lr = torch.zeros(0, num_samples, dtype=torch.float64)
-    pr, rr, lp, lr = _gather_rows(state, local, pr, rr, lp, lr)
+        pr = rr = lp = lr = lengths = torch.zeros(0, num_samples, dtype=torch.float64)
+    pr, rr, lp, lr, lengths = _gather_rows(state, local, pr, rr, lp, lr, lengths)
     metadata = {
-        "policy": model_name(policy), "reference": model_name(reference), "num_samples": num_samples,
-        "max_new_tokens": max_new_tokens, "seed": seed, "num_processes": getattr(state, "num_processes", 1),
+        "policy": name, "reference": model_name(reference),
+        "policy_in_memory": not isinstance(policy, (str, os.PathLike)),
+        "num_samples": num_samples, "max_new_tokens": max_new_tokens,
+        "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "seed": seed, "num_processes": getattr(state, "num_processes", 1),
+        "ns_requested": requested,
+        "ns_skipped": [n for n in requested if n > num_samples] if any(p != "standard" for p in procedures) else [],
+        "mean_completion_tokens": float(lengths.mean()) if lengths.numel() else None,
     }
+    if kl_note is not None:
+        metadata["kl_note"] = kl_note
     return evaluate_scored(
-        pr, rr, ns, procedures, lp, lr,
+        pr, rr, kept or [1], procedures, lp, lr,
         num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata,
     )
