@@ -7,8 +7,10 @@
 
 Every `every_n_steps` optimizer steps the callback samples `num_samples` completions per prompt from the current
 policy, scores them with the reward functions, and logs `eval_infalign/bon@4_win_rate` (+ `_ci_low` / `_ci_high`),
-`eval_infalign/won@4_win_rate`, `eval_infalign/kl_k1`, `eval_infalign/kl_k3` next to the trainer's other metrics.
-The reference samples and their rewards are computed once, on first use, and cached.
+`eval_infalign/won@4_win_rate`, `eval_infalign/kl_k1` (KL per completion, k1, nats, with `_ci_low` / `_ci_high`) and
+`eval_infalign/kl_k3` next to the trainer's other metrics. The reference samples and their rewards are computed once,
+on first use, and cached. Each `EvaluationResult` in `callback.history` names what was evaluated in its `metadata`
+(`policy` = "<output_dir> (step <k>)", `global_step`, `reference`, sampling settings).
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import warnings
+
 import torch
 from transformers import TrainerCallback
 
 from .evaluation import (
     EvaluationResult,
+    _check_sampling,
+    _completion_lengths,
     _gather_rows,
+    _is_default_sampling,
+    _kl_sampling_note,
     _load_causal_lm,
     _local_indices,
     _policy_sample_logps,
@@ -30,6 +38,7 @@ from .evaluation import (
     _split_prompts,
     evaluate_scored,
 )
+from .sampling import model_name
 
 
 class InferenceWinRateCallback(TrainerCallback):
@@ -43,12 +52,17 @@ class InferenceWinRateCallback(TrainerCallback):
             trainers with beta > 0), else the policy's `config._name_or_path` at the start of training (the initial
             checkpoint). It must share the policy's tokenizer.
         tokenizer: policy tokenizer (default: the trainer's `processing_class`).
-        ns, procedures: which win rates to log; `num_samples` (m) samples per prompt, N <= m.
+        ns, procedures: which win rates to log; `num_samples` (m) samples per prompt, N <= m (a ValueError otherwise).
         every_n_steps: evaluate when `state.global_step % every_n_steps == 0`.
+        temperature, top_p, top_k: sampling settings for the reference and the policy samples (defaults 1, 1, 0:
+            sample the models themselves). Other settings compare the models as deployed with them, but the KL
+            estimators then no longer estimate KL(π‖π_ref) (a UserWarning says so once, here).
         trainer: the trainer, to log through `Trainer.log` (so the metrics reach W&B / TensorBoard / ...) and to use
             its accelerator (prompts sharded across processes). Without it, the metrics are appended to
             `state.log_history` only, and the model comes from the hook's `model` argument.
         metric_prefix: prefix of the logged keys (default `eval_infalign/`).
+        policy_name: what the results' `metadata["policy"]` names (default: the training run's `output_dir`); the
+            step is appended as " (step <k>)".
 
     Results are also kept in `self.history` as `(global_step, EvaluationResult)` pairs.
     """
@@ -71,6 +85,10 @@ class InferenceWinRateCallback(TrainerCallback):
         seed: int = 0,
         trainer=None,
         metric_prefix: str = "eval_infalign/",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        policy_name: str | None = None,
     ):
         from .sampling import load_reward_funcs
 
@@ -85,6 +103,14 @@ class InferenceWinRateCallback(TrainerCallback):
         if too_big and any(p != "standard" for p in self.procedures):
             raise ValueError(f"ns contains N = {too_big} > num_samples = {num_samples}: N must be <= num_samples.")
         _resolve_ns(self.ns, self.procedures, num_samples)
+        self.temperature, self.top_p, self.top_k = _check_sampling(temperature, top_p, top_k)
+        self._kl_note = None
+        if not _is_default_sampling(self.temperature, self.top_p, self.top_k):
+            self._kl_note = _kl_sampling_note(self.temperature, self.top_p, self.top_k)
+            warnings.warn(f"InferenceWinRateCallback: {self._kl_note}", UserWarning, stacklevel=2)
+        if policy_name is not None and (not isinstance(policy_name, str) or not policy_name):
+            raise ValueError(f"policy_name must be a non-empty string, got {policy_name!r}.")
+        self.policy_name = policy_name
         self.reward_funcs, self.reward_processing_classes = load_reward_funcs(reward_funcs, reward_processing_classes)
         self.reward_weights = reward_weights
         self.reference_model = reference_model
@@ -169,13 +195,17 @@ class InferenceWinRateCallback(TrainerCallback):
         if step == self._last_step or step % self.every_n_steps != 0:
             return
         self._last_step = step
-        result = self.evaluate(kwargs)
+        result = self.evaluate(kwargs, args=args, step=step)
         self.history.append((step, result))
         metrics = result.metrics(prefix=self.metric_prefix)
         self._log(metrics, state, control)
 
-    def evaluate(self, kwargs: dict | None = None) -> EvaluationResult:
-        """Run one evaluation of the current policy now (what `on_step_end` does every `every_n_steps` steps)."""
+    def evaluate(self, kwargs: dict | None = None, *, args=None, step: int | None = None) -> EvaluationResult:
+        """Run one evaluation of the current policy now (what `on_step_end` does every `every_n_steps` steps).
+
+        `args` (the `TrainingArguments`) and `step` name the evaluated model in `metadata["policy"]` as
+        "<output_dir> (step <step>)"; both default to the trainer's when the callback has one.
+        """
         kwargs = kwargs or {}
         model = self._model(kwargs)
         tokenizer = self._tokenizer(kwargs)
@@ -187,7 +217,7 @@ class InferenceWinRateCallback(TrainerCallback):
         columns = {k: [v[i] for i in self._local] for k, v in self.columns.items()}
         rank = getattr(dist, "process_index", 0)
         common = dict(num_samples=self.num_samples, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                      progress=False)
+                      progress=False, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         was_training = model.training
         rng_state = torch.random.get_rng_state()
         cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -206,18 +236,41 @@ class InferenceWinRateCallback(TrainerCallback):
                                         self.reward_processing_classes, self.reward_weights, **common)
                 lp, lr = _policy_sample_logps(model, reference, tokenizer, pol.completions, self.num_samples,
                                               self.batch_size)
-                pr = pol.rewards
+                pr, lengths = pol.rewards, _completion_lengths(pol.completions)
             else:
-                pr = lp = lr = torch.zeros(0, self.num_samples, dtype=torch.float64)
+                pr = lp = lr = lengths = torch.zeros(0, self.num_samples, dtype=torch.float64)
         finally:
             model.train(was_training)
             # do not perturb the trainer's sampling stream
             torch.random.set_rng_state(rng_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state_all(cuda_state)
-        pr, rr, lp, lr = _gather_rows(dist, self._local, pr, self._reference_rewards, lp, lr)
+        pr, rr, lp, lr, lengths = _gather_rows(dist, self._local, pr, self._reference_rewards, lp, lr, lengths)
         return evaluate_scored(pr, rr, self.ns, self.procedures, lp, lr, num_bootstrap=self.num_bootstrap,
-                               seed=self.seed)
+                               seed=self.seed, metadata=self._metadata(args, step, lengths))
+
+    def _metadata(self, args, step, lengths) -> dict:
+        """What was evaluated: the run (output_dir) at its step, the reference, and the sampling settings."""
+        if args is None and self.trainer is not None:
+            args = getattr(self.trainer, "args", None)
+        if step is None and self.trainer is not None and getattr(self.trainer, "state", None) is not None:
+            step = self.trainer.state.global_step
+        base = self.policy_name or (str(args.output_dir) if getattr(args, "output_dir", None) else None)
+        if base is None:
+            base = "policy being trained"
+        source = self.reference_model if self.reference_model is not None else self._reference_path
+        reference = model_name(source if source is not None else self._reference)
+        metadata = {
+            "policy": base if step is None else f"{base} (step {step})", "global_step": step,
+            "reference": reference, "policy_in_memory": True, "num_samples": self.num_samples,
+            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed,
+            "num_processes": getattr(self._state(), "num_processes", 1),
+            "mean_completion_tokens": float(lengths.mean()) if lengths.numel() else None,
+        }
+        if self._kl_note is not None:
+            metadata["kl_note"] = self._kl_note
+        return metadata
 
     def _log(self, metrics: dict, state, control=None) -> None:
         if self.trainer is not None:

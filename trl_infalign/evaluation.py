@@ -853,6 +853,6 @@ def evaluate_policy(
     if kl_note is not None:
         metadata["kl_note"] = kl_note
     return evaluate_scored(
-        pr, rr, kept or [1], procedures, lp, lr,
+        pr, rr, kept, [p for p in PROCEDURES if any(q == p for q, _ in pairs)], lp, lr,
         num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,19 +24,84 @@ def _version(name: str) -> str:
         return "unknown"
 
 
+# What each training metric of the card means (TRL's `kl` is per token; the KL budget and theory are per completion).
+METRIC_DESCRIPTIONS = {
+    "kl": "TRL's `kl`: per-token mean of log π − log π_ref over the last logged batch (sum over tokens / number of "
+          "tokens), **not** the per-completion KL of the budget",
+    "ctrl/sequence_kl": "KL per completion (k1, nats): sum over a completion's tokens of log π − log π_ref, batch mean "
+                        "(the unit of the KL budget)",
+    "ctrl/beta": "β (KL coefficient) at the last logged step",
+}
+
+
+def _finite(value) -> float | None:
+    """`value` as a float if it is a finite number, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _ci(low, high):
+    low, high = _finite(low), _finite(high)
+    return (low, high) if low is not None and high is not None else None
+
+
 def _evaluation_for_card(evaluation) -> dict | None:
-    """Win-rate rows and KL from an `EvaluationResult`, its `to_dict()`, or a plain dict with `kl_k1`/`kl_k3`."""
+    """Win-rate rows and KL from an `EvaluationResult`, its `to_dict()`, or a plain dict with `kl_k1`/`kl_k3`.
+
+    Returns `{"win_rates", "kl_k1", "kl_k1_ci", "kl_k3", "kl_k3_ci", "policy", "reference"}`; the KL entries only when
+    the evaluation has them (per completion, nats; CIs None when not available).
+    """
     if evaluation is None:
         return None
     if hasattr(evaluation, "to_dict"):
         evaluation = evaluation.to_dict()
-    card = {"win_rates": list(evaluation.get("win_rates", []))}
+    card = {"win_rates": list(evaluation.get("win_rates", [])), "confidence": evaluation.get("confidence") or 0.95}
     kl = evaluation.get("kl")
     if isinstance(kl, dict):
-        card["kl_k1"], card["kl_k3"] = kl["k1"]["estimate"], kl["k3"]["estimate"]
+        for name in ("k1", "k3"):
+            entry = kl.get(name) or {}
+            card[f"kl_{name}"] = _finite(entry.get("estimate"))
+            card[f"kl_{name}_ci"] = _ci(entry.get("ci_low"), entry.get("ci_high"))
     elif "kl_k1" in evaluation:
-        card["kl_k1"], card["kl_k3"] = evaluation["kl_k1"], evaluation.get("kl_k3", float("nan"))
+        card["kl_k1"], card["kl_k3"] = _finite(evaluation["kl_k1"]), _finite(evaluation.get("kl_k3"))
+        for name in ("k1", "k3"):
+            ci = evaluation.get(f"kl_{name}_ci")
+            card[f"kl_{name}_ci"] = _ci(*ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+    if card.get("kl_k1") is None:
+        for key in ("kl_k1", "kl_k1_ci", "kl_k3", "kl_k3_ci"):
+            card.pop(key, None)
+    metadata = evaluation.get("metadata") or {}
+    card["policy"], card["reference"] = metadata.get("policy"), metadata.get("reference")
     return card
+
+
+def _kl_for_card(settings: dict) -> dict:
+    """The KL block of the card from `ctrl_card_settings()` (every key read with `.get`, so older trainers work).
+
+    `sequence_kl`: last logged `ctrl/sequence_kl` (per completion, nats); `token_kl`: TRL's per-token `kl`;
+    `budget`: `kl_budget` (per completion, nats); `initial_beta`: `beta`; `final_beta`: `final_beta`, else the last
+    logged `ctrl/beta`; `beta_changed`: whether they differ (the card then shows both); `control`: `kl_control` ("adaptive" / "fixed"), None when the trainer does not say.
+    """
+    metrics = settings.get("final_training_metrics") or {}
+    final_beta = settings.get("final_beta")
+    if final_beta is None:
+        final_beta = metrics.get("ctrl/beta")
+    initial, final = settings.get("beta"), _finite(final_beta)
+    return {
+        "sequence_kl": _finite(metrics.get("ctrl/sequence_kl")),
+        "token_kl": _finite(metrics.get("kl")),
+        "budget": _finite(settings.get("kl_budget")),
+        "initial_beta": initial,
+        "final_beta": final,
+        "beta_changed": final is not None and _finite(initial) is not None
+        and not math.isclose(final, float(initial), rel_tol=1e-9, abs_tol=0.0),
+        "control": settings.get("kl_control"),
+    }
 
 
 def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> ModelCard:
@@ -56,6 +122,10 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         tags=["generated_from_trainer", *sorted(all_tags)],
     )
     procedure = settings["inference_procedure"]
+    # keep the card's final-metrics table readable: numbers only, in a stable order (headline KL first)
+    metrics = dict(settings.get("final_training_metrics") or {})
+    order = [k for k in ("ctrl/sequence_kl", "kl", "ctrl/beta") if k in metrics]
+    settings = {**settings, "final_training_metrics": {k: metrics[k] for k in order + sorted(set(metrics) - set(order))}}
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
@@ -67,7 +137,9 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         dataset_is_hub=dataset_is_hub,
         settings=settings,
         procedure_text=PROCEDURE_TEXT[procedure].format(n=settings["inference_n"]),
-        evaluation=_evaluation_for_card(trainer.ctrl_evaluation),
+        evaluation=_evaluation_for_card(getattr(trainer, "ctrl_evaluation", None)),
+        kl=_kl_for_card(settings),
+        metric_descriptions=METRIC_DESCRIPTIONS,
         wandb_url=None,
         paper_id=trainer._paper["id"],
         trainer_citation=trainer._paper["citation"],

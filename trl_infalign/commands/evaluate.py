@@ -6,8 +6,10 @@
     accelerate launch --multi_gpu --num_processes 8 -m trl_infalign.cli evaluate ...   # prompts sharded
 
 `--scored` takes `{"policy_rewards": [[...], ...], "reference_rewards": [[...], ...]}` (one row per prompt, null for a
-missing sample), optionally with `"policy_logps"` / `"reference_logps"` (log π and log π_ref of the policy samples) for
-the KL. Writes `evaluation.json`, `evaluation.md` and `win_rate_vs_n.png` to `--output` and prints the table.
+missing sample), optionally with `"policy_logps"` / `"reference_logps"` (log π and log π_ref of the policy samples, each
+summed over the completion's tokens) for the KL. Writes `evaluation.json`, `evaluation.md` and `win_rate_vs_n.png` to
+`--output` and prints the table; the KL is reported per completion, in nats (k1 with its CI is the headline).
+N values above the samples per prompt are dropped with a `warning:` line on stderr naming them.
 """
 
 from __future__ import annotations
@@ -15,9 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import warnings
 from pathlib import Path
 
-from . import positive_int
+from . import positive_float, positive_int
+
+
+def _top_p(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 = no nucleus truncation), got {text!r}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = no top-k truncation), got {text!r}")
+    return value
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +63,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--num-samples", "-m", type=positive_int, default=32, help="m samples per prompt and model.")
     src.add_argument("--max-new-tokens", type=positive_int, default=64)
     src.add_argument("--batch-size", type=positive_int, default=32, help="Completions per generate call.")
+    src.add_argument("--temperature", type=positive_float, default=1.0,
+                     help="Sampling temperature for both models (default 1: sample the policy itself; the KL assumes it).")
+    src.add_argument("--top-p", type=_top_p, default=1.0, help="Nucleus sampling for both models (default 1: off).")
+    src.add_argument("--top-k", type=_top_k, default=0, help="Top-k sampling for both models (default 0: off).")
     parser.add_argument("--scored", metavar="FILE.json", help="Already-scored samples instead of models (see above).")
     parser.add_argument("--n", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32], dest="ns",
-                        help="N values (filtered to N <= m).")
+                        help="N values; N above the samples per prompt is dropped with a warning on stderr.")
     parser.add_argument("--procedures", nargs="+", choices=["standard", "bon", "won"], default=["standard", "bon", "won"])
     parser.add_argument("--num-bootstrap", type=int, default=1000)
     parser.add_argument("--confidence", type=float, default=0.95)
@@ -66,19 +96,42 @@ def _load_scored(path: str) -> dict:
     return {k: matrix(data[k], k) for k in ("policy_rewards", "reference_rewards", "policy_logps", "reference_logps") if k in data}
 
 
+def _report_warnings(caught, is_main: bool) -> None:
+    """Print our SkippedNWarning / sampling warnings as `warning: ...` lines on stderr; re-emit everything else."""
+    from ..evaluation import SkippedNWarning
+
+    for w in caught:
+        if issubclass(w.category, SkippedNWarning) or str(w.message).startswith("evaluate_policy:"):
+            if is_main:
+                print(f"warning: {w.message}", file=sys.stderr, flush=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_policy, evaluate_scored
+    from ..evaluation import SkippedNWarning, evaluate_policy, evaluate_scored
 
     output = Path(args.output)
     if args.scored:
         if args.model or args.ref_model or args.reward_models or args.dataset:
             raise SystemExit("error: --scored replaces --model/--ref-model/--reward-model/--dataset: give one or the other.")
+        sampling = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
+                                                      ("--top-k", args.top_k, 0)) if value != default]
+        if sampling:
+            raise SystemExit(f"error: {', '.join(sampling)} only apply when sampling here (--model ...); with --scored "
+                             "the samples were drawn elsewhere.")
         data = _load_scored(args.scored)
-        result = evaluate_scored(
-            data["policy_rewards"], data["reference_rewards"], args.ns, args.procedures,
-            data.get("policy_logps"), data.get("reference_logps"), num_bootstrap=args.num_bootstrap,
-            confidence=args.confidence, seed=args.seed, metadata={"scored": str(args.scored)},
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SkippedNWarning)
+            try:
+                result = evaluate_scored(
+                    data["policy_rewards"], data["reference_rewards"], args.ns, args.procedures,
+                    data.get("policy_logps"), data.get("reference_logps"), num_bootstrap=args.num_bootstrap,
+                    confidence=args.confidence, seed=args.seed, metadata={"scored": str(args.scored)},
+                )
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        _report_warnings(caught, True)
         is_main = True
     else:
         missing = [flag for flag, v in (("--model", args.model), ("--ref-model", args.ref_model),
@@ -89,6 +142,20 @@ def run(args: argparse.Namespace) -> int:
         from .build_reference import load_prompts
 
         state = resolve_process_state()
+        dropped = sorted({n for n in args.ns if n > args.num_samples}) if set(args.procedures) - {"standard"} else []
+        kept = [n for n in args.ns if n <= args.num_samples]
+        if dropped and not kept and "standard" not in args.procedures:
+            raise SystemExit(
+                f"error: nothing to evaluate: every --n ({dropped}) is above --num-samples {args.num_samples}, and "
+                f"best/worst of N needs at least N samples per prompt. Pass --num-samples {max(dropped)} (or more), or "
+                "lower --n."
+            )
+        if dropped and state.is_main_process:
+            # Said up front (sampling can take hours), in CLI terms; the API's warning is then not repeated.
+            print(f"warning: skipping --n {' '.join(map(str, dropped))}: --num-samples {args.num_samples} gives only "
+                  f"{args.num_samples} samples per prompt and best/worst of N needs at least N (evaluating N = "
+                  f"{sorted(set(kept))}). Pass --num-samples {max(dropped)} (or more) to evaluate them.",
+                  file=sys.stderr, flush=True)
         dataset = load_prompts(args.dataset, args.split, args.dataset_config)
         if args.prompt_column not in dataset.column_names:
             raise SystemExit(f"error: no column {args.prompt_column!r} in {args.dataset} (columns: {dataset.column_names}).")
@@ -97,13 +164,18 @@ def run(args: argparse.Namespace) -> int:
         if args.prompt_column != "prompt":
             dataset = dataset.remove_columns([c for c in ["prompt"] if c in dataset.column_names])
             dataset = dataset.rename_column(args.prompt_column, "prompt")
-        result = evaluate_policy(
-            args.model, args.ref_model, list(args.reward_models), dataset, reward_weights=args.reward_weights,
-            num_samples=args.num_samples, ns=args.ns, procedures=args.procedures, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, num_bootstrap=args.num_bootstrap, confidence=args.confidence, seed=args.seed,
-            accelerator=state, progress=not args.no_progress,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            result = evaluate_policy(
+                args.model, args.ref_model, list(args.reward_models), dataset, reward_weights=args.reward_weights,
+                num_samples=args.num_samples, ns=kept, procedures=args.procedures,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                batch_size=args.batch_size, num_bootstrap=args.num_bootstrap, confidence=args.confidence,
+                seed=args.seed, accelerator=state, progress=not args.no_progress, policy_name=str(args.model),
+            )
+        _report_warnings(caught, state.is_main_process)
         result.metadata["dataset"] = args.dataset
+        result.metadata["ns_requested"] = sorted(set(args.ns))
+        result.metadata["ns_skipped"] = dropped
         is_main = state.is_main_process
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
