@@ -119,7 +119,7 @@ def test_values_equal_direct_computation(tiny, baseline):
 def test_callable_gets_columns_and_completions_kept(tiny):
     reward = CountingReward()
     out = _build(tiny, [reward], keep_completions=True)
-    assert out.column_names == ["prompt", "topic", "ref_rewards", "ref_completions"]
+    assert out.column_names == ["prompt", "topic", "ref_rewards", "ref_rewards_provenance", "ref_completions"]
     k = SETTINGS["num_samples"]
     assert reward.kwargs[0]["topic"] == [t for t in TOPICS[:2] for _ in range(k)]
     assert {"trainer_state", "log_extra", "log_metric"} <= set(reward.kwargs[0])
@@ -345,7 +345,7 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "7 rows x K=3" in summary and "mean" in summary and "std" in summary
     dataset = load_from_disk(str(output))
-    assert dataset.column_names == ["prompt", "topic", "ref_rewards"]
+    assert dataset.column_names == ["prompt", "topic", "ref_rewards", "ref_rewards_provenance"]
     lines = [json.loads(line) for line in (output / "ref_rewards.jsonl").read_text().splitlines()]
     assert [line["ref_rewards"] for line in lines] == dataset["ref_rewards"]
     assert (output / "cache" / "meta.json").exists()

@@ -1,9 +1,597 @@
 """Provenance of reference rewards: how they were made, recorded by `build_reference_rewards` and checked by
-`CTRLTrainer` against its own settings (work in progress)."""
+`CTRLTrainer` against its own settings.
+
+CTRL calibrates a policy completion's reward against K reference rewards per prompt. That is only meaningful if both
+come from the *same* reward (reward models and their weights, callables, weights of the combination) applied to
+samples drawn the *same way* (same reference policy, prompt formatting, sampling settings). Nothing in a bare
+`ref_rewards` column says how it was made, so :func:`build_reference_rewards` adds a second column,
+`<output_column>_provenance`, and :func:`check_reference_provenance` (run by `CTRLTrainer.__init__` on every dataset)
+compares it with the run.
+
+Encoding
+--------
+The provenance column is a struct with two string fields per row:
+
+- ``build``: compact JSON (sorted keys) of the build settings — the reference model (normalised path / hub id,
+  revision, weights fingerprint), each reward function's identity and weight, the prompt format and chat-template
+  hash, the sampling settings, K, seed, `nonfinite`, the trl-infalign version. Identical in every row of one build.
+- ``prompt_sha256``: the first 16 hex digits of the sha256 of the row's prompt as it was sampled (canonical JSON).
+  A training row whose prompt was edited after the build (re-formatted, a system prompt added) no longer matches.
+
+A column (rather than `dataset.info`) survives `save_to_disk`, `to_json` / `load_dataset("json")`, Parquet and Hub
+upload, `shuffle`, `select`, `filter`, `train_test_split` and `concatenate_datasets` (each row carries its own copy).
+The cost is ~0.3–0.6 KB per row in Arrow (`save_to_disk`, memory-mapped) and JSON; Parquet (Hub) dictionary-encodes
+the repeated ``build`` string, so there it costs ~20 bytes per row.
+
+Weights fingerprint
+-------------------
+:func:`weights_fingerprint` hashes the names and shapes of every parameter plus 4096 evenly spaced values of four
+of them (first, ⅓, ⅔, last), rounded to bfloat16 so that a float32 and a bfloat16 load of one checkpoint agree.
+PEFT wrappers are looked through (adapter weights are ignored: a fresh LoRA adapter leaves the model unchanged).
+It costs a few milliseconds; it returns None where parameters are not materialised (DeepSpeed ZeRO-3, meta device),
+and the check then falls back to comparing model names.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Version of the provenance record (the ``build`` JSON's ``"format"``).
+PROVENANCE_FORMAT = 1
+PROVENANCE_SUFFIX = "_provenance"
+_FINGERPRINT_TENSORS = 4
+_FINGERPRINT_VALUES = 4096
+#: generation kwargs that do not change the sampling distribution (ignored when comparing).
+_NON_DISTRIBUTIONAL_GENERATION_KWARGS = frozenset(
+    {"use_cache", "cache_implementation", "disable_compile", "compile_config", "pad_token_id", "bos_token_id",
+     "output_scores", "output_logits", "return_dict_in_generate", "num_return_sequences", "do_sample"}
+)
+_HOW_TO_GET_PROVENANCE = (
+    "Build the column with `trl_infalign.build_reference_rewards(...)` or `trl-infalign build-reference`, which record "
+    "how the references were made in a `<column>_provenance` column."
+)
+_OVERRIDE = (
+    "To train anyway (calibration may then compare unlike rewards), set "
+    "CTRLConfig.reference_provenance_check=\"warn\" (warn and continue) or \"off\" (skip this check)."
+)
+
+
+class ReferenceProvenanceWarning(UserWarning):
+    """The reference rewards' provenance is missing, unreadable, or differs from the run (with `"warn"`)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identities
+
+
+def provenance_column_name(column: str = "ref_rewards") -> str:
+    """The provenance column that goes with reference-rewards column `column` (`ref_rewards_provenance`)."""
+    return f"{column}{PROVENANCE_SUFFIX}"
+
+
+def normalise_model_name(name) -> str:
+    """A local path as its resolved absolute path (so `./m`, `m` and `/abs/m` agree); a hub id as given."""
+    text = os.fspath(name) if isinstance(name, os.PathLike) else str(name)
+    expanded = os.path.expanduser(text)
+    if text and os.path.exists(expanded):
+        return os.path.realpath(expanded)
+    return text.rstrip("/") or text
+
+
+def _base_model(model):
+    """Look through PEFT (`PeftModel.get_base_model()`); DDP / DeepSpeed wrappers are removed by the caller."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        try:
+            return get_base()
+        except Exception:  # noqa: BLE001 - not a PEFT model after all
+            return model
+    return model
+
+
+def _normalised_parameter_name(name: str) -> str | None:
+    """Parameter name with PEFT's wrapping undone; None for adapter-only parameters."""
+    parts = name.split(".")
+    if any(part.startswith("lora_") or part == "modules_to_save" for part in parts):
+        return None
+    return ".".join(part for part in parts if part not in ("base_layer", "original_module"))
+
+
+def weights_fingerprint(model) -> str | None:
+    """A cheap fingerprint of a model's weights (16 hex digits), or None where it cannot be computed cheaply.
+
+    sha256 over every parameter's (normalised) name and shape, plus `_FINGERPRINT_VALUES` evenly spaced values of
+    `_FINGERPRINT_TENSORS` parameters, rounded to bfloat16 (float32 / bfloat16 loads of one checkpoint agree; a
+    float16 load may not). PEFT adapters are ignored; ZeRO-3-partitioned or meta-device parameters give None.
+    """
+    import torch
+
+    try:
+        named = []
+        for name, param in _base_model(model).named_parameters():
+            normalised = _normalised_parameter_name(name)
+            if normalised is None:
+                continue
+            if hasattr(param, "ds_numel") or param.device.type == "meta" or type(param.data) not in (torch.Tensor,):
+                return None  # DeepSpeed ZeRO-3 partition, meta tensor or DTensor: not cheap to read
+            named.append((normalised, param))
+        if not named:
+            return None
+        digest = hashlib.sha256()
+        for name, param in named:
+            digest.update(f"{name}:{tuple(param.shape)}\n".encode())
+        count = len(named)
+        picks = sorted({round(i * (count - 1) / max(_FINGERPRINT_TENSORS - 1, 1)) for i in range(_FINGERPRINT_TENSORS)})
+        with torch.no_grad():
+            for i in picks:
+                flat = named[i][1].detach().reshape(-1)
+                if flat.numel() == 0:
+                    continue
+                steps = min(flat.numel(), _FINGERPRINT_VALUES)
+                index = torch.linspace(0, flat.numel() - 1, steps=steps, device=flat.device).round().long()
+                values = flat[index].to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                digest.update(values.tobytes())
+        return digest.hexdigest()[:16]
+    except Exception as error:  # noqa: BLE001 - a fingerprint is optional; never break training for it
+        logger.debug("No weights fingerprint for %s: %s", type(model).__name__, error)
+        return None
+
+
+def model_identity(model, fingerprint: bool = True) -> dict:
+    """`{"name", "revision", "fingerprint"}` of a model given as a path / hub id (no fingerprint) or an object."""
+    if isinstance(model, (str, os.PathLike)):
+        return {"name": normalise_model_name(model), "revision": None, "fingerprint": None}
+    config = getattr(_base_model(model), "config", None) or getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    return {
+        "name": normalise_model_name(name),
+        "revision": getattr(config, "_commit_hash", None),
+        "fingerprint": weights_fingerprint(model) if fingerprint else None,
+    }
+
+
+def reward_func_identity(func) -> dict:
+    """`{"kind": "model", "name", "revision", "fingerprint"}` for a reward model, `{"kind": "callable", "name":
+    "module:qualname"}` for a callable (a `functools.partial` is named after its function, an object after its class)."""
+    from torch import nn
+
+    if isinstance(func, nn.Module):
+        return {"kind": "model", **model_identity(func)}
+    if isinstance(func, (str, os.PathLike)):
+        return {"kind": "model", **model_identity(func)}
+    target = func.func if isinstance(func, functools.partial) else func
+    module = getattr(target, "__module__", None) or type(target).__module__
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return {"kind": "callable", "name": f"{module}:{qualname}"}
+
+
+def chat_template_sha256(processing_class) -> str | None:
+    """sha256 (16 hex digits) of a tokenizer's / processor's chat template, or None without one."""
+    template = getattr(processing_class, "chat_template", None)
+    if template is None and hasattr(processing_class, "tokenizer"):
+        template = getattr(processing_class.tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _canonical(value):
+    """Drop None-valued keys (Arrow fills missing struct fields with None) and sort keys."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in sorted(value.items()) if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def prompt_fingerprint(prompt) -> str:
+    """sha256 (16 hex digits) of a prompt (a string or a list of messages) in canonical JSON."""
+    text = json.dumps(_canonical(prompt), sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sampling_settings(*, temperature, top_p, top_k, max_new_tokens, generation_kwargs=None, min_p=None,
+                      repetition_penalty=None) -> dict:
+    """The effective sampling settings, with neutral values normalised (top_k None ≡ 0, top_p None ≡ 1, ...) and
+    `generation_kwargs` applied on top, as `model.generate` sees them."""
+    settings = {
+        "temperature": 1.0 if temperature is None else float(temperature),
+        "top_p": 1.0 if top_p is None else float(top_p),
+        "top_k": 0 if top_k is None else int(top_k),
+        "min_p": 0.0 if min_p is None else float(min_p),
+        "repetition_penalty": 1.0 if repetition_penalty is None else float(repetition_penalty),
+        "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
+    }
+    for key, value in sorted((generation_kwargs or {}).items()):
+        if key in _NON_DISTRIBUTIONAL_GENERATION_KWARGS:
+            continue
+        settings[key] = json.loads(json.dumps(value, default=repr))
+    for key, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0), ("temperature", 1.0)):
+        if settings.get(key) is None:
+            settings[key] = neutral
+    return settings
+
+
+def build_provenance(*, reference_model: dict, reward_funcs: list[dict], reward_weights, prompt_format: str,
+                     chat_template: str | None, chat_template_kwargs: dict | None, sampling: dict, num_samples: int,
+                     seed: int, batch_size: int, nonfinite: str, sampler: str) -> dict:
+    """The ``build`` record of a reference-rewards build (see the module docstring)."""
+    from . import __version__
+
+    return {
+        "format": PROVENANCE_FORMAT,
+        "trl_infalign": __version__,
+        "reference_model": reference_model,
+        "reward_funcs": [{**identity, "weight": float(w)} for identity, w in zip(reward_funcs, reward_weights, strict=True)],
+        "prompt_format": prompt_format,
+        "chat_template_sha256": chat_template if prompt_format == "conversational" else None,
+        "chat_template_kwargs": json.loads(json.dumps(chat_template_kwargs or {}, default=repr, sort_keys=True)),
+        "sampling": sampling,
+        "sampler": sampler,
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "nonfinite": nonfinite,
+    }
+
+
+def encode_provenance(build: dict) -> str:
+    """Compact, deterministic JSON of a ``build`` record (identical builds give identical strings)."""
+    return json.dumps(build, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def provenance_rows(build: dict, prompts) -> list[dict]:
+    """The provenance column's values for `prompts`: `{"build": <json>, "prompt_sha256": <16 hex>}` per row."""
+    encoded = encode_provenance(build)
+    return [{"build": encoded, "prompt_sha256": prompt_fingerprint(p)} for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_column(dataset, column: str, with_prompts: bool = False, max_iterable_rows: int = 1000):
+    """(distinct build strings with their row counts, per-row recorded prompt hashes, per-row prompts or None).
+
+    Map-style datasets are read column-wise through Arrow (fast for 100k+ rows); an `IterableDataset` only for its
+    first `max_iterable_rows` rows."""
+    from datasets import IterableDataset
+
+    builds: dict[str, int] = {}
+    hashes: list[str | None] = []
+    prompts: list | None = [] if with_prompts else None
+    if isinstance(dataset, IterableDataset):
+        for _, example in zip(range(max_iterable_rows), dataset):
+            value = example.get(column) or {}
+            build = value.get("build") if isinstance(value, dict) else None
+            builds[build] = builds.get(build, 0) + 1
+            hashes.append(value.get("prompt_sha256") if isinstance(value, dict) else None)
+            if prompts is not None:
+                prompts.append(example.get("prompt"))
+        return builds, hashes, prompts
+    for table in dataset.select_columns([column]).with_format("arrow").iter(batch_size=16384):
+        array = table.column(column).combine_chunks()
+        try:
+            build_array, hash_array = array.field("build"), array.field("prompt_sha256")
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise ValueError(
+                f"column {column!r} is not a reference-provenance struct of 'build' and 'prompt_sha256' "
+                f"(type {array.type})"
+            ) from None
+        for value, count in zip(*_value_counts(build_array)):
+            builds[value] = builds.get(value, 0) + count
+        hashes.extend(hash_array.to_pylist())
+    if prompts is not None and "prompt" in dataset.column_names:
+        for batch in dataset.select_columns(["prompt"]).iter(batch_size=4096):
+            prompts.extend(batch["prompt"])
+    return builds, hashes, prompts
+
+
+def _value_counts(array):
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(array)
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
+def read_reference_provenance(dataset, column: str = "ref_rewards") -> dict | None:
+    """How the reference rewards in `dataset[column]` were made, or None if the dataset has no provenance column.
+
+    Returns the ``build`` record written by :func:`build_reference_rewards` (reference model, reward functions with
+    weights, prompt format, sampling settings, K, seed, version). Rows from several builds (e.g. concatenated
+    datasets) raise a `ValueError` saying how many builds there are; use :func:`read_reference_provenances` for them.
+    """
+    builds = read_reference_provenances(dataset, column)
+    if builds is None:
+        return None
+    if len(builds) > 1:
+        raise ValueError(
+            f"The rows of column {column!r} come from {len(builds)} different reference builds "
+            f"({', '.join(str(n) for _, n in builds)} rows): use read_reference_provenances() to get each."
+        )
+    return builds[0][0]
+
+
+def read_reference_provenances(dataset, column: str = "ref_rewards") -> list[tuple[dict, int]] | None:
+    """Every distinct ``build`` record in `dataset`'s provenance column with its number of rows (None: no column).
+
+    Raises `ValueError` if the column cannot be decoded."""
+    name = provenance_column_name(column)
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or name not in columns:
+        return None
+    builds, _, _ = _read_column(dataset, name)
+    return [(_decode(text, name), count) for text, count in builds.items()]
+
+
+def _decode(text, name: str) -> dict:
+    try:
+        build = json.loads(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"column {name!r} holds an unreadable provenance record: {str(text)[:80]!r}") from None
+    if not isinstance(build, dict) or "format" not in build:
+        raise ValueError(f"column {name!r} holds a record that is not reference provenance: {str(text)[:80]!r}")
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparing with a trainer
+
+
+def describe_trainer(trainer) -> dict:
+    """The run's side of the comparison, read from `trainer` cheaply (no forward pass, no gather).
+
+    Uses `trainer.accelerator.unwrap_model` for the policy and reward models (DDP / DeepSpeed engines), looks through
+    PEFT, and reads the user's reward weights (`ctrl_reward_weights` once set, RLOO's `reward_weights` before)."""
+    accelerator = getattr(trainer, "accelerator", None)
+
+    def unwrap(model):
+        return accelerator.unwrap_model(model) if accelerator is not None else model
+
+    args = trainer.args
+    weights = getattr(trainer, "ctrl_reward_weights", None)
+    if weights is None:
+        weights = trainer.reward_weights
+    weights = [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+    funcs = [reward_func_identity(unwrap(f)) for f in trainer.reward_funcs]
+    names = getattr(trainer, "ctrl_reward_func_names", None) or getattr(trainer, "reward_func_names", None) or []
+    return {
+        "reference_model": model_identity(unwrap(trainer.model)),
+        "reward_funcs": funcs,
+        "reward_func_names": list(names),
+        "reward_weights": weights,
+        "chat_template_sha256": chat_template_sha256(trainer.processing_class),
+        "chat_template_kwargs": json.loads(json.dumps(getattr(args, "chat_template_kwargs", None) or {}, default=repr, sort_keys=True)),
+        "sampling": sampling_settings(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length,
+            generation_kwargs=args.generation_kwargs, min_p=getattr(args, "min_p", None),
+            repetition_penalty=getattr(args, "repetition_penalty", None),
+        ),
+    }
+
+
+def _models_match(recorded: dict, current: dict) -> bool:
+    if recorded.get("fingerprint") and current.get("fingerprint"):
+        return recorded["fingerprint"] == current["fingerprint"]  # excuses a copied / renamed directory
+    if recorded.get("revision") and current.get("revision") and recorded["revision"] != current["revision"]:
+        return False
+    return normalise_model_name(recorded.get("name", "")) == normalise_model_name(current.get("name", ""))
+
+
+def _callables_match(recorded: str, current: str) -> bool:
+    """`module:qualname` equal; a function defined in a script is `__main__:f` there and `script:f` when imported,
+    so `__main__` matches any module with the same qualname."""
+    if recorded == current:
+        return True
+    rec_module, _, rec_qual = recorded.rpartition(":")
+    cur_module, _, cur_qual = current.rpartition(":")
+    return rec_qual == cur_qual and "__main__" in (rec_module, cur_module)
+
+
+def _reward_matches(recorded: dict, current: dict) -> bool:
+    if recorded.get("kind") != current.get("kind"):
+        return False
+    if recorded.get("kind") == "model":
+        return _models_match(recorded, current)
+    return _callables_match(str(recorded.get("name")), str(current.get("name")))
+
+
+def _describe_model(identity: dict) -> str:
+    text = repr(identity.get("name"))
+    if identity.get("revision"):
+        text += f" @ {identity['revision']}"
+    if identity.get("fingerprint"):
+        text += f" (weights {identity['fingerprint']})"
+    return text
+
+
+def _describe_reward(identity: dict) -> str:
+    if identity.get("kind") == "model":
+        return "reward model " + _describe_model(identity)
+    return f"callable {identity.get('name')}"
+
+
+def compare_provenance(build: dict, run: dict, prompt_format: str | None) -> list[str]:
+    """Each difference between a recorded ``build`` record and the run (:func:`describe_trainer`), as one line naming
+    the field, the recorded value, the run's value and the fix. `prompt_format` is the training rows' format."""
+    problems: list[str] = []
+    recorded_model, current_model = build.get("reference_model") or {}, run["reference_model"]
+    if recorded_model and not _models_match(recorded_model, current_model):
+        why = " (same name, different weights: was the model changed in place?)" if (
+            normalise_model_name(recorded_model.get("name", "")) == current_model.get("name")
+        ) else ""
+        problems.append(
+            f"reference model: recorded {_describe_model(recorded_model)}, this run trains {_describe_model(current_model)}"
+            f"{why}. CTRL calibrates against samples of the policy it starts from. Fix: pass the model the references "
+            "were built with as `model=`, or rebuild the references from this model."
+        )
+    recorded_funcs = build.get("reward_funcs") or []
+    current_funcs, names = run["reward_funcs"], run.get("reward_func_names") or []
+    if len(recorded_funcs) != len(current_funcs):
+        problems.append(
+            f"reward functions: recorded {len(recorded_funcs)} ({', '.join(_describe_reward(f) for f in recorded_funcs)}), "
+            f"this run has {len(current_funcs)} ({', '.join(_describe_reward(f) for f in current_funcs)}). Fix: pass "
+            "the same reward_funcs (and reward_weights) the references were built with, or rebuild the references "
+            "with this run's."
+        )
+    else:
+        for i, (recorded, current) in enumerate(zip(recorded_funcs, current_funcs)):
+            if not _reward_matches(recorded, current):
+                label = f" {names[i]!r}" if i < len(names) else ""
+                problems.append(
+                    f"reward function {i}{label}: recorded {_describe_reward(recorded)}, this run "
+                    f"{_describe_reward(current)}. Fix: pass the reward function the references were scored with, "
+                    "or rebuild the references with this one (build_reference_rewards(reward_funcs=...) / "
+                    "--reward-model)."
+                )
+        recorded_weights = [float(f.get("weight", 1.0)) for f in recorded_funcs]
+        current_weights = run["reward_weights"]
+        if len(recorded_weights) == len(current_weights) and not all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(recorded_weights, current_weights)
+        ):
+            problems.append(
+                f"reward weights: recorded {recorded_weights}, this run {[round(w, 7) for w in current_weights]}. "
+                "The reference rewards are the combined sum, so the weights must be equal. Fix: set "
+                f"CTRLConfig.reward_weights={recorded_weights}, or rebuild with "
+                f"reward_weights={[round(w, 7) for w in current_weights]} (--reward-weights)."
+            )
+    recorded_format = build.get("prompt_format")
+    if prompt_format is not None and recorded_format and recorded_format != prompt_format:
+        problems.append(
+            f"prompt format: the references were sampled from {recorded_format} prompts, this dataset's prompts are "
+            f"{prompt_format}. The policy would see differently formatted prompts than the reference samples did. "
+            "Fix: train on the prompts the references were built from, or rebuild the references on these prompts."
+        )
+    elif prompt_format == "conversational":
+        recorded_template = build.get("chat_template_sha256")
+        if recorded_template and run["chat_template_sha256"] and recorded_template != run["chat_template_sha256"]:
+            problems.append(
+                f"chat template: recorded sha256 {recorded_template}, this run's processing_class has "
+                f"{run['chat_template_sha256']}. Fix: use the tokenizer the references were built with "
+                "(processing_class=), or rebuild the references with this tokenizer (tokenizer=)."
+            )
+        recorded_kwargs = build.get("chat_template_kwargs") or {}
+        if recorded_kwargs != (run.get("chat_template_kwargs") or {}):
+            problems.append(
+                f"chat_template_kwargs: recorded {recorded_kwargs}, this run {run.get('chat_template_kwargs') or {}}. "
+                "Fix: set CTRLConfig.chat_template_kwargs to the recorded value, or rebuild with this run's."
+            )
+    recorded_sampling = build.get("sampling") or {}
+    current_sampling = run["sampling"]
+    trainer_field = {"max_new_tokens": "max_completion_length"}
+    for key in sorted(set(recorded_sampling) | set(current_sampling)):
+        recorded, current = recorded_sampling.get(key, "<unset>"), current_sampling.get(key, "<unset>")
+        if recorded == current or (
+            isinstance(recorded, (int, float)) and isinstance(current, (int, float))
+            and math.isclose(recorded, current, rel_tol=1e-9)
+        ):
+            continue
+        config_field = trainer_field.get(key)
+        if config_field is not None:
+            run_value = f"{config_field}={current}"
+            fix = f"set CTRLConfig.{config_field}={recorded}, or rebuild with {key}={current} (--max-new-tokens)"
+        elif key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            run_value = f"{key}={current}"
+            fix = f"set CTRLConfig.{key}={recorded}, or rebuild the references with {key}={current}"
+        else:
+            run_value = f"generation_kwargs[{key!r}]={current}"
+            fix = f"make CTRLConfig.generation_kwargs[{key!r}] match, or rebuild with generation_kwargs={{{key!r}: {current!r}}}"
+        problems.append(
+            f"{key}: the references were sampled with {key}={recorded}, this run samples with {run_value}. Samples "
+            f"drawn differently have a different reward distribution. Fix: {fix}."
+        )
+    return problems
+
+
+def _prompt_problem(hashes: list, prompts: list | None, max_report: int = 5) -> str | None:
+    if not prompts:
+        return None
+    changed = [i for i, (h, p) in enumerate(zip(hashes, prompts)) if h is not None and h != prompt_fingerprint(p)]
+    if not changed:
+        return None
+    shown = ", ".join(str(i) for i in changed[:max_report]) + (" ..." if len(changed) > max_report else "")
+    return (
+        f"prompts: {len(changed)} of {len(prompts)} rows have a different prompt than the one their references were "
+        f"sampled for (rows {shown}): the prompts were edited after the build (re-formatted, a system prompt "
+        "added...), or reference rewards were attached to the wrong rows. Fix: rebuild the references on the final "
+        "prompts."
+    )
+
 
 def check_reference_provenance(trainer, dataset, split: str) -> None:
-    """Compare the provenance recorded in `dataset` with `trainer`'s settings (see `CTRLConfig.reference_provenance_check`)."""
-    return None
+    """Compare the provenance recorded in `dataset` with `trainer`'s settings (see `CTRLConfig.reference_provenance_check`).
+
+    With `"raise"` (default) every difference — reference model, each reward function, the reward weights, the prompt
+    format / chat template, the sampling settings (`max_new_tokens` vs `max_completion_length`, temperature, top-p,
+    top-k, generation kwargs), prompts edited after the build — is listed in **one** `ValueError` naming the field,
+    the recorded value, the run's value and the fix, plus the override. `"warn"` emits the same text once as a
+    :class:`ReferenceProvenanceWarning`; `"off"` skips the check. A dataset without a provenance column (older or
+    hand-made) gets one warning saying the check was skipped and how to get provenance.
+    """
+    mode = getattr(trainer.args, "reference_provenance_check", "raise")
+    if mode == "off":
+        logger.info("%s: reference provenance check is off (CTRLConfig.reference_provenance_check='off').", split)
+        return
+    column = trainer.args.reference_rewards_column
+    name = provenance_column_name(column)
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or name not in columns:
+        warnings.warn(
+            f"{split}: no reference provenance column {name!r}, so nothing checks that the reference rewards in "
+            f"{column!r} come from this run's reward functions, weights, prompt format, sampling settings and "
+            f"reference model (check skipped). {_HOW_TO_GET_PROVENANCE.replace('<column>', column)}",
+            ReferenceProvenanceWarning,
+            stacklevel=3,
+        )
+        return
+    try:
+        builds, hashes, prompts = _read_column(dataset, name, with_prompts=True)
+        decoded = [(_decode(text, name), count) for text, count in builds.items()]
+    except ValueError as error:
+        problems, decoded = [f"provenance: {error}. Fix: rebuild the references with build_reference_rewards."], []
+        prompts = None
+    else:
+        problems = []
+    first_prompt = prompts[0] if prompts else None
+    from .sampling import is_conversational_prompt
+
+    prompt_format = None if first_prompt is None else ("conversational" if is_conversational_prompt(first_prompt) else "plain")
+    run = describe_trainer(trainer)
+    for index, (build, count) in enumerate(decoded):
+        prefix = f"[build {index + 1} of {len(decoded)}, {count} rows] " if len(decoded) > 1 else ""
+        problems += [prefix + p for p in compare_provenance(build, run, prompt_format)]
+    if decoded:
+        prompt_problem = _prompt_problem(hashes, prompts)
+        if prompt_problem:
+            problems.append(prompt_problem)
+    if not problems:
+        return
+    message = (
+        f"{split}: the reference rewards in column {column!r} were not made the way this run trains, so calibration "
+        f"would compare unlike rewards ({len(problems)} difference{'s' if len(problems) > 1 else ''}, recorded in "
+        f"{name!r}):\n" + "\n".join(f"  - {p}" for p in problems) + f"\n{_OVERRIDE}"
+    )
+    if mode == "warn":
+        warnings.warn(message, ReferenceProvenanceWarning, stacklevel=3)
+        return
+    raise ValueError(message)
+
+
+__all__ = [
+    "ReferenceProvenanceWarning",
+    "check_reference_provenance",
+    "read_reference_provenance",
+    "read_reference_provenances",
+    "provenance_column_name",
+    "weights_fingerprint",
+]
