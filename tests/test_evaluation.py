@@ -14,6 +14,7 @@ from datasets import Dataset
 from trl_infalign.cli import main as cli_main
 from trl_infalign.evaluation import (
     EvaluationResult,
+    SkippedNWarning,
     evaluate_policy,
     evaluate_scored,
     inference_win_rate,
@@ -247,11 +248,13 @@ def length_reward(prompts, completions, **kwargs):
 
 
 def test_evaluate_policy_same_model_is_half_and_zero_kl(tiny):
-    res = evaluate_policy(
-        tiny["policy"], tiny["policy"], [tiny["reward"]], PROMPTS, num_samples=8, ns=(1, 2, 4, 8, 16, 32),
-        max_new_tokens=6, num_bootstrap=300, progress=False,
-    )
+    with pytest.warns(SkippedNWarning, match=r"N = \[16, 32\]"):
+        res = evaluate_policy(
+            tiny["policy"], tiny["policy"], [tiny["reward"]], PROMPTS, num_samples=8, ns=(1, 2, 4, 8, 16, 32),
+            max_new_tokens=6, num_bootstrap=300, progress=False,
+        )
     assert [(r["procedure"], r["n"]) for r in res.win_rates][-1] == ("won", 8)  # ns filtered to <= num_samples
+    assert res.metadata["policy"] == res.metadata["reference"] == tiny["policy"]  # it *is* the reference
     for row in res.win_rates:
         assert row["ci_low"] <= 0.5 <= row["ci_high"], row
     assert res.kl_k1 == 0.0 and res.kl_k3 == 0.0
@@ -287,9 +290,13 @@ def test_cli_scored(tmp_path, capsys):
     path = tmp_path / "scored.json"
     path.write_text(json.dumps(scored))
     out = tmp_path / "out"
-    assert cli_main(["evaluate", "--scored", str(path), "--n", "1", "2", "4", "--num-bootstrap", "100", "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert cli_main(["evaluate", "--scored", str(path), "--n", "1", "2", "4", "16", "--num-bootstrap", "100",
+                     "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| bon | 4 |" in printed
+    # N = 16 > 8 samples: dropped, and said so on stderr with the fix
+    assert "warning: Skipping N = [16]" in captured.err and "m >= N" in captured.err
     data = json.loads((out / "evaluation.json").read_text())
     assert {"win_rates", "kl", "num_prompts", "num_samples_policy", "num_samples_reference", "confidence"} <= set(data)
     assert data["kl"] is None and data["num_prompts"] == 30
@@ -298,6 +305,8 @@ def test_cli_scored(tmp_path, capsys):
     assert (out / "win_rate_vs_n.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         cli_main(["evaluate", "--scored", str(path), "--model", "some-model", "--output", str(out)])
+    with pytest.raises(SystemExit, match="Nothing to evaluate.*N = \\[16\\]"):
+        cli_main(["evaluate", "--scored", str(path), "--n", "16", "--procedures", "bon", "--output", str(out)])
 
 
 def test_cli_models(tiny, tmp_path, capsys):
@@ -306,11 +315,197 @@ def test_cli_models(tiny, tmp_path, capsys):
         "evaluate", "--model", tiny["other"], "--ref-model", tiny["policy"], "--reward-model", tiny["reward"],
         "--dataset", str(tiny["data"]), "--prompt-column", "text", "--num-prompts", "4", "--num-samples", "4",
         "--n", "1", "2", "4", "8", "--max-new-tokens", "5", "--num-bootstrap", "50", "--no-progress", "--output", str(out),
+        "--top-p", "0.999",
     ])
     assert code == 0
+    captured = capsys.readouterr()
+    # N = 8 > --num-samples 4: a warning line on stderr naming the dropped N and the fix
+    assert "warning: skipping --n 8" in captured.err and "--num-samples 8" in captured.err
+    assert "standard" in captured.out and "KL per completion (k1, nats)" in captured.out
     data = json.loads((out / "evaluation.json").read_text())
+    # the metadata names the evaluated model (the --model path) and the sampling settings
+    md = data["metadata"]
+    assert md["policy"] == tiny["other"] and md["reference"] == tiny["policy"]
+    assert (md["temperature"], md["top_p"], md["top_k"]) == (1.0, 0.999, 0) and md["ns_skipped"] == [8]
+    assert data["kl_per_completion"]["estimate"] == data["kl"]["k1"]["estimate"]
     assert data["num_prompts"] == 4 and data["num_samples_policy"] == 4
     assert set(data["kl"]) == {"k1", "k3"} and data["kl"]["k3"]["estimate"] > 0
     assert max(r["n"] for r in data["win_rates"]) == 4
     assert (out / "evaluation.md").exists() and (out / "win_rate_vs_n.png").exists()
-    assert "standard" in capsys.readouterr().out
+
+
+def test_cli_refuses_when_every_n_exceeds_num_samples_and_bad_sampling_flags(tmp_path, capsys):
+    common = ["evaluate", "--model", "m", "--ref-model", "r", "--reward-model", "rm", "--dataset", "d.jsonl",
+              "--output", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--num-samples 16"):
+        cli_main(common + ["--num-samples", "4", "--n", "16", "--procedures", "bon"])
+    for flag, value in (("--temperature", "0"), ("--top-p", "1.5"), ("--top-k", "-1")):
+        with pytest.raises(SystemExit):
+            cli_main(common + [flag, value])
+        assert flag in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ KL units and CI
+def test_k1_ci_brackets_estimate_and_matches_brute_force_bootstrap(tmp_path):
+    """The headline KL is k1 per completion (nats) with a percentile bootstrap CI over prompts, same seed as the win
+    rates: recompute it by hand (per-prompt means, resampled prompts, quantiles)."""
+    rng = np.random.default_rng(11)
+    P, m, B, seed = 30, 6, 400, 3
+    lp = rng.normal(-8, 2, size=(P, m))
+    lr = lp - rng.exponential(0.5, size=(P, m))  # log π − log π_ref ≥ 0, heavy-ish right tail
+    lp[0, 1] = np.nan  # a missing sample: per-prompt means skip it
+    a, b = rng.uniform(size=(P, m)), rng.uniform(size=(P, m))
+    res = evaluate_scored(a, b, ns=(2,), policy_logps=lp, reference_logps=lr, num_bootstrap=B, seed=seed)
+
+    k1 = lp - lr
+    rho = np.exp(lr - lp)
+    k3 = rho - 1 - np.log(rho)
+    per_k1, per_k3 = np.nanmean(k1, axis=1), np.nanmean(k3, axis=1)
+    idx = np.random.default_rng(seed).integers(0, P, size=(B, P))
+    means = np.array([[per[row].mean() for row in idx] for per in (per_k1, per_k3)])
+    want = np.quantile(means, [0.025, 0.975], axis=1)
+    assert res.kl_k1 == pytest.approx(per_k1.mean(), abs=1e-12)
+    assert res.kl_k1_ci == pytest.approx(tuple(want[:, 0]), abs=1e-12)
+    assert res.kl_k3_ci == pytest.approx(tuple(want[:, 1]), abs=1e-12)
+    assert res.kl_k1_ci[0] < res.kl_k1 < res.kl_k1_ci[1]
+    np.testing.assert_allclose(res.kl_k1_per_prompt, per_k1, atol=1e-12)
+
+    # every output says what the number is: KL per completion (k1, nats), with its CI
+    low, high = res.kl_k1_ci
+    headline = f"KL per completion (k1, nats) = {res.kl_k1:.4f} [{low:.4f}, {high:.4f}]"
+    assert res.kl_summary() == headline and headline in res.to_markdown()
+    fig = res.plot(tmp_path / "kl.png")
+    assert fig.axes[0].get_title() == res.kl_summary(digits=3)
+    data = res.to_dict(per_prompt=True)
+    assert data["kl_per_completion"] == {"estimator": "k1", "unit": "nats per completion", "estimate": res.kl_k1,
+                                         "ci_low": low, "ci_high": high}
+    assert data["kl"]["k1"]["ci_low"] == low and len(data["per_prompt"]["kl_k1"]) == P  # old keys kept
+    metrics = res.metrics("eval/")
+    assert metrics["eval/kl_k1_ci_low"] == low and metrics["eval/kl_k1_ci_high"] == high
+
+
+def test_evaluate_scored_warns_naming_skipped_n_and_fix():
+    rng = np.random.default_rng(12)
+    a, b = rng.uniform(size=(5, 4)), rng.uniform(size=(5, 3))
+    with pytest.warns(SkippedNWarning, match=r"Skipping N = \[4, 8\].*3 samples.*m >= N"):
+        res = evaluate_scored(a, b, ns=(2, 4, 8), procedures=("bon",), num_bootstrap=0)
+    assert [r["n"] for r in res.win_rates] == [2]
+
+
+# ------------------------------------------------------------------------------------------------ what was evaluated
+def _small_eval(tiny, policy, reference, **kwargs):
+    kwargs = {"num_samples": 2, "ns": (2,), "procedures": ("bon",), "max_new_tokens": 3, "num_bootstrap": 0,
+              "progress": False, "tokenizer": tiny["tokenizer"], **kwargs}
+    return evaluate_policy(policy, reference, length_reward, PROMPTS[:2], **kwargs)
+
+
+def test_metadata_policy_names_the_in_memory_model_not_the_reference(tiny):
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tiny["policy"])  # e.g. trainer.model: _name_or_path is the SFT path
+    assert trained.config._name_or_path == tiny["policy"]
+    res = _small_eval(tiny, trained, tiny["policy"])
+    assert res.metadata["policy"] == f"in-memory model (initialised from {tiny['policy']!r})"
+    assert res.metadata["reference"] == tiny["policy"] and res.metadata["policy_in_memory"] is True
+    named = _small_eval(tiny, trained, tiny["policy"], policy_name="ctrl-out (step 300)")
+    assert named.metadata["policy"] == "ctrl-out (step 300)"
+    by_path = _small_eval(tiny, tiny["other"], tiny["policy"])
+    assert by_path.metadata["policy"] == tiny["other"] and by_path.metadata["policy_in_memory"] is False
+    assert "policy: `" + tiny["other"] + "`" in by_path.to_markdown()
+    with pytest.raises(ValueError, match="policy_name"):
+        _small_eval(tiny, trained, tiny["policy"], policy_name="")
+
+
+def test_sampling_parameters_reach_both_models_and_are_recorded(tiny):
+    seen = []
+
+    def recording_reward(prompts, completions, **kwargs):
+        seen.append(list(completions))
+        return [float(len(c)) for c in completions]
+
+    common = dict(num_samples=6, ns=(2,), procedures=("bon",), max_new_tokens=4, num_bootstrap=0, progress=False)
+    with pytest.warns(UserWarning, match="not draws from π"):
+        greedy = evaluate_policy(tiny["other"], tiny["policy"], recording_reward, PROMPTS[:2], top_k=1, **common)
+    # top_k=1 is greedy: the 6 samples of each prompt are identical, for the policy and for the reference
+    for call in seen:
+        assert all(len(set(call[i * 6:(i + 1) * 6])) == 1 for i in range(2)), call
+    assert (greedy.metadata["temperature"], greedy.metadata["top_p"], greedy.metadata["top_k"]) == (1.0, 1.0, 1)
+    assert "not draws from π" in greedy.metadata["kl_note"] and "Note:" in greedy.to_markdown()
+    seen.clear()
+    sampled = evaluate_policy(tiny["other"], tiny["policy"], recording_reward, PROMPTS[:2], **common)
+    assert any(len(set(call[i * 6:(i + 1) * 6])) > 1 for call in seen for i in range(2))
+    assert sampled.metadata["top_k"] == 0 and "kl_note" not in sampled.metadata
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"temperature": 0.0}, "temperature"), ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"),
+     ({"top_p": 1.5}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"num_samples": 0}, "num_samples")],
+)
+def test_evaluate_policy_validates_sampling_arguments(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _small_eval(tiny, tiny["other"], tiny["policy"], **kwargs)
+
+
+def test_evaluate_policy_warns_for_n_above_num_samples_and_refuses_when_nothing_is_left(tiny):
+    with pytest.warns(SkippedNWarning, match=r"Skipping N = \[4, 8\].*num_samples >= N"):
+        res = _small_eval(tiny, tiny["other"], tiny["policy"], ns=(1, 2, 4, 8), procedures=("standard", "bon"))
+    assert [(r["procedure"], r["n"]) for r in res.win_rates] == [("standard", 1), ("bon", 1), ("bon", 2)]
+    assert res.metadata["ns_skipped"] == [4, 8] and res.metadata["ns_requested"] == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match=r"N = \[4\].*num_samples >= N"):
+        _small_eval(tiny, tiny["other"], tiny["policy"], ns=(4,))
+
+
+# ------------------------------------------------------------------------------------------------ model card
+class _FakeCTRLTrainer:
+    """What `build_ctrl_model_card` reads from a `CTRLTrainer`."""
+
+    _tag_names = ["trl", "ctrl", "infalign"]
+    _paper = {"id": "2412.19792", "citation": "@article{balashankar2025infalign}"}
+
+    def __init__(self, tmp_path, settings, evaluation=None):
+        from types import SimpleNamespace
+
+        self.model = SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path / "sft")))
+        self.args = SimpleNamespace(output_dir=str(tmp_path / "out"))
+        self.ctrl_evaluation = evaluation
+        self._settings = settings
+
+    def ctrl_card_settings(self):
+        return self._settings
+
+
+CARD_SETTINGS = {"inference_procedure": "bon", "inference_n": 4, "transform": "bon:t=2", "t": 2.0, "beta": 0.5,
+                 "kl_budget": 1.0, "num_reference_samples": 8, "reference_rewards_column": "ref_rewards"}
+
+
+def test_model_card_reports_per_completion_kl_and_labels_per_token_kl(tmp_path):
+    from trl_infalign.model_card import build_ctrl_model_card
+
+    rng = np.random.default_rng(13)
+    lp = rng.normal(-6, 1, size=(20, 4))
+    evaluation = evaluate_scored(rng.beta(2, 1, size=(20, 4)), rng.uniform(size=(20, 4)), ns=(4,),
+                                 policy_logps=lp, reference_logps=lp - 0.9, num_bootstrap=100,
+                                 metadata={"policy": "out (step 40)", "reference": "sft"})
+    settings = {**CARD_SETTINGS, "kl_control": "adaptive", "final_beta": 0.4137,
+                "final_training_metrics": {"kl": 0.1234, "ctrl/sequence_kl": 0.9876, "ctrl/beta": 0.4137,
+                                           "ctrl/calibrated_reward": 0.61}}
+    card = build_ctrl_model_card(_FakeCTRLTrainer(tmp_path, settings, evaluation)).text
+    assert "**KL per completion (k1, nats) at the end of training: 0.9876** (KL budget 1)" in card
+    assert "| KL budget (per completion, nats) | 1 |" in card
+    assert "| measured KL per completion (k1, nats), last training batch | 0.9876 |" in card
+    assert "| `kl` | 0.1234 | TRL's `kl`: per-token mean" in card  # per-token, labelled as such
+    assert "| β (KL coefficient) | 0.5 at the start → 0.4137 at the end |" in card
+    assert "| KL control | adaptive" in card
+    low, high = evaluation.kl_k1_ci
+    assert f"**KL per completion (k1, nats): {evaluation.kl_k1:.4f}** [{low:.4f}, {high:.4f}] (95% CI)" in card
+    assert "Evaluated `out (step 40)` against `sft`." in card
+
+    # a trainer that logs only TRL's per-token `kl` (no ctrl/sequence_kl, no kl_control / final_beta) still renders,
+    # and does not pass the per-token number off as the per-completion one
+    old = {**CARD_SETTINGS, "final_training_metrics": {"kl": 0.1234}}
+    card = build_ctrl_model_card(_FakeCTRLTrainer(tmp_path, old, {"win_rates": [], "kl_k1": 0.12, "kl_k3": 0.11})).text
+    assert "| measured KL per completion (k1, nats), last training batch | not logged |" in card
+    assert "TRL's `kl` (0.1234) is the **per-token** mean" in card
+    assert "| β (KL coefficient) | 0.5 |" in card and "| KL control | – |" in card
+    assert "**KL per completion (k1, nats): 0.1200**; k3: 0.1100" in card
