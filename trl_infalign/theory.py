@@ -47,6 +47,7 @@ __all__ = [
     "beta_for_kl",
     "best_t",
     "best_t_for_beta",
+    "t_range",
     "optimal_policy",
     "frontier",
     "plot_frontiers",
@@ -57,8 +58,6 @@ __all__ = [
 PROCEDURES = ("standard", "bon", "won")
 #: Default KL grid of :func:`frontier`: 25 values in (0, 3].
 DEFAULT_KLS = tuple(float(k) for k in np.linspace(0.12, 3.0, 25))
-#: Exp-family t search range of :func:`best_t`.
-T_RANGE = (0.01, 60.0)
 
 _TAIL = 40.0  # nats below the max of log g that still matter (e^-40 ≈ 4e-18)
 _TOL = 0.1  # max change of log g between neighbouring grid points (within the tail)
@@ -135,23 +134,61 @@ class _Stats:
     grid: np.ndarray
     log_density: np.ndarray  # normalised
 
-    def tail_integral(self, weight, n_nodes: int = 4) -> float:
-        """∫₀¹ weight(c, G(c)) dc with Gauss-Legendre nodes per segment and the exact piecewise-exponential G."""
-        nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
-        u = 0.5 * (nodes + 1.0)
-        w = 0.5 * weights
-        c0, h = self.grid[:-1, None], np.diff(self.grid)[:, None]
-        a, b = self.log_density[:-1, None], self.log_density[1:, None]
-        delta = b - a
-        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-            end = a + delta * u  # log g at the node
-            top = np.maximum(a, end)
-            x = np.abs(delta) * u
-            x = np.where(np.isnan(x), np.inf, x)
-            part = np.where(np.isfinite(top), h * u * np.exp(np.where(np.isfinite(top), top, 0.0)) * _psi(x), 0.0)
-        G = np.clip(self.cdf[:-1, None] + part, 0.0, 1.0)
-        c = c0 + h * u
-        return float(np.sum(h * w * weight(c, G)))
+
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(4)
+_PIECE_TOL = 0.25  # max change of log[(1−u)^{N−1} (1−M)^N] across one quadrature piece (see _order_statistic_tail)
+_TAIL_CUT = 60.0  # pieces whose integrand is below e^{−60}·N everywhere are dropped (they add < N·e^{−60})
+_MAX_PIECES = 10_000  # per grid segment
+
+
+def _order_statistic_tail(u: np.ndarray, ell: np.ndarray, n: int) -> float:
+    r"""T = ∫₀¹ N (1−u)^{N−1} (1 − M(u))^N du for the piecewise-exponential density exp(ell) on the grid `u`
+    (0 = u[0] < … < u[-1] = 1), M(u) = ∫₀^u exp(ell) its mass within u of the end u = 0.
+
+    With u = 1 − c and M = 1 − G this is the BoN-N tail (W_bon = 1 − T); with u = c and M = G it is WoN-N
+    (W_won = T).  The integrand is decreasing in u and, at large N, lives on u ≲ 1/(N (1 + g(end))): so each grid
+    segment is cut into k = ⌈ΔL / 0.25⌉ equal pieces, ΔL the drop of L = (N−1) log(1−u) + N log(1−M) across it
+    (down to −60 at most),
+    and integrated with 4-point Gauss-Legendre nodes and the exact piecewise-exponential M inside the segment.
+    Segments with L < −60 at their upper end are skipped.  Cost: the grid plus ≈ 4·(sum of ΔL)/0.25 ≲ 2 000 nodes
+    whatever N, and accurate to ~1e-9 at every N (tests compare with adaptive ODE quadratures up to N = 10⁶).
+    """
+    h_all = np.diff(u)
+    a_all, b_all = ell[:-1], ell[1:]
+    hi = np.maximum(a_all, b_all)
+    finite = np.isfinite(hi)
+    with np.errstate(invalid="ignore", under="ignore"):
+        x = np.where(finite, np.abs(b_all - a_all), np.inf)
+        mass = np.where(finite, h_all * np.exp(np.where(finite, hi, 0.0)), 0.0) * _psi(np.where(np.isnan(x), 0.0, x))
+    total = float(mass.sum())
+    M = np.concatenate([[0.0], np.cumsum(mass)]) / total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = (n - 1) * np.log1p(-np.minimum(u, 1.0)) + n * np.log1p(-np.minimum(M, 1.0))
+    active = np.nonzero(L[:-1] > -_TAIL_CUT)[0]
+    if active.size == 0:
+        return 0.0
+    dL = L[active] - np.maximum(np.nan_to_num(L[active + 1], nan=-np.inf), -_TAIL_CUT)  # below e^-60: one piece
+    k = np.clip(np.ceil(np.minimum(dL, 1e9) / _PIECE_TOL), 1, _MAX_PIECES).astype(np.int64)
+    seg = np.repeat(active, k)  # one row per piece
+    first = np.repeat(np.cumsum(k) - k, k)
+    kk = np.repeat(k, k).astype(np.float64)
+    p = np.arange(k.sum()) - first
+    s = (p[:, None] + 0.5 * (_GL_NODES[None, :] + 1.0)) / kk[:, None]  # position within the segment, in [0, 1]
+    h = h_all[seg][:, None]
+    a = a_all[seg][:, None]
+    delta = (b_all - a_all)[seg][:, None]
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        end = a + delta * s
+        top = np.maximum(a, end)
+        xs = np.abs(delta) * s
+        xs = np.where(np.isnan(xs), np.inf, xs)
+        inside = np.where(np.isfinite(top), h * s * np.exp(np.where(np.isfinite(top), top, 0.0)) * _psi(xs), 0.0)
+    m_node = np.minimum(M[seg][:, None] + inside / total, 1.0)
+    u_node = u[seg][:, None] + h * s
+    with np.errstate(divide="ignore", under="ignore"):
+        integrand = n * np.exp((n - 1) * np.log1p(-u_node) + n * np.log1p(-m_node))
+    weights = 0.5 * _GL_WEIGHTS[None, :] * (h / kk[:, None])
+    return float(np.sum(weights * integrand))
 
 
 def _segment_stats(grid: np.ndarray, ell: np.ndarray) -> _Stats:
@@ -333,16 +370,10 @@ class CalibratedPolicy:
         procedure, n = _check_procedure(procedure, n)
         if procedure == "standard" or n == 1:
             return self.standard_win_rate()
-        # integrate by parts: bon W = 1 − ∫ N c^{N−1} G^N dc; won W = 1 − ∫ N (1−c)^{N−1} (1 − (1−G)^N) dc
+        # integrate by parts: W_bon = 1 − ∫ N c^{N−1} G^N dc;  W_won = ∫ N (1−c)^{N−1} (1−G)^N dc
         if procedure == "bon":
-            tail = self.stats.tail_integral(lambda c, G: n * c ** (n - 1) * G**n)
-        else:
-            def won_weight(c, G):
-                with np.errstate(divide="ignore"):
-                    return n * (1.0 - c) ** (n - 1) * -np.expm1(n * np.log1p(-G))
-
-            tail = self.stats.tail_integral(won_weight)
-        return float(np.clip(1.0 - tail, 0.0, 1.0))
+            return float(np.clip(1.0 - _order_statistic_tail(1.0 - self.grid[::-1], self.log_density[::-1], n), 0, 1))
+        return float(np.clip(_order_statistic_tail(self.grid, self.log_density, n), 0.0, 1.0))
 
     def summary(self, procedure: str = "bon", n: int = 4) -> dict:
         """KL and win rates as a dict (what the CLI prints)."""
@@ -459,9 +490,24 @@ def beta_for_kl(transform: "str | Transform", kl: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # exp families
 # ----------------------------------------------------------------------------------------------------------------
+#: Exp-family t search range of :func:`best_t` for N ≤ 4 (it grows with N: :func:`t_range`).
+T_RANGE = (0.01, 60.0)
+#: Largest t the `bon` / `won` transforms accept (transforms.py: exp(t) must be finite in float64).
+T_CAP = 700.0
+#: Default floor on the normalised KL coefficient β / span(Φ) of :func:`best_t` and :func:`best_t_for_beta`.
+DEFAULT_MIN_BETA = 0.01
+_TIE = 1e-9  # win rates closer than this are ties, broken towards the smaller t (flatter Φ, larger β / span)
+
+
 @dataclass
 class BestT:
-    """Best member Φ = exp(t·c) (bon family) or −exp(−t·c) (won family) of an exp family at a KL budget."""
+    """Best member Φ = exp(t·c) (bon family) or −exp(−t·c) (won family) of an exp family at a KL budget.
+
+    `normalised_beta` = β / span(Φ) is the KL coefficient of Φ rescaled to [0, 1] (what the trainer uses);
+    `t_range` is the t interval searched and `min_beta` the floor on `normalised_beta`.  `on_bound` is True when the
+    answer sits on a limit of the search, `bound` names it: "t_min", "t_max" (the range, see :func:`t_range`) or
+    "min_beta" (the floor) — a better member exists beyond it.
+    """
 
     t: float
     beta: float
@@ -469,6 +515,11 @@ class BestT:
     win_rate: float
     standard_win_rate: float
     family: str
+    normalised_beta: float = float("nan")
+    on_bound: bool = False
+    bound: str | None = None
+    t_range: tuple[float, float] = T_RANGE
+    min_beta: float = DEFAULT_MIN_BETA
 
     @property
     def transform(self) -> str:
@@ -479,6 +530,11 @@ def _family_spec(family: str, t: float) -> str:
     return f"{family}:t={float(t):.6g}"
 
 
+def _family_span(family: str, t: float) -> float:
+    """max Φ − min Φ over [0, 1]: e^t − 1 for exp(t·c), 1 − e^{−t} for −exp(−t·c)."""
+    return math.expm1(t) if family == "bon" else -math.expm1(-t)
+
+
 def _default_family(procedure: str, family: str | None) -> str:
     if family is not None:
         if family not in ("bon", "won"):
@@ -487,86 +543,218 @@ def _default_family(procedure: str, family: str | None) -> str:
     return "won" if procedure == "won" else "bon"
 
 
-def _maximise_over_log_t(objective, grid_points: int = 19) -> float:
-    """Coarse grid over log t ∈ log T_RANGE, then bounded Brent refinement around the best grid point."""
-    from scipy.optimize import minimize_scalar
-
-    log_ts = np.linspace(math.log(T_RANGE[0]), math.log(T_RANGE[1]), grid_points)
-    values = []
-    for lt in log_ts:
-        try:
-            values.append(objective(float(lt)))
-        except ValueError:
-            values.append(-np.inf)
-    values = np.asarray(values)
-    if not np.isfinite(values).any():
-        raise ValueError("no member of the exp family is feasible in the t range " f"{T_RANGE}.")
-    i = int(np.argmax(values))
-    lo, hi = log_ts[max(i - 1, 0)], log_ts[min(i + 1, len(log_ts) - 1)]
-
-    def neg(lt):
-        try:
-            return -objective(lt)
-        except ValueError:
-            return np.inf
-
-    res = minimize_scalar(neg, bounds=(lo, hi), method="bounded", options={"xatol": 1e-4})
-    best_lt = float(res.x) if -res.fun >= values[i] else float(log_ts[i])
-    return math.exp(best_lt)
+def _check_min_beta(min_beta: float) -> float:
+    value = float(min_beta)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"min_beta must be a finite number >= 0 (0 disables the floor), got {min_beta!r}.")
+    return value
 
 
-def best_t(procedure: str, n: int, kl: float, family: str | None = None) -> BestT:
+def t_range(procedure: str, n: int) -> tuple[float, float]:
+    r"""The exp-family t interval :func:`best_t` and :func:`best_t_for_beta` search: [0.01, min(700, 60·max(1, N/4)²)].
+
+    The best t grows faster than N (BoN-N at KL 0.5: t* ≈ 4.6, 12.6, 34, 104, 396, 2 250 for N = 2 … 64; WoN-N:
+    t* ≈ 2.5 N), because at large N the win rate is decided within u = 1 − c ≲ 1/N of the top.  The range is capped
+    at t = 700, the largest t the `bon`/`won` transforms accept (exp(t) must be finite), so for BoN beyond N ≈ 32
+    (KL 0.5) the answer sits on the cap and :func:`best_t` warns.  `standard` counts as N = 1.
+    """
+    procedure, n = _check_procedure(procedure, n)
+    n_eff = 1 if procedure == "standard" else n
+    return (T_RANGE[0], min(T_CAP, T_RANGE[1] * max(1.0, n_eff / 4.0) ** 2))
+
+
+def _search_log_t(evaluate, t_lo: float, t_hi: float, min_beta: float) -> tuple[float, str | None]:
+    r"""Maximise a win rate over log t ∈ [log t_lo, log t_hi] subject to normalised β ≥ `min_beta`.
+
+    `evaluate(log t)` returns (win rate, normalised β) and raises ValueError where the member is infeasible (KL
+    unreachable).  Coarse grid (≈ 2.2 points per unit of log t), then bounded Brent on the bracket around the best
+    feasible grid point; a neighbour that breaks the floor is replaced by the floor's edge (Brent on log β/span).
+    Win rates within 1e-9 of the best are ties, broken towards the smaller t.  Returns (t, bound) with bound None,
+    "t_min", "t_max" or "min_beta" when the maximiser sits (within 1e-3 in log t) on that limit.
+    """
+    from scipy.optimize import brentq, minimize_scalar
+
+    lo_lt, hi_lt = math.log(t_lo), math.log(t_hi)
+    log_ts = np.linspace(lo_lt, hi_lt, max(9, int(math.ceil(2.2 * (hi_lt - lo_lt))) + 1))
+    cache: dict[float, tuple[float, float]] = {}
+
+    def value(lt: float) -> tuple[float, float]:
+        if lt not in cache:
+            try:
+                cache[lt] = evaluate(lt)
+            except ValueError:
+                cache[lt] = (-np.inf, 0.0)
+        return cache[lt]
+
+    def margin(lt: float) -> float:  # ≥ 0 where the floor holds (1e-6 relative slack for the 6-digit t)
+        beta_n = value(lt)[1]
+        return math.log(beta_n / min_beta) + 1e-6 if beta_n > 0 else -np.inf
+
+    def feasible(lt: float) -> bool:
+        return np.isfinite(value(lt)[0]) and (min_beta <= 0 or margin(lt) >= 0)
+
+    ok = np.array([feasible(float(lt)) for lt in log_ts])
+    if not ok.any():
+        floor = f" with beta / span(Phi) >= min_beta={min_beta:g}" if min_beta > 0 else ""
+        raise ValueError(f"no member of the exp family reaches the KL budget{floor} for t in [{t_lo:g}, {t_hi:g}]"
+                         + ("; lower min_beta (0 disables the floor) or the KL budget." if floor else "."))
+    wins = np.where(ok, [value(float(lt))[0] for lt in log_ts], -np.inf)
+    i = int(np.argmax(wins))
+    i = int(np.nonzero(wins >= wins[i] - _TIE)[0][0])
+    edges = []
+    for j in (i - 1, i + 1):
+        if j < 0 or j >= log_ts.size:
+            edges.append((float(log_ts[i]), "t_min" if j < 0 else "t_max"))
+        elif ok[j]:
+            edges.append((float(log_ts[j]), None))
+        else:  # the floor (or feasibility) breaks between log_ts[i] and log_ts[j]: find the edge
+            a, b = float(log_ts[i]), float(log_ts[j])
+            if min_beta > 0 and np.isfinite(value(b)[0]):
+                edge = brentq(margin, a, b, xtol=1e-10)
+                edge = edge if feasible(edge) else a + (edge - a) * (1 - 1e-9)
+                edges.append((edge, "min_beta" if feasible(edge) else None))
+            else:
+                edges.append((a, None))
+    (left, left_kind), (right, right_kind) = edges
+    best_lt, best_w = float(log_ts[i]), wins[i]
+    if right > left:
+        res = minimize_scalar(lambda lt: -value(lt)[0] if feasible(lt) else np.inf, bounds=(left, right),
+                              method="bounded", options={"xatol": 1e-4})
+        if feasible(float(res.x)) and -res.fun > best_w + _TIE:
+            best_lt, best_w = float(res.x), -res.fun
+        for edge, kind in ((left, left_kind), (right, right_kind)):  # Brent never lands exactly on an edge
+            if kind is not None and abs(best_lt - edge) < 1e-3 and feasible(edge) and value(edge)[0] >= best_w - _TIE:
+                best_lt, best_w = edge, value(edge)[0]
+    bound = None
+    for edge, kind in ((left, left_kind), (right, right_kind)):
+        if kind is not None and abs(best_lt - edge) < 1e-3:
+            bound = kind
+    if bound is None and abs(best_lt - lo_lt) < 1e-3:
+        bound = "t_min"
+    if bound is None and abs(best_lt - hi_lt) < 1e-3:
+        bound = "t_max"
+    return math.exp(best_lt), bound
+
+
+def _bound_advice(bound: str, family: str, procedure: str, n: int, where: str, t: float, t_hi: float,
+                  min_beta: float) -> str:
+    head = f"best_t: the best {family} exp-family t for {procedure}-{n} at {where} sits on "
+    if bound == "t_min":
+        return head + (f"the lower end of the t range (t = {t:.6g}); the t → 0 limit is the identity transform: "
+                       "use transform='identity'.")
+    if bound == "t_max":
+        if t_hi >= T_CAP:
+            return head + (f"t = {t:.6g}, the largest t the {family} transform accepts (exp(t) must be finite); the "
+                           "win rate still grows beyond it. Use it as is (its win rate is exact), or a transform "
+                           "without the cap.")
+        return head + (f"the upper end t = {t:.6g} of the t range; the win rate still grows beyond it: pass a larger "
+                       f"t_max= (at most {T_CAP:g}).")
+    return head + (f"the floor min_beta={min_beta:g} on beta / span(Phi) (t = {t:.6g}): a larger t wins more in theory "
+                   "but needs a beta the optimiser cannot hold. Accept it, lower the KL budget, or pass a smaller "
+                   "min_beta (0 disables the floor) at the risk of KL drift.")
+
+
+def best_t(procedure: str, n: int, kl: float, family: str | None = None, *,
+           min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None) -> BestT:
     r"""Best exp-family transform at a KL budget (arXiv 2412.19792 §4: CTRL's BoN/WoN transforms).
 
-    family "bon": Φ(c) = exp(t·c); "won": Φ(c) = −exp(−t·c).  The default family is the procedure's own ("bon" for
-    bon, "won" for won) and "bon" for `standard` — where the identity transform is exactly optimal (t → 0 limit of the
-    bon family, so the search ends at the lower bound t = 0.01).  For each t, β is solved so that KL = `kl`, and the
-    procedure's win rate (:meth:`CalibratedPolicy.win_rate`) is maximised over log t ∈ [log 0.01, log 60] (coarse
-    grid, then bounded Brent).
+    family "bon": Φ_t(c) = exp(t·c); "won": Φ_t(c) = −exp(−t·c).  The default family is the procedure's own ("bon" for
+    bon, "won" for won) and "bon" for `standard` — where the identity transform is exactly optimal (the t → 0 limit
+    of the bon family, so the answer sits on the lower end of the range).  For each t, β_t is solved so that
+    KL(g_t) = `kl` with g_t ∝ exp(Φ_t/β_t), and the procedure's win rate (:meth:`CalibratedPolicy.win_rate`) is
+    maximised over log t ∈ [log 0.01, log t_max], t_max = min(700, 60·max(1, N/4)²) by default (:func:`t_range`)
+    — coarse grid, then bounded Brent.
+
+    β floor: only members with normalised β = β_t / span(Φ_t) ≥ `min_beta` are considered (span = e^t − 1 for bon,
+    1 − e^{−t} for won).  The trainer trains on Φ rescaled to [0, 1] at KL coefficient β / span, so the policy's
+    log-density spans up to 1 / (β / span) nats over [0, 1] and a reward difference of β / span changes it by one
+    nat.  The default 0.01 (≤ 100 nats; reward differences of 1 % of the range resolved) keeps the members CTRL
+    trains faithfully — measured: WoN-4 at KL 0.5 (β / span ≈ 0.013) ended at KL 0.547 — and excludes those that
+    drift (β / span ≈ 8e-4 at KL 0.75 ended at KL 1.03).  It never binds for BoN-N up to KL 1 (there β / span > 0.1).
+    `min_beta=0` disables it.
+
+    When the answer sits on a limit (range end or floor), `on_bound` / `bound` say so and a UserWarning names the
+    limit, N, the KL budget and what to do.  Raises ValueError (naming the argument) for bad input, and when no
+    member reaches the budget under the floor.  Cached on (procedure, n, kl, family, min_beta, t_max).
     """
     procedure, n = _check_procedure(procedure, n)
     family = _default_family(procedure, family)
-    kl = float(kl)
-    if not (math.isfinite(kl) and kl > 0):
-        raise ValueError(f"KL budget must be a finite number > 0, got {kl!r}.")
-    return _best_t_cached(procedure, n, round(kl, 12), family)
+    kl_value = float(kl)
+    if not (math.isfinite(kl_value) and kl_value > 0):
+        raise ValueError(f"kl (the KL budget) must be a finite number > 0, got {kl!r}.")
+    min_beta = _check_min_beta(min_beta)
+    t_hi = _check_t_max(t_max, procedure, n)
+    result = _best_t_cached(procedure, n, round(kl_value, 12), family, min_beta, t_hi)
+    if result.on_bound:
+        import warnings
+
+        warnings.warn(_bound_advice(result.bound, family, procedure, n, f"KL {kl_value:g}", result.t, t_hi, min_beta),
+                      UserWarning, stacklevel=2)
+    return result
+
+
+def _check_t_max(t_max: float | None, procedure: str, n: int) -> float:
+    if t_max is None:
+        return t_range(procedure, n)[1]
+    value = float(t_max)
+    if not (math.isfinite(value) and T_RANGE[0] < value <= T_CAP):
+        raise ValueError(f"t_max must be a number in ({T_RANGE[0]:g}, {T_CAP:g}], got {t_max!r}.")
+    return value
 
 
 @lru_cache(maxsize=256)
-def _best_t_cached(procedure: str, n: int, kl: float, family: str) -> BestT:
-    def objective(lt: float) -> float:
-        spec = _family_spec(family, math.exp(lt))
-        return policy(spec, beta_for_kl(spec, kl)).win_rate(procedure, n)
+def _best_t_cached(procedure: str, n: int, kl: float, family: str, min_beta: float, t_hi: float) -> BestT:
+    def evaluate(lt: float) -> tuple[float, float]:
+        t = math.exp(lt)
+        spec = _family_spec(family, t)
+        beta = beta_for_kl(spec, kl)
+        return policy(spec, beta).win_rate(procedure, n), beta / _family_span(family, t)
 
-    t = _maximise_over_log_t(objective)
+    t, bound = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
     spec = _family_spec(family, t)
     t = float(spec.split("=", 1)[1])
     beta = beta_for_kl(spec, kl)
     pol = policy(spec, beta)
     return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure, n),
-                 standard_win_rate=pol.standard_win_rate(), family=family)
+                 standard_win_rate=pol.standard_win_rate(), family=family,
+                 normalised_beta=beta / _family_span(family, t), on_bound=bound is not None, bound=bound,
+                 t_range=(T_RANGE[0], t_hi), min_beta=min_beta)
 
 
-def best_t_for_beta(procedure: str, n: int, beta: float, family: str | None = None) -> float:
+def best_t_for_beta(procedure: str, n: int, beta: float, family: str | None = None, *,
+                    min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None) -> float:
     r"""Best exp-family t at a *fixed* KL coefficient β (when the trainer's β is given instead of a KL budget).
 
     With β fixed the scale of Φ = exp(t·c) matters, so t is chosen to maximise the same KL-regularised objective the
     optimal transform maximises: W_procedure(g_t) − β·KL(g_t), g_t ∝ exp(Φ_t(c)/β) (notes §2, arXiv 2412.19792 §3),
-    over log t ∈ [log 0.01, log 60].
+    over log t ∈ [log 0.01, log t_max] (:func:`t_range`), restricted to β / span(Φ_t) ≥ `min_beta` (see
+    :func:`best_t`: span grows with t, so the floor is t ≤ log(1 + β/min_beta) for bon and, when β < min_beta,
+    t ≤ −log(1 − β/min_beta) for won).  Warns (UserWarning) when the answer sits on a limit.
     """
     procedure, n = _check_procedure(procedure, n)
     beta = _check_beta(beta)
     family = _default_family(procedure, family)
-    return _best_t_for_beta_cached(procedure, n, float(f"{beta:.12g}"), family)
+    min_beta = _check_min_beta(min_beta)
+    t_hi = _check_t_max(t_max, procedure, n)
+    t, bound = _best_t_for_beta_cached(procedure, n, float(f"{beta:.12g}"), family, min_beta, t_hi)
+    if bound is not None:
+        import warnings
+
+        warnings.warn(_bound_advice(bound, family, procedure, n, f"beta {beta:g}", t, t_hi, min_beta).replace(
+            "best_t:", "best_t_for_beta:"), UserWarning, stacklevel=2)
+    return t
 
 
 @lru_cache(maxsize=256)
-def _best_t_for_beta_cached(procedure: str, n: int, beta: float, family: str) -> float:
-    def objective(lt: float) -> float:
-        pol = policy(_family_spec(family, math.exp(lt)), beta)
-        return pol.win_rate(procedure, n) - beta * pol.kl()
+def _best_t_for_beta_cached(procedure: str, n: int, beta: float, family: str, min_beta: float, t_hi: float
+                            ) -> tuple[float, str | None]:
+    def evaluate(lt: float) -> tuple[float, float]:
+        t = math.exp(lt)
+        pol = policy(_family_spec(family, t), beta)
+        return pol.win_rate(procedure, n) - beta * pol.kl(), beta / _family_span(family, t)
 
-    return float(f"{_maximise_over_log_t(objective):.6g}")
+    t, bound = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
+    return float(f"{t:.6g}"), bound
 
 
 # ----------------------------------------------------------------------------------------------------------------
