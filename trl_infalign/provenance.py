@@ -355,8 +355,10 @@ def describe_trainer(trainer) -> dict:
     PEFT, and reads the user's reward weights (`ctrl_reward_weights` once set, RLOO's `reward_weights` before)."""
     accelerator = getattr(trainer, "accelerator", None)
 
+    from torch import nn
+
     def unwrap(model):
-        return accelerator.unwrap_model(model) if accelerator is not None else model
+        return accelerator.unwrap_model(model) if accelerator is not None and isinstance(model, nn.Module) else model
 
     args = trainer.args
     weights = getattr(trainer, "ctrl_reward_weights", None)

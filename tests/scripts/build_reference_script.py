@@ -5,7 +5,8 @@
 
 Works as a single process, under `torchrun --nproc_per_node N` and `accelerate launch --multi_gpu`. Rank 0 writes the
 merged `ref_rewards` (and, with --no-cache-too, a second build without cache_dir, merged with gather_object) to --out;
-every rank writes `<out>.rank<r>` with the rows it computed itself.
+every rank writes `<out>.rank<r>` with the chunks it computed itself, those a concurrent builder on the same
+cache_dir finished meanwhile, and those resumed from the cache.
 """
 
 import argparse
@@ -55,7 +56,8 @@ def main():
         again, _ = _build_reference_rewards(dataset, args.policy, funcs, accelerator=state, progress=False, **SETTINGS)
         out["no_cache"] = list(again["ref_rewards"])
     with open(f"{args.out}.rank{state.process_index}", "w") as f:
-        json.dump({"chunks_computed": stats.chunks_computed, "rank": state.process_index}, f)
+        json.dump({"chunks_computed": stats.chunks_computed, "chunks_by_others": stats.chunks_by_others,
+                   "chunks_resumed": stats.chunks_resumed, "rank": state.process_index}, f)
     if state.is_main_process:
         with open(args.out, "w") as f:
             json.dump(out, f)

@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 8 -m trl_infalign.cli build-reference ...
 
 The output directory is a `save_to_disk` dataset (read it back with `load_from_disk(output)`) that also holds
-`ref_rewards.jsonl` (`{"index", "ref_rewards"}` per row) and, unless `--cache-dir` says otherwise, the resumable cache
-`<output>/cache`: rerun the same command after a crash to resume.
+`ref_rewards.jsonl` (`{"index", "ref_rewards"}` per row), `reference_provenance.json` (how the references were made;
+the same record is in the dataset's `ref_rewards_provenance` column, which `CTRLTrainer` checks) and, unless
+`--cache-dir` says otherwise, the resumable cache `<output>/cache`: rerun the same command after a crash to resume.
+`--output` and the cache directory are probed for writability before anything is loaded.
 """
 
 from __future__ import annotations
@@ -74,11 +76,16 @@ def load_prompts(path: str, split: str = "train", config: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..reference import _build_reference_rewards, resolve_process_state
+    from ..reference import _build_reference_rewards, probe_writable, resolve_process_state
 
     state = resolve_process_state()
     output = Path(args.output)
     cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
+    # Before loading the dataset or any model: an unwritable --output used to fail only after the whole build.
+    if state.is_main_process:
+        probe_writable(output, "--output", "choose a writable output directory, or fix its permissions")
+    probe_writable(cache_dir, "--cache-dir" if args.cache_dir else "--cache-dir (default <output>/cache)",
+                   "pass a writable --cache-dir, or fix the permissions")
     dataset = load_prompts(args.dataset, args.split, args.dataset_config)
     result, stats = _build_reference_rewards(
         dataset, args.model, list(args.reward_models), num_samples=args.num_samples,
@@ -96,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
             for index, values in enumerate(result[args.output_column]):
                 f.write(json.dumps({"index": index, "ref_rewards": values}) + "\n")
         os.replace(tmp, output / "ref_rewards.jsonl")
+        tmp = output / "reference_provenance.json.tmp"
+        tmp.write_text(json.dumps(stats.extra["provenance"], indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, output / "reference_provenance.json")
         flat = [v for row in result[args.output_column] for v in row]
         mean = sum(flat) / len(flat)
         std = math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat) - 1, 1))

@@ -1,0 +1,215 @@
+"""Reference provenance: recorded by build_reference_rewards, checked by CTRLTrainer at construction.
+
+Each case of issue #11 part 1 has a test: another reward model, max_new_tokens vs max_completion_length, chat vs plain
+prompts, reward weights, the "warn" / "off" overrides, a dataset without provenance, save/load round trips, and the
+matched case (no error, no warning)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+
+from trl_infalign import CTRLConfig, CTRLTrainer
+from trl_infalign.provenance import (
+    ReferenceProvenanceWarning,
+    prompt_fingerprint,
+    read_reference_provenance,
+    read_reference_provenances,
+    weights_fingerprint,
+)
+from trl_infalign.reference import build_reference_rewards
+from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model
+
+from conftest import TINY_PROMPTS
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+BUILD = dict(num_samples=4, max_new_tokens=2, batch_size=4, seed=3, progress=False)
+
+
+def length_reward(completions, **kwargs):
+    return [len(c if isinstance(c, str) else c[0]["content"]) / 10.0 for c in completions]
+
+
+def other_reward(completions, **kwargs):
+    return [0.0 for _ in completions]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    path, tokenizer = tiny
+    root = tmp_path_factory.mktemp("provenance")
+    rm_a, rm_b = str(root / "rm_a"), str(root / "rm_b")
+    build_tiny_reward_model(tokenizer, rm_a, hidden_size=16, seed=0)
+    build_tiny_reward_model(tokenizer, rm_b, hidden_size=16, seed=1)
+    prompts = Dataset.from_dict({"prompt": TINY_PROMPTS})
+    built = build_reference_rewards(prompts, path, [rm_a, length_reward], reward_weights=[1.0, 0.5], **BUILD)
+    return {"policy": path, "tokenizer": tokenizer, "root": root, "rm_a": rm_a, "rm_b": rm_b, "built": built}
+
+
+def make_trainer(tmp_path, setup, ds=None, reward_funcs=None, model=None, processing_class=None, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_completion_length=2,
+        max_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, transform="bon:t=2", beta=0.5,
+        min_reference_samples=2, disable_tqdm=True, reward_weights=[1.0, 0.5],
+    )
+    kwargs.update(overrides)
+    return CTRLTrainer(
+        model=model or setup["policy"], reward_funcs=reward_funcs or [setup["rm_a"], length_reward],
+        args=CTRLConfig(**kwargs), train_dataset=setup["built"] if ds is None else ds,
+        processing_class=processing_class or setup["tokenizer"],
+    )
+
+
+def provenance_warnings(caught):
+    return [w for w in caught if issubclass(w.category, ReferenceProvenanceWarning)]
+
+
+# ----------------------------------------------------------------------------------------------------------- recorded
+def test_build_records_provenance(setup):
+    built = setup["built"]
+    assert built.column_names == ["prompt", "ref_rewards", "ref_rewards_provenance"]
+    record = read_reference_provenance(built)
+    assert record["num_samples"] == 4 and record["seed"] == 3 and record["prompt_format"] == "plain"
+    assert record["sampling"] == {"max_new_tokens": 2, "min_p": 0.0, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    assert record["reference_model"]["name"] == str(__import__("pathlib").Path(setup["policy"]).resolve())
+    assert len(record["reference_model"]["fingerprint"]) == 16
+    rm, func = record["reward_funcs"]
+    assert rm["kind"] == "model" and rm["name"].endswith("rm_a") and rm["weight"] == 1.0 and rm["fingerprint"]
+    assert func == {"kind": "callable", "name": f"{__name__}:length_reward", "weight": 0.5}
+    assert record["trl_infalign"] == __import__("trl_infalign").__version__
+    rows = built["ref_rewards_provenance"]
+    assert [r["prompt_sha256"] for r in rows] == [prompt_fingerprint(p) for p in TINY_PROMPTS]
+    assert read_reference_provenance(Dataset.from_dict({"prompt": ["a"], "ref_rewards": [[1.0]]})) is None
+
+
+def test_provenance_survives_save_to_disk_json_and_row_operations(setup, tmp_path):
+    built, record = setup["built"], read_reference_provenance(setup["built"])
+    built.save_to_disk(str(tmp_path / "disk"))
+    assert read_reference_provenance(load_from_disk(str(tmp_path / "disk"))) == record
+    built.to_json(str(tmp_path / "data.jsonl"))
+    from_json = load_dataset("json", data_files=str(tmp_path / "data.jsonl"), split="train")
+    assert read_reference_provenance(from_json) == record
+    assert read_reference_provenance(built.shuffle(seed=0).select([2, 0])) == record
+    assert read_reference_provenance(built.train_test_split(test_size=1, seed=0)["test"]) == record
+    assert [p["prompt_sha256"] for p in from_json["ref_rewards_provenance"]] == [p["prompt_sha256"] for p in built["ref_rewards_provenance"]]
+
+
+def test_weights_fingerprint_is_dtype_and_peft_independent(setup):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(setup["policy"])
+    bf16 = AutoModelForCausalLM.from_pretrained(setup["policy"], dtype=torch.bfloat16)
+    reference = weights_fingerprint(fp32)
+    assert reference is not None and weights_fingerprint(bf16) == reference
+    peft = get_peft_model(copy.deepcopy(fp32), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_alpha=4))
+    assert weights_fingerprint(peft) == reference
+    with torch.no_grad():  # like a few fine-tuning steps: every weight moves a little (a single edited value may not
+        for param in fp32.parameters():  # be among the sampled ones: the fingerprint is cheap, not exhaustive)
+            param.mul_(1.01)
+    assert weights_fingerprint(fp32) != reference
+
+
+# ------------------------------------------------------------------------------------------------------------ checked
+def test_matched_references_construct_without_error_or_warning(setup, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup)
+    assert provenance_warnings(caught) == []
+
+
+def test_copied_model_directory_is_accepted_by_fingerprint(setup, tmp_path):
+    copy_dir = tmp_path / "policy-copy"
+    shutil.copytree(setup["policy"], copy_dir)
+    rm_copy = tmp_path / "rm-copy"
+    shutil.copytree(setup["rm_a"], rm_copy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, model=str(copy_dir), reward_funcs=[str(rm_copy), length_reward])
+    assert provenance_warnings(caught) == []
+
+
+def test_other_reward_model_raises_naming_the_reward_function(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)reward function 0 'rm_b': recorded reward model '.*rm_a'.*this run reward model '.*rm_b'") as info:
+        make_trainer(tmp_path, setup, reward_funcs=[setup["rm_b"], length_reward])
+    assert "1 difference" in str(info.value) and 'reference_provenance_check="warn"' in str(info.value)
+    with pytest.raises(ValueError, match=r"reward function 1 'other_reward': recorded callable .*:length_reward, this run callable .*:other_reward"):
+        make_trainer(tmp_path, setup, reward_funcs=[setup["rm_a"], other_reward])
+
+
+def test_max_new_tokens_vs_max_completion_length_raises(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"max_new_tokens: the references were sampled with max_new_tokens=2, this run samples with max_completion_length=8.*CTRLConfig.max_completion_length=2"):
+        make_trainer(tmp_path, setup, max_completion_length=8)
+
+
+def test_reward_weights_mismatch_raises_naming_the_weights(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"reward weights: recorded \[1.0, 0.5\], this run \[1.0, 5.0\].*CTRLConfig.reward_weights=\[1.0, 0.5\]"):
+        make_trainer(tmp_path, setup, reward_weights=[1.0, 5.0])
+
+
+def test_all_differences_in_one_error(setup, tmp_path, tiny):
+    other_policy = build_tiny_policy(tiny[1], tmp_path / "other-policy", hidden_size=32, num_layers=1, seed=5)
+    with pytest.raises(ValueError) as info:
+        make_trainer(tmp_path, setup, model=other_policy, reward_funcs=[setup["rm_b"], length_reward],
+                     reward_weights=[1.0, 5.0], max_completion_length=8, temperature=0.7)
+    text = str(info.value)
+    assert text.startswith("train_dataset: ") and "5 differences" in text
+    for field in ("reference model:", "reward function 0", "reward weights:", "max_new_tokens:", "temperature:"):
+        assert field in text, field
+
+
+def test_chat_formatted_references_vs_plain_training_prompts(setup, tmp_path):
+    chat_tokenizer = copy.deepcopy(setup["tokenizer"])
+    chat_tokenizer.chat_template = CHAT_TEMPLATE
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in TINY_PROMPTS]})
+    built = build_reference_rewards(chat, setup["policy"], length_reward, tokenizer=chat_tokenizer, **BUILD)
+    assert read_reference_provenance(built)["prompt_format"] == "conversational"
+    plain = built.map(lambda row: {"prompt": row["prompt"][0]["content"]})
+    with pytest.raises(ValueError, match=r"(?s)prompt format: the references were sampled from conversational prompts, this dataset's prompts are plain.*prompts: 4 of 4 rows"):
+        make_trainer(tmp_path, setup, ds=plain, reward_funcs=[length_reward], reward_weights=[1.0])
+
+
+def test_prompts_edited_after_the_build_are_named(setup, tmp_path):
+    edited = setup["built"].map(lambda row, i: {"prompt": row["prompt"] + "!" if i == 2 else row["prompt"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"prompts: 1 of 4 rows have a different prompt .*\(rows 2\)"):
+        make_trainer(tmp_path, setup, ds=edited)
+
+
+def test_warn_and_off_overrides(setup, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, reward_weights=[1.0, 5.0], reference_provenance_check="warn")
+    relevant = provenance_warnings(caught)
+    assert len(relevant) == 1 and "reward weights: recorded [1.0, 0.5]" in str(relevant[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, reward_weights=[1.0, 5.0], reference_provenance_check="off")
+    assert provenance_warnings(caught) == []
+
+
+def test_dataset_without_provenance_warns_once_and_trains(setup, tmp_path):
+    bare = setup["built"].remove_columns(["ref_rewards_provenance"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, setup, ds=bare)
+    relevant = provenance_warnings(caught)
+    assert len(relevant) == 1
+    assert "check skipped" in str(relevant[0].message) and "build_reference_rewards" in str(relevant[0].message)
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_read_back_several_builds(setup):
+    from datasets import concatenate_datasets
+
+    other = build_reference_rewards(Dataset.from_dict({"prompt": TINY_PROMPTS[:2]}), setup["policy"], length_reward, **BUILD)
+    mixed = concatenate_datasets([setup["built"].remove_columns([]), other])
+    builds = read_reference_provenances(mixed)
+    assert sorted(count for _, count in builds) == [2, 4]
+    with pytest.raises(ValueError, match="2 different reference builds"):
+        read_reference_provenance(mixed)
