@@ -56,6 +56,40 @@ def test_hooks_with_fake_state(tiny, tmp_path):
     # reference scored once (cached), policy scored at each evaluation
     assert reward.calls == 1 + 2
     assert [s for s, _ in cb.history] == [2, 4]
+    # the headline KL (per completion, k1, nats) is logged with its CI
+    assert logged["eval_infalign/kl_k1_ci_low"] <= logged["eval_infalign/kl_k1"] <= logged["eval_infalign/kl_k1_ci_high"]
+    # each result names what was evaluated: the run at its step, not the reference it started from
+    metadata = cb.history[-1][1].metadata
+    assert metadata["policy"] == f"{tmp_path} (step 4)" and metadata["global_step"] == 4
+    assert metadata["reference"] == path
+    assert (metadata["temperature"], metadata["top_p"], metadata["top_k"]) == (1.0, 1.0, 0)
+
+
+def test_sampling_settings_reach_reference_and_policy(tiny, tmp_path):
+    path, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    seen = []
+
+    def reward(prompts, completions, **kwargs):
+        seen.append(list(completions))
+        return [float(len(c)) for c in completions]
+
+    with pytest.warns(UserWarning, match="not draws from π"):
+        cb = InferenceWinRateCallback(PROMPTS[:2], [reward], tokenizer=tokenizer, reference_model=path, ns=(2,),
+                                      procedures=("bon",), num_samples=4, max_new_tokens=3, num_bootstrap=0, top_k=1,
+                                      policy_name="my-run")
+    result = cb.evaluate({"model": model})
+    assert len(seen) == 2  # reference, then policy: both greedy (top_k=1), so each prompt's 4 samples are identical
+    assert all(len(set(call[i * 4:(i + 1) * 4])) == 1 for call in seen for i in range(2)), seen
+    assert result.metadata["top_k"] == 1 and result.metadata["policy"] == "my-run"
+    assert "kl_note" in result.metadata
+
+
+@pytest.mark.parametrize("kwargs,match", [({"temperature": 0}, "temperature"), ({"top_p": 2.0}, "top_p"),
+                                          ({"top_k": -3}, "top_k"), ({"policy_name": ""}, "policy_name")])
+def test_rejects_bad_sampling_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InferenceWinRateCallback(PROMPTS, [CountingReward()], ns=(2,), num_samples=4, **kwargs)
 
 
 def test_rejects_n_above_num_samples(tiny):
@@ -91,6 +125,8 @@ def test_tiny_rloo_run_logs_metrics(tiny, tmp_path):
     ours = [h for h in history if "eval_infalign/bon@2_win_rate" in h]
     assert [h["step"] for h in ours] == [2, 4]
     assert all("eval_infalign/kl_k3" in h and "eval_infalign/won@2_win_rate" in h for h in ours)
+    # the trained in-memory model still has the initial path as `_name_or_path`; the metadata names the run instead
+    assert cb.history[-1][1].metadata["policy"] == f"{config.output_dir} (step 4)"
     # TRL's own training metrics are still logged at every step (our log does not consume them)
     train_logs = [h for h in history if "reward" in h]
     assert [h["step"] for h in train_logs] == [1, 2, 3, 4]
