@@ -506,7 +506,9 @@ class BestT:
     `normalised_beta` = β / span(Φ) is the KL coefficient of Φ rescaled to [0, 1] (what the trainer uses);
     `t_range` is the t interval searched and `min_beta` the floor on `normalised_beta`.  `on_bound` is True when the
     answer sits on a limit of the search, `bound` names it: "t_min", "t_max" (the range, see :func:`t_range`) or
-    "min_beta" (the floor) — a better member exists beyond it.
+    "min_beta" (the floor) — a better member exists beyond it.  When the floor excludes a better member,
+    `unconstrained` = (t, win rate) of the best excluded one on the search grid (a lower bound on what the floor
+    costs), else None.
     """
 
     t: float
@@ -520,6 +522,7 @@ class BestT:
     bound: str | None = None
     t_range: tuple[float, float] = T_RANGE
     min_beta: float = DEFAULT_MIN_BETA
+    unconstrained: tuple[float, float] | None = None
 
     @property
     def transform(self) -> str:
@@ -563,14 +566,16 @@ def t_range(procedure: str, n: int) -> tuple[float, float]:
     return (T_RANGE[0], min(T_CAP, T_RANGE[1] * max(1.0, n_eff / 4.0) ** 2))
 
 
-def _search_log_t(evaluate, t_lo: float, t_hi: float, min_beta: float) -> tuple[float, str | None]:
+def _search_log_t(evaluate, t_lo: float, t_hi: float, min_beta: float
+                  ) -> tuple[float, str | None, tuple[float, float] | None]:
     r"""Maximise a win rate over log t ∈ [log t_lo, log t_hi] subject to normalised β ≥ `min_beta`.
 
     `evaluate(log t)` returns (win rate, normalised β) and raises ValueError where the member is infeasible (KL
     unreachable).  Coarse grid (≈ 2.2 points per unit of log t), then bounded Brent on the bracket around the best
     feasible grid point; a neighbour that breaks the floor is replaced by the floor's edge (Brent on log β/span).
-    Win rates within 1e-9 of the best are ties, broken towards the smaller t.  Returns (t, bound) with bound None,
-    "t_min", "t_max" or "min_beta" when the maximiser sits (within 1e-3 in log t) on that limit.
+    Win rates within 1e-9 of the best are ties, broken towards the smaller t.  Returns (t, bound, better): bound is
+    None, "t_min", "t_max" or "min_beta" when the maximiser sits (within 1e-3 in log t) on that limit, or "min_beta"
+    when the floor excludes a grid member that wins more; better = (objective, t) of the best such member or None.
     """
     from scipy.optimize import brentq, minimize_scalar
 
@@ -633,25 +638,36 @@ def _search_log_t(evaluate, t_lo: float, t_hi: float, min_beta: float) -> tuple[
         bound = "t_min"
     if bound is None and abs(best_lt - hi_lt) < 1e-3:
         bound = "t_max"
-    return math.exp(best_lt), bound
+    # the floor also binds when it excludes a better member elsewhere (the objective need not be unimodal)
+    excluded = [(value(float(lt))[0], math.exp(lt)) for lt, good in zip(log_ts, ok)
+                if not good and np.isfinite(value(float(lt))[0])]
+    better = max(excluded, default=None)
+    if better is not None and better[0] > best_w + _TIE:
+        bound = bound if bound == "min_beta" else ("min_beta" if bound is None else bound)
+    else:
+        better = None
+    return math.exp(best_lt), bound, better
 
 
-def _bound_advice(bound: str, family: str, procedure: str, n: int, where: str, t: float, t_hi: float,
-                  min_beta: float) -> str:
-    head = f"best_t: the best {family} exp-family t for {procedure}-{n} at {where} sits on "
+def _bound_advice(caller: str, bound: str, family: str, procedure: str, n: int, where: str, t: float,
+                  t_hi: float, min_beta: float, better: tuple[float, float] | None, what: str = "win rate") -> str:
+    """The UserWarning text of :func:`best_t` / :func:`best_t_for_beta` when the answer sits on a limit."""
+    head = f"{caller}: the best {family} exp-family t for {procedure}-{n} at {where} "
     if bound == "t_min":
-        return head + (f"the lower end of the t range (t = {t:.6g}); the t → 0 limit is the identity transform: "
-                       "use transform='identity'.")
+        return head + (f"sits on the lower end of the t range (t = {t:.6g}); the t → 0 limit is the identity "
+                       "transform: use transform='identity'.")
     if bound == "t_max":
         if t_hi >= T_CAP:
-            return head + (f"t = {t:.6g}, the largest t the {family} transform accepts (exp(t) must be finite); the "
-                           "win rate still grows beyond it. Use it as is (its win rate is exact), or a transform "
-                           "without the cap.")
-        return head + (f"the upper end t = {t:.6g} of the t range; the win rate still grows beyond it: pass a larger "
-                       f"t_max= (at most {T_CAP:g}).")
-    return head + (f"the floor min_beta={min_beta:g} on beta / span(Phi) (t = {t:.6g}): a larger t wins more in theory "
-                   "but needs a beta the optimiser cannot hold. Accept it, lower the KL budget, or pass a smaller "
-                   "min_beta (0 disables the floor) at the risk of KL drift.")
+            return head + (f"sits on t = {t:.6g}, the largest t the {family} transform accepts (exp(t) must be "
+                           f"finite); the {what} still grows beyond it. Use it as is (its prediction is exact), or a "
+                           "transform without the cap.")
+        return head + (f"sits on the upper end t = {t:.6g} of the t range; the {what} still grows beyond it: pass a "
+                       f"larger t_max= (at most {T_CAP:g}).")
+    cost = "" if better is None else f" (t = {better[0]:.6g} would reach {what} {better[1]:.6f})"
+    return head + (f"is limited by the floor min_beta={min_beta:g} on beta / span(Phi) (t = {t:.6g}): larger t wins "
+                   f"more{cost} but needs a normalised beta the optimiser cannot hold (KL drift). Accept it, "
+                   f"{'lower the KL budget' if caller == 'best_t' else 'raise beta'}, or pass a smaller min_beta (0 "
+                   "disables the floor).")
 
 
 def best_t(procedure: str, n: int, kl: float, family: str | None = None, *,
@@ -688,8 +704,8 @@ def best_t(procedure: str, n: int, kl: float, family: str | None = None, *,
     if result.on_bound:
         import warnings
 
-        warnings.warn(_bound_advice(result.bound, family, procedure, n, f"KL {kl_value:g}", result.t, t_hi, min_beta),
-                      UserWarning, stacklevel=2)
+        warnings.warn(_bound_advice("best_t", result.bound, family, procedure, n, f"KL {kl_value:g}", result.t, t_hi,
+                                    min_beta, result.unconstrained), UserWarning, stacklevel=2)
     return result
 
 
@@ -710,7 +726,7 @@ def _best_t_cached(procedure: str, n: int, kl: float, family: str, min_beta: flo
         beta = beta_for_kl(spec, kl)
         return policy(spec, beta).win_rate(procedure, n), beta / _family_span(family, t)
 
-    t, bound = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
+    t, bound, better = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
     spec = _family_spec(family, t)
     t = float(spec.split("=", 1)[1])
     beta = beta_for_kl(spec, kl)
@@ -718,43 +734,53 @@ def _best_t_cached(procedure: str, n: int, kl: float, family: str, min_beta: flo
     return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure, n),
                  standard_win_rate=pol.standard_win_rate(), family=family,
                  normalised_beta=beta / _family_span(family, t), on_bound=bound is not None, bound=bound,
-                 t_range=(T_RANGE[0], t_hi), min_beta=min_beta)
+                 t_range=(T_RANGE[0], t_hi), min_beta=min_beta,
+                 unconstrained=None if better is None else (float(f"{better[1]:.6g}"), better[0]))
 
 
 def best_t_for_beta(procedure: str, n: int, beta: float, family: str | None = None, *,
-                    min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None) -> float:
+                    min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None,
+                    details: bool = False) -> "float | BestT":
     r"""Best exp-family t at a *fixed* KL coefficient β (when the trainer's β is given instead of a KL budget).
 
     With β fixed the scale of Φ = exp(t·c) matters, so t is chosen to maximise the same KL-regularised objective the
     optimal transform maximises: W_procedure(g_t) − β·KL(g_t), g_t ∝ exp(Φ_t(c)/β) (notes §2, arXiv 2412.19792 §3),
     over log t ∈ [log 0.01, log t_max] (:func:`t_range`), restricted to β / span(Φ_t) ≥ `min_beta` (see
     :func:`best_t`: span grows with t, so the floor is t ≤ log(1 + β/min_beta) for bon and, when β < min_beta,
-    t ≤ −log(1 − β/min_beta) for won).  Warns (UserWarning) when the answer sits on a limit.
+    t ≤ −log(1 − β/min_beta) for won).  Warns (UserWarning) when the answer sits on a limit or the floor excludes
+    a better member.  Returns t, or with ``details=True`` a :class:`BestT` (its `kl` is the KL at this β; its
+    `unconstrained` holds (t, objective) of the best member the floor excluded).
     """
     procedure, n = _check_procedure(procedure, n)
     beta = _check_beta(beta)
     family = _default_family(procedure, family)
     min_beta = _check_min_beta(min_beta)
     t_hi = _check_t_max(t_max, procedure, n)
-    t, bound = _best_t_for_beta_cached(procedure, n, float(f"{beta:.12g}"), family, min_beta, t_hi)
+    t, bound, better = _best_t_for_beta_cached(procedure, n, float(f"{beta:.12g}"), family, min_beta, t_hi)
     if bound is not None:
         import warnings
 
-        warnings.warn(_bound_advice(bound, family, procedure, n, f"beta {beta:g}", t, t_hi, min_beta).replace(
-            "best_t:", "best_t_for_beta:"), UserWarning, stacklevel=2)
-    return t
+        warnings.warn(_bound_advice("best_t_for_beta", bound, family, procedure, n, f"beta {beta:g}", t, t_hi,
+                                    min_beta, better, what="win rate − beta·KL"), UserWarning, stacklevel=2)
+    if not details:
+        return t
+    pol = policy(_family_spec(family, t), beta)
+    return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure, n),
+                 standard_win_rate=pol.standard_win_rate(), family=family,
+                 normalised_beta=beta / _family_span(family, t), on_bound=bound is not None, bound=bound,
+                 t_range=(T_RANGE[0], t_hi), min_beta=min_beta, unconstrained=better)
 
 
 @lru_cache(maxsize=256)
 def _best_t_for_beta_cached(procedure: str, n: int, beta: float, family: str, min_beta: float, t_hi: float
-                            ) -> tuple[float, str | None]:
+                            ) -> tuple[float, str | None, tuple[float, float] | None]:
     def evaluate(lt: float) -> tuple[float, float]:
         t = math.exp(lt)
         pol = policy(_family_spec(family, t), beta)
         return pol.win_rate(procedure, n) - beta * pol.kl(), beta / _family_span(family, t)
 
-    t, bound = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
-    return float(f"{t:.6g}"), bound
+    t, bound, better = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
+    return float(f"{t:.6g}"), bound, None if better is None else (float(f"{better[1]:.6g}"), better[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,17 @@ from . import positive_float, positive_int
 PROCEDURES = ("standard", "bon", "won")
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default=None,
                         help="Transform spec (bon:t=10, won:t=5, identity, log, optimal, ...). Required unless --best-t.")
@@ -31,6 +42,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="Best t of the procedure's exp family (bon: exp(t c), won: -exp(-t c)) at --kl "
                         "(or, with --beta, maximising win rate - beta * KL).")
     parser.add_argument("--family", choices=("bon", "won"), default=None, help="Exp family for --best-t.")
+    parser.add_argument("--min-beta", type=nonnegative_float, default=None,
+                        help="--best-t: floor on the normalised KL coefficient beta / span(Phi) (default 0.01; 0 "
+                        "disables it). Members below it drift in training.")
+    parser.add_argument("--t-max", type=positive_float, default=None,
+                        help="--best-t: upper end of the t search (default min(700, 60 * max(1, N/4)^2)).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     parser.add_argument("--plot", metavar="FILE.png", default=None,
                         help="Also draw win-rate-vs-KL frontiers (given transform, identity, exp family at best t, "
@@ -48,15 +64,24 @@ def _compute(args) -> dict:
 
     procedure, n = args.procedure, (1 if args.procedure == "standard" else args.n)
     if args.best_t:
-        if args.kl is not None:
-            best = theory.best_t(procedure, n, args.kl, family=args.family)
-            spec, t = best.transform, best.t
-        else:
-            t = theory.best_t_for_beta(procedure, n, args.beta, family=args.family)
-            family = args.family or ("won" if procedure == "won" else "bon")
-            spec = f"{family}:t={t:.6g}"
-        pol = theory.policy(spec, args.beta if args.kl is None else theory.beta_for_kl(spec, args.kl))
-        out = {"t": t, "transform": spec}
+        import warnings
+
+        limits = {"min_beta": theory.DEFAULT_MIN_BETA if args.min_beta is None else args.min_beta,
+                  "t_max": args.t_max}
+        with warnings.catch_warnings(record=True) as caught:  # printed as one line each, JSON stays on stdout
+            warnings.simplefilter("always", UserWarning)
+            if args.kl is not None:
+                best = theory.best_t(procedure, n, args.kl, family=args.family, **limits)
+            else:
+                best = theory.best_t_for_beta(procedure, n, args.beta, family=args.family, details=True, **limits)
+        for warning in caught:
+            print(f"trl-infalign theory: warning: {warning.message}", file=sys.stderr)
+        pol = theory.policy(best.transform, best.beta)
+        out = {"t": best.t, "transform": best.transform, "family": best.family,
+               "normalised_beta": best.normalised_beta, "on_bound": best.on_bound, "bound": best.bound,
+               "t_range": list(best.t_range), "min_beta": best.min_beta,
+               "unconstrained": None if best.unconstrained is None else dict(
+                   zip(("t", "win_rate" if args.kl is not None else "objective"), best.unconstrained))}
     elif args.transform.strip() == "optimal":
         pol = theory.optimal_policy(procedure, n, beta=args.beta, kl=args.kl)
         out = {"transform": f"optimal:procedure={procedure},n={n},beta={pol.beta:.6g}"}
@@ -130,6 +155,8 @@ def run(args) -> int:
             return usage_error("--best-t needs --kl (or --beta)")
         if args.transform is not None:
             return usage_error("--best-t picks the transform itself: drop --transform")
+    elif args.min_beta is not None or args.t_max is not None:
+        return usage_error("--min-beta and --t-max only apply with --best-t")
     else:
         if args.transform is None:
             return usage_error("--transform is required (or use --best-t)")
