@@ -358,3 +358,116 @@ def test_cli_end_to_end(tiny, tmp_path, capsys):
     # A rerun resumes everything from the cache.
     assert main(argv) == 0
     assert "4 resumed" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache robustness (issue #11 part 5)
+
+
+def _a_file(tmp_path) -> Path:
+    """A regular file: a directory below it cannot be created, not even by root (chmod does not stop root)."""
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    return path
+
+
+def test_unwritable_cache_dir_fails_before_any_sampling(tiny, tmp_path):
+    reward = CountingReward()
+    with pytest.raises(OSError, match=r"cache_dir='.*a_file/cache' is not writable.*writable cache_dir.*Nothing has been computed"):
+        _build(tiny, [reward], cache_dir=_a_file(tmp_path) / "cache")
+    assert reward.calls == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_existing_cache_dir_fails_before_any_sampling(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    _build(tiny, [length_reward], cache_dir=cache, num_samples=2)
+    os.chmod(cache, 0o555)
+    try:
+        reward = CountingReward()
+        with pytest.raises(OSError, match="cache_dir=.* is not writable"):
+            _build(tiny, [reward], cache_dir=cache)
+        assert reward.calls == 0
+    finally:
+        os.chmod(cache, 0o755)
+
+
+def test_cli_unwritable_output_fails_before_any_sampling(tiny, tmp_path, capsys):
+    from trl_infalign.cli import main
+
+    cache = tmp_path / "cache"
+    argv = ["build-reference", "--model", tiny["policy"], "--reward-model", tiny["reward"], "--dataset", str(tiny["data"]),
+            "--num-samples", "2", "--max-new-tokens", "2", "--output", str(_a_file(tmp_path) / "out"),
+            "--cache-dir", str(cache), "--no-progress"]
+    assert main(argv) == 2
+    assert "--output=" in capsys.readouterr().err
+    assert not cache.exists() or not list(cache.glob("rank-*.jsonl"))  # nothing was sampled
+    argv[argv.index("--output") + 1], argv[argv.index("--cache-dir") + 1] = str(tmp_path / "out"), str(_a_file(tmp_path) / "c")
+    assert main(argv) == 2
+    assert "--cache-dir=" in capsys.readouterr().err
+
+
+def test_corrupted_cache_record_is_recomputed_with_a_warning(tiny, tmp_path, baseline):
+    cache = tmp_path / "cache"
+    assert _build(tiny, cache_dir=cache)["ref_rewards"] == baseline
+    shard = cache / "rank-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    cut = json.loads(lines[3])
+    cut["ref_rewards"] = cut["ref_rewards"][:2]  # valid JSON, wrong content: a row cut to 2 values
+    tampered = json.loads(lines[5])
+    tampered["ref_rewards"][0] += 1.0  # right length, wrong value: only the checksum catches it
+    lines[3], lines[5] = json.dumps(cut), json.dumps(tampered)
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"2 cached reference record\(s\).*row 3: 2 reward\(s\), expected K=3.*row 5: checksum mismatch"):
+        out, stats = _build_reference_rewards(
+            tiny["dataset"], tiny["policy"], [tiny["reward"], length_reward], cache_dir=cache, progress=False, **SETTINGS
+        )
+    assert out["ref_rewards"] == baseline
+    assert stats.records_recomputed == 2 and stats.chunks_computed == 2  # rows 3 and 5: chunks 1 and 2
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")  # the recomputed records now win: no warning any more
+        assert _build(tiny, cache_dir=cache)["ref_rewards"] == baseline
+
+
+def test_relative_and_absolute_model_paths_share_the_cache(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    policy = Path(tiny["policy"])
+    monkeypatch.chdir(policy.parent)
+    first = build_reference_rewards(tiny["dataset"], tiny["policy"], [CountingReward()], cache_dir=cache, progress=False,
+                                    **{**SETTINGS, "reward_weights": None})
+    for spelling in (f"./{policy.name}", policy.name, str(policy.resolve()), f"{policy.name}/"):
+        reward = CountingReward()
+        out = build_reference_rewards(tiny["dataset"], spelling, [reward], cache_dir=cache, progress=False,
+                                      **{**SETTINGS, "reward_weights": None})
+        assert reward.calls == 0, spelling  # everything came from the cache
+    assert json.loads((cache / "meta.json").read_text())["model"] == str(policy.resolve())
+    assert out["ref_rewards"] == first["ref_rewards"]
+
+
+@pytest.mark.slow
+def test_two_concurrent_builders_share_one_cache(tiny, tmp_path, baseline):
+    """Two independent single-process builds on one cache_dir at the same time: same result as one build, and every
+    chunk computed exactly once (per-chunk flock + re-read under the lock)."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--policy", tiny["policy"], "--reward-model", tiny["reward"],
+             "--data", str(tiny["data"]), "--out", str(out), "--cache-dir", str(cache), "--sleep", "0.6"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for out in outs
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output.decode()[-3000:]
+    num_chunks = math.ceil(len(PROMPTS) / SETTINGS["batch_size"])
+    stats = [json.loads(Path(f"{out}.rank0").read_text()) for out in outs]
+    assert sum(s["chunks_computed"] for s in stats) == num_chunks  # no chunk computed twice
+    for out in outs:
+        assert json.loads(out.read_text())["ref_rewards"] == baseline
+    rows = [json.loads(line)["index"] for line in (cache / "rank-00000.jsonl").read_text().splitlines()]
+    assert sorted(rows) == list(range(len(PROMPTS)))  # each row written once, no interleaved or torn lines
