@@ -10,9 +10,14 @@ Determinism and resumption
 Prompts are processed in fixed chunks of `batch_size` rows: chunk i is rows [i*C, (i+1)*C). Before chunk i the RNG is
 seeded with `seed + i` (vLLM: one seed per row), so a chunk's result depends neither on the chunks run before it nor
 on the process that runs it. With `cache_dir`, each process appends its finished chunks to its own
-`rank-XXXXX.jsonl` (`{"index": row, "ref_rewards": [...]}` per row, flushed and fsync'ed per chunk) next to a
-`meta.json` describing the run; a restarted run skips every chunk whose rows are all on disk, so a resumed build is
-bit-identical to an uninterrupted one (floats go through JSON with exact round-trip).
+`rank-XXXXX.jsonl` (`{"index": row, "ref_rewards": [...], "sha256": ...}` per row, flushed and fsync'ed per chunk)
+next to a `meta.json` describing the run; a restarted run skips every chunk whose rows are all on disk and pass the
+integrity check, so a resumed build is bit-identical to an uninterrupted one (floats go through JSON with exact
+round-trip). The cache directory is probed for writability before any model is loaded, and a chunk is only computed
+under its `flock` (`locks/chunk-XXXXXXXX.lock`), so concurrent builders on one cache split the work (see `_Cache`).
+
+Provenance: the output also gets `<output_column>_provenance` (see :mod:`trl_infalign.provenance`), which
+`CTRLTrainer` compares with its own settings.
 
 Sharding: process `rank` of `world_size` runs the chunks with `chunk_index % world_size == rank`; results are merged on
 every rank, in dataset order, from the shard files (with `cache_dir`) or with `gather_object` (without).
