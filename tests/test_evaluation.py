@@ -305,6 +305,8 @@ def test_cli_scored(tmp_path, capsys):
     assert (out / "win_rate_vs_n.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         cli_main(["evaluate", "--scored", str(path), "--model", "some-model", "--output", str(out)])
+    with pytest.raises(SystemExit, match="with --scored the samples were drawn elsewhere: drop --temperature"):
+        cli_main(["evaluate", "--scored", str(path), "--temperature", "0.7", "--output", str(out)])
     with pytest.raises(SystemExit, match="Nothing to evaluate.*N = \\[16\\]"):
         cli_main(["evaluate", "--scored", str(path), "--n", "16", "--procedures", "bon", "--output", str(out)])
 

@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
         sampling = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-p", args.top_p, 1.0),
                                                       ("--top-k", args.top_k, 0)) if value != default]
         if sampling:
-            raise SystemExit(f"error: {', '.join(sampling)} only apply when sampling here (--model ...); with --scored "
-                             "the samples were drawn elsewhere.")
+            raise SystemExit(f"error: --temperature/--top-p/--top-k set how --model and --ref-model are sampled; with "
+                             f"--scored the samples were drawn elsewhere: drop {', '.join(sampling)}.")
         data = _load_scored(args.scored)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SkippedNWarning)
