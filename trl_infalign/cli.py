@@ -21,6 +21,10 @@ COMMANDS = {
         "trl_infalign.commands.evaluate",
         "Measure standard / BoN-N / WoN-N win rates and KL of a policy against its reference.",
     ),
+    "diagnose": (
+        "trl_infalign.commands.diagnose",
+        "Predict each method's KL and win rates at a KL budget from a dataset's reference rewards alone.",
+    ),
 }
 
 

@@ -11,6 +11,8 @@ log           log(max(c, eps))                            eps ∈ (0, 1), defaul
 bon           exp(t·c)                                    t ∈ (0, 700], default 10
 won           −exp(−t·c)                                  t ∈ (0, 700], default 10
 lsc           log σ(r − r_ref(x))  (raw rewards!)         centre ∈ {mean, median} or a quantile level in [0, 1]
+par           mean_k σ(r − r_ref,k(x))  (raw rewards!)    —  (PAR, Fu et al. 2025)
+raw           r  (raw rewards!)                           —  (standard RLHF baseline)
 optimal       β·log g*(c) (tabulated, from theory)        procedure ∈ {standard, bon, won}, n ≥ 1, beta > 0
 ============  ==========================================  ======================================================
 
@@ -449,6 +451,113 @@ class LogSigmoidCentredTransform(Transform):
             "each prompt, not on the calibrated reward alone, so the calibrated-space theory (KL / win-rate "
             "prediction, kl_budget) does not apply. Use bon/won/identity/log/optimal for that, or set beta directly."
         )
+
+
+def _missing_raw(name: str, formula: str, rewards: Any, ref_rewards: Any, need_refs: bool = True) -> TransformError:
+    given = (("rewards=", rewards), ("ref_rewards=", ref_rewards)) if need_refs else (("rewards=", rewards),)
+    missing = " and ".join(n for n, v in given if v is None)
+    refs = (" and the prompt's reference rewards (ref_rewards=, shape (B, K), plus ref_mask= if padded)"
+            if need_refs else "")
+    return TransformError(
+        f"Transform {name!r} ({formula}) works on raw rewards, not on calibrated ones: call it with the raw rewards "
+        f"(rewards=, shape (B,)){refs}. Missing: {missing}."
+    )
+
+
+def _no_calibrated_form(name: str, formula: str) -> TransformError:
+    return TransformError(
+        f"Transform {name!r} has no calibrated-space form Φ(c): {formula} depends on the raw reward scale of each "
+        "prompt, not on the calibrated reward alone, so the calibrated-space theory (KL / win-rate prediction, "
+        "kl_budget) does not apply. `trl-infalign diagnose` predicts it from reference rewards instead; or set beta "
+        "directly."
+    )
+
+
+@register_transform("raw")
+class RawRewardTransform(Transform):
+    r"""Φ = r: the raw reward itself (standard RLHF, no calibration) — the baseline CTRL is compared with.
+
+    With one global β the optimum is π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β): in calibrated space that is the per-prompt
+    transform Φ_x(c) = Q_x(c), prompt x's reference quantile function, so prompts whose reward model is sharper
+    (larger reward scale) get more of the KL budget (notes §8).  Needs ``rewards=`` when called; `ref_rewards` is
+    accepted and ignored.  No calibrated-space form (:meth:`phi` raises).
+    """
+
+    requires_raw_rewards = True
+
+    def __call__(self, calibrated=None, *, rewards=None, ref_rewards=None, ref_mask=None) -> torch.Tensor:
+        if rewards is None:
+            raise _missing_raw("raw", "Φ = r", rewards, ref_rewards, need_refs=False)
+        r = torch.as_tensor(rewards)
+        return r.to(_float_dtype(r)).clone()
+
+    def shaped(self, rewards: np.ndarray, ref_rewards: np.ndarray | None = None, ref_mask: np.ndarray | None = None
+               ) -> np.ndarray:
+        """Φ = r in float64 numpy (any shape; `ref_rewards` is ignored)."""
+        return np.array(rewards, dtype=np.float64)
+
+    def phi(self, c: np.ndarray) -> np.ndarray:
+        raise _no_calibrated_form("raw", "the raw reward r")
+
+
+@register_transform("par")
+class PARTransform(Transform):
+    r"""PAR, "Preference As Reward": u(x, y) = (1/K) Σ_k σ(r(x, y) − r_ref,k(x)), the mean over prompt x's K
+    reference rewards of the sigmoid of the centred reward (Fu et al. 2025, "Reward Shaping to Mitigate Reward
+    Hacking in RLHF", arXiv 2502.18770).
+
+    Bounded in (0, 1), steepest near the reference rewards, so it saturates once a response beats every reference
+    (which is what mitigates reward hacking).  It is a smoothed calibrated reward: σ(r − r_k) replaces the step
+    1[r > r_k] of c.  Works on the *raw* reward, so it still depends on each prompt's reward scale: it needs
+    ``rewards=`` and ``ref_rewards=`` (and ``ref_mask=`` if padded) when called, and has no calibrated-space form
+    (:meth:`phi` raises).
+    """
+
+    requires_raw_rewards = True
+
+    def __call__(self, calibrated=None, *, rewards=None, ref_rewards=None, ref_mask=None) -> torch.Tensor:
+        from .calibration import CalibrationError, _valid_references
+
+        if rewards is None or ref_rewards is None:
+            raise _missing_raw("par", "mean_k σ(r − r_ref,k)", rewards, ref_rewards)
+        r = torch.as_tensor(rewards)
+        try:
+            values, mask, count = _valid_references(ref_rewards, ref_mask)
+        except CalibrationError as error:
+            raise TransformError(f"Transform 'par': {error}") from error
+        if values.shape[0] != r.shape[0] or r.ndim != 1:
+            raise TransformError(
+                f"Transform 'par': {tuple(r.shape)} rewards but {values.shape[0]} rows of reference rewards (need "
+                "rewards of shape (B,) and ref_rewards of shape (B, K))."
+            )
+        dtype = torch.float64 if torch.float64 in (r.dtype, values.dtype) else torch.float32
+        values = values.to(device=r.device, dtype=dtype)
+        s = torch.sigmoid(r.to(dtype)[:, None] - values)
+        if mask is not None:
+            s = s * mask.to(device=r.device, dtype=dtype)
+        return s.sum(dim=1) / count.to(device=r.device, dtype=dtype)
+
+    def shaped(self, rewards: np.ndarray, ref_rewards: np.ndarray, ref_mask: np.ndarray | None = None,
+               chunk_elements: int = 1 << 22) -> np.ndarray:
+        """PAR in float64 numpy for M rewards per prompt: `rewards` (B, M), `ref_rewards` (B, K) with optional bool
+        `ref_mask` → (B, M).  O(B·M·K), processed in row chunks of about `chunk_elements` pairs."""
+        r = np.asarray(rewards, dtype=np.float64)
+        refs = np.asarray(ref_rewards, dtype=np.float64)
+        squeeze = r.ndim == 1
+        r = r[:, None] if squeeze else r
+        mask = np.ones(refs.shape, dtype=bool) if ref_mask is None else np.asarray(ref_mask, dtype=bool)
+        weights = mask / np.maximum(mask.sum(axis=1, keepdims=True), 1)
+        out = np.empty(r.shape, dtype=np.float64)
+        rows = max(1, int(chunk_elements) // max(r.shape[1] * refs.shape[1], 1))
+        for start in range(0, r.shape[0], rows):
+            stop = start + rows
+            d = r[start:stop, :, None] - np.where(mask[start:stop], refs[start:stop], 0.0)[:, None, :]
+            sig = 0.5 * (1.0 + np.tanh(0.5 * d))  # σ(d), stable for any |d|
+            out[start:stop] = np.einsum("bmk,bk->bm", sig, weights[start:stop])
+        return out[:, 0] if squeeze else out
+
+    def phi(self, c: np.ndarray) -> np.ndarray:
+        raise _no_calibrated_form("par", "mean_k σ(r − r_ref,k)")
 
 
 class TabulatedTransform(Transform):

@@ -1,0 +1,788 @@
+r"""Predict what each alignment method buys at a KL budget from a dataset's reference rewards alone, before training
+(InfAlign / CTRL, Balashankar et al., arXiv 2412.19792; notes §8).
+
+The reweighting identity
+------------------------
+For any reward shape Φ_x (raw reward, calibrated reward, a transform of it, a raw-reward baseline), the optimum of
+KL-regularised RL with coefficient β is a reweighting of the reference policy,
+
+    π*(y|x) ∝ π_ref(y|x) · exp(Φ_x(y) / β).
+
+Take prompt x's K reference samples (rewards r_1..r_K, each of weight 1/K; tied rewards are separate atoms) as an
+empirical π_ref.  Then π* puts weight p_k ∝ exp(Φ_x(r_k)/β) on atom k, and everything below is *exact* for that
+discrete π_ref — no sampling, no quadrature:
+
+    KL_x            = Σ_k p_k log(K p_k)                    (≤ log K: all mass on one atom)
+    standard win_x  = P(X > Y) + ½ P(X = Y) = Σ_k p_k c_k,   X ~ π*_x, Y ~ ref_x (reward values),
+                      c_k = (#{j: r_j < r_k} + ½ #{j: r_j = r_k}) / K   (the calibrated reward, mid-rank)
+    BoN-N win_x     = Σ_v [F(v)^N − F(v⁻)^N] · ½ [H(v⁻)^N + H(v)^N]        (best of N vs best of N)
+    WoN-N win_x     = the same with the CDFs of the minimum, 1 − (1 − F)^N   (worst of N vs worst of N)
+
+where v runs over prompt x's distinct reward values, F is π*_x's CDF and H the reference's (F(v⁻) = mass below v;
+ties count ½).  The prediction is the average over prompts.  Every method uses **one global β**, as the trainer does,
+root-found so that the prompt-averaged KL equals the budget (mean_x KL_x is increasing in 1/β, with derivative
+mean_x Var_{p_x}(Φ_x)/β², so a safeguarded Newton iteration converges in a few steps).
+
+Methods
+-------
+raw_reward   Φ_x(r) = r: raw-reward RLHF.  In calibrated space this is the per-prompt transform Φ_x(c) = Q_x(c) (the
+             prompt's reference quantile function): a prompt with a sharper reward model gets more of the KL budget.
+identity     Φ = c: calibration alone (InfAlign's baseline; optimal for the standard win rate).
+best_t       Φ = exp(t·c) (BoN, standard) or −exp(−t·c) (WoN), t maximising the averaged win rate at the budget.
+optimal      Φ* of :func:`trl_infalign.theory.optimal_policy` (procedure, N, kl=budget) applied to c, β re-solved.
+lsc          log σ(r − r_ref(x)), r_ref the prompt's reference mean (Wang et al. 2024, arXiv 2402.00742).
+par          mean_k σ(r − r_ref,k) (PAR, Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in RLHF").
+vbon         log c (vBoN, Amini et al. 2024, "Variational Best-of-N alignment"); its paper β = 1/(N−1), at which the
+             continuum policy is exactly Best-of-N — reported beside the budget's β.
+
+Calibrated methods depend on a prompt's rewards only through its tie pattern, so prompts with the same pattern (all
+distinct rewards and the same K, the usual case) are computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["METHODS", "DiagnosisResult", "diagnose", "load_reference_rewards"]
+
+PROCEDURES = ("standard", "bon", "won")
+#: Built-in method names, in report order.  Any transform spec ("bon:t=10", "log", "lsc:centre=median") also works.
+METHODS = ("raw_reward", "identity", "best_t", "optimal", "lsc", "par", "vbon")
+#: exp-family t search: [T_MIN, min(700, 60·max(1, N/4))] on a log grid (the best t grows with N, notes §8).
+T_MIN = 0.01
+_T_POINTS_PER_DECADE = 5
+_CALIBRATED = ("identity", "best_t", "optimal", "vbon")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading and validation
+# ----------------------------------------------------------------------------------------------------------------
+def _missing_column(column: str, where: str, columns: Sequence[str]) -> ValueError:
+    found = ", ".join(map(str, columns)) or "none"
+    return ValueError(
+        f"column {column!r} not found in {where} (columns: {found}): pass the reference-rewards column with "
+        f"--column NAME (column= in Python), or build one with `trl-infalign build-reference`."
+    )
+
+
+def _column_of_records(records: Any, column: str, where: str) -> list:
+    if isinstance(records, dict):
+        if column not in records:
+            raise _missing_column(column, where, list(records))
+        return list(records[column])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{where}: expected JSON objects (one per prompt) with a {column!r} list of rewards.")
+    if not records:
+        return []
+    missing = [i for i, r in enumerate(records) if column not in r]
+    if missing:
+        if len(missing) == len(records):
+            raise _missing_column(column, where, list(records[0]))
+        raise ValueError(f"{where}: rows {missing[:10]} have no {column!r} field: every row needs its reference rewards.")
+    return [r[column] for r in records]
+
+
+def _read_json_lines(path: Path) -> list:
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg}).") from None
+    return records
+
+
+def load_reference_rewards(source: Any, column: str = "ref_rewards", split: str | None = None) -> list:
+    """The per-prompt reference rewards (a list of K-lists) from a path, a `datasets.Dataset`/`DatasetDict` or a
+    dict of columns.  Paths: ``.jsonl``/``.json`` (records or a dict of columns), ``.parquet``, a `save_to_disk`
+    directory (e.g. the output of ``trl-infalign build-reference``) or a directory holding ``ref_rewards.jsonl``.
+    Arrays and lists pass through unchanged.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        if path.is_dir():
+            if any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+                from datasets import load_from_disk
+
+                return load_reference_rewards(load_from_disk(str(path)), column, split)
+            if (path / "ref_rewards.jsonl").is_file():
+                return _column_of_records(_read_json_lines(path / "ref_rewards.jsonl"), column, where)
+            raise ValueError(f"{where} is neither a `save_to_disk` dataset directory nor holds ref_rewards.jsonl.")
+        if not path.is_file():
+            raise FileNotFoundError(f"--dataset {where}: no such file or directory.")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _column_of_records(_read_json_lines(path), column, where)
+        if suffix == ".json":
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except json.JSONDecodeError:
+                data = _read_json_lines(path)  # JSON lines saved as .json
+            return _column_of_records(data, column, where)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            if column not in names:
+                raise _missing_column(column, where, names)
+            return pq.read_table(path, columns=[column]).column(column).to_pylist()
+        raise ValueError(f"unsupported dataset file {where}: use .jsonl, .json, .parquet or a `save_to_disk` directory.")
+    datasets = sys.modules.get("datasets")  # a Dataset argument means datasets is imported; don't import it otherwise
+    Dataset = getattr(datasets, "Dataset", None)
+    DatasetDict = getattr(datasets, "DatasetDict", None)
+    if DatasetDict is not None and isinstance(source, DatasetDict):
+        if split is None:
+            if len(source) != 1:
+                raise ValueError(f"the dataset has splits {list(source)}: pass split= (--split) to pick one.")
+            split = next(iter(source))
+        if split not in source:
+            raise ValueError(f"split {split!r} not in the dataset (splits: {list(source)}): pass --split.")
+        source = source[split]
+    if Dataset is not None and isinstance(source, Dataset):
+        if column not in source.column_names:
+            raise _missing_column(column, "the dataset", source.column_names)
+        return source[column]
+    if isinstance(source, dict):
+        return _column_of_records(source, column, "the given dict")
+    return source
+
+
+def _reference_matrix(rows: Any, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values (B, K_max) float64 with padding 0, mask) after checking: ≥ 1 row, finite values, K ≥ 2 per row."""
+    import torch
+
+    from .calibration import CalibrationError, _rows_text, pad_reference_rewards
+
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    if isinstance(rows, np.ndarray) and rows.ndim == 2:
+        values = np.asarray(rows, dtype=np.float64)
+        mask = np.ones(values.shape, dtype=bool)
+    else:
+        try:
+            values_t, mask_t = pad_reference_rewards(list(rows) if not isinstance(rows, list) else rows)
+        except CalibrationError as error:
+            raise ValueError(f"column {column!r}: {error}") from None
+        values, mask = values_t.numpy(), mask_t.numpy()
+    if values.shape[0] == 0:
+        raise ValueError(f"column {column!r} has no rows: diagnose needs at least one prompt's reference rewards.")
+    bad = ~np.isfinite(values) & mask
+    if bad.any():
+        local = np.nonzero(bad.any(axis=1))[0]
+        extra = [f"reference {int(np.argmax(bad[r]))} is {values[r, np.argmax(bad[r])]}" for r in local[:10]]
+        raise ValueError(
+            f"column {column!r}: non-finite reference rewards (NaN/±inf/null) in {_rows_text(local, extra)}: fix the "
+            "reward model for these samples or drop them (`trl-infalign build-reference --nonfinite skip` drops "
+            "non-finite rewards)."
+        )
+    count = mask.sum(axis=1)
+    short = np.nonzero(count < 2)[0]
+    if short.size:
+        raise ValueError(
+            f"column {column!r}: {_rows_text(short, [f'{int(count[r])} valid' for r in short[:10]])} "
+            f"{'has' if short.size == 1 else 'have'} fewer than 2 reference rewards: diagnose needs K >= 2 per prompt "
+            "(one atom has KL 0 at every beta). Drop these rows or rebuild with more samples "
+            "(`trl-infalign build-reference --num-samples 16`)."
+        )
+    return np.where(mask, values, 0.0), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the discrete reference distribution of every prompt
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Atoms:
+    """Each row: one prompt's K reference rewards sorted ascending (padding last), with its tie groups."""
+
+    values: np.ndarray  # (B, K) sorted, padding +inf
+    mask: np.ndarray  # (B, K) bool
+    count: np.ndarray  # (B,) int
+    weight: np.ndarray  # (B,) prompts this row stands for
+    c: np.ndarray = field(init=False)  # mid-rank of each atom (0 in padding)
+    first: np.ndarray = field(init=False)  # index of the first atom of each atom's tie group
+    last: np.ndarray = field(init=False)  # index of its last atom
+    is_last: np.ndarray = field(init=False)  # one position per distinct value
+
+    def __post_init__(self):
+        B, K = self.values.shape
+        idx = np.broadcast_to(np.arange(K), (B, K))
+        v, mask = self.values, self.mask
+        new = np.ones((B, K), dtype=bool)
+        new[:, 1:] = v[:, 1:] != v[:, :-1]
+        is_first = new & mask
+        end = np.ones((B, K), dtype=bool)
+        end[:, :-1] = v[:, :-1] != v[:, 1:]
+        self.is_last = end & mask
+        self.first = np.maximum.accumulate(np.where(is_first, idx, 0), axis=1)
+        self.last = np.minimum.accumulate(np.where(self.is_last, idx, K - 1)[:, ::-1], axis=1)[:, ::-1]
+        self.c = np.where(mask, (self.first + self.last + 1) / (2.0 * self.count[:, None]), 0.0)
+        self._reference_side: dict = {}
+
+    @classmethod
+    def from_matrix(cls, values: np.ndarray, mask: np.ndarray, weight: np.ndarray | None = None) -> "_Atoms":
+        count = mask.sum(axis=1)
+        ordered = np.sort(np.where(mask, values, np.inf), axis=1)
+        sorted_mask = np.arange(values.shape[1])[None, :] < count[:, None]
+        w = np.ones(values.shape[0]) if weight is None else np.asarray(weight, dtype=np.float64)
+        return cls(ordered, sorted_mask, count, w)
+
+    def patterns(self) -> tuple["_Atoms", np.ndarray]:
+        """Rows with the same tie pattern (hence the same c) merged: (atoms on c, inverse index into them)."""
+        key = np.where(self.mask, self.c, -1.0)
+        unique, inverse, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+        mask = unique >= 0
+        atoms = _Atoms.from_matrix(np.where(mask, unique, 0.0), mask, counts.astype(np.float64))
+        return atoms, inverse.reshape(-1)
+
+    def reference_side(self, procedure: str, n: int) -> np.ndarray:
+        """½ [H(v⁻) + H(v)] per position: the reference's tie-split CDF of its best (worst) of n at each value."""
+        key = (procedure, n)
+        if key not in self._reference_side:
+            lt = self.first / self.count[:, None]
+            le = (self.last + 1) / self.count[:, None]
+            if procedure == "won":
+                mid = 1.0 - 0.5 * ((1.0 - lt) ** n + (1.0 - le) ** n)
+            else:
+                mid = 0.5 * (lt**n + le**n)
+            self._reference_side[key] = np.where(self.is_last, mid, 0.0)
+        return self._reference_side[key]
+
+    def max_kl(self) -> np.ndarray:
+        """Per-row sup of KL over β: log(K / #atoms in the top tie group)."""
+        top = np.take_along_axis(self.first, (self.count - 1)[:, None], axis=1)[:, 0]
+        return np.log(self.count / (self.count - top))
+
+
+def _mean(values: np.ndarray, weight: np.ndarray) -> float:
+    return float(np.dot(values, weight) / weight.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tilting, β solve, win rates
+# ----------------------------------------------------------------------------------------------------------------
+def _shift(phi: np.ndarray, atoms: _Atoms) -> np.ndarray:
+    """Φ − max_x Φ per row (the policy is unchanged), padding 0; rejects non-finite Φ."""
+    phi = np.where(atoms.mask, phi, -np.inf)
+    if not np.isfinite(phi[atoms.mask]).all():
+        raise ValueError("the transform gives non-finite values on these rewards.")
+    return np.where(atoms.mask, phi - phi.max(axis=1, keepdims=True), 0.0)
+
+
+def _tilt(phi: np.ndarray, atoms: _Atoms, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """p ∝ exp(λΦ) per row for shifted Φ (max 0, so 1 ≤ Z ≤ K): (p, KL_x, E_p Φ, Var_p Φ)."""
+    with np.errstate(under="ignore"):
+        w = np.where(atoms.mask, np.exp(lam * phi), 0.0)
+    z = w.sum(axis=1)
+    p = w / z[:, None]
+    mean = np.sum(p * phi, axis=1)
+    var = np.sum(p * (phi - mean[:, None]) ** 2, axis=1)
+    kl = np.maximum(lam * mean - np.log(z) + np.log(atoms.count), 0.0)  # Σ p log(K p), log p = λΦ − log Z
+    return p, kl, mean, var
+
+
+def _solve_lambda(phi: np.ndarray, atoms: _Atoms, kl: float, what: str) -> float:
+    """λ = 1/β with weighted-mean KL = `kl` (safeguarded Newton on log λ; KL increases in λ)."""
+    weight = atoms.weight
+    top = np.sum(atoms.mask & (phi == 0.0), axis=1)  # atoms sharing the largest Φ (shifted to 0)
+    reach = _mean(np.log(atoms.count / top), weight)
+    if not kl < reach * (1.0 - 1e-9):
+        raise ValueError(
+            f"KL budget {kl:g} is unreachable for {what}: reweighting each prompt's K reference samples reaches at "
+            f"most {reach:.4g} nats on average (mean of log(K / #atoms tied at the largest value); log K = "
+            f"{math.log(atoms.count.max()):.4g}). Pass a smaller --kl, or rebuild the reference rewards with more "
+            "samples per prompt (--num-samples)."
+        )
+
+    def f(u: float) -> tuple[float, float]:
+        lam = math.exp(u)
+        _, kl_x, _, var = _tilt(phi, atoms, lam)
+        return _mean(kl_x, weight) - kl, lam * lam * _mean(var, weight)
+
+    var0 = _mean(_tilt(phi, atoms, 0.0)[3], weight)
+    u = 0.5 * math.log(2.0 * kl / var0)  # small-λ expansion KL ≈ λ² Var/2
+    value, slope = f(u)
+    lo = hi = None
+    step = math.log(4.0)
+    while True:  # bracket
+        if value < 0:
+            lo = u
+            if hi is not None:
+                break
+            u += step
+        else:
+            hi = u
+            if lo is not None:
+                break
+            u -= step
+        step *= 1.5
+        if abs(u) > 800:  # pragma: no cover - excluded by the reach check
+            raise ValueError(f"could not solve beta for KL budget {kl:g} ({what}).")
+        value, slope = f(u)
+    u = 0.5 * (lo + hi)
+    for _ in range(100):
+        value, slope = f(u)
+        if abs(value) <= 1e-13 * max(kl, 1.0) or hi - lo < 1e-14:
+            break
+        if value < 0:
+            lo = u
+        else:
+            hi = u
+        newton = u - value / slope if slope > 0 else math.nan
+        u = newton if lo < newton < hi else 0.5 * (lo + hi)
+    return math.exp(u)
+
+
+def _win_rates(p: np.ndarray, atoms: _Atoms, procedure: str, n: int) -> np.ndarray:
+    """Per-row exact win rate of the reweighted atoms `p` against the reference (module docstring)."""
+    if procedure == "standard" or n == 1:
+        return np.sum(p * atoms.c, axis=1)
+    with np.errstate(divide="ignore", under="ignore"):
+        if procedure == "bon":  # tails from the top: accurate where the best of N lives
+            tail_incl = np.minimum(np.cumsum(p[:, ::-1], axis=1)[:, ::-1], 1.0)  # mass ≥ v_k
+            tail_excl = np.zeros_like(tail_incl)
+            tail_excl[:, :-1] = tail_incl[:, 1:]  # mass > v_k
+            above_last = np.take_along_axis(tail_excl, atoms.last, axis=1)  # 1 − F(v)
+            above_first = np.take_along_axis(tail_incl, atoms.first, axis=1)  # 1 − F(v⁻)
+            mass = np.exp(n * np.log1p(-above_last)) - np.exp(n * np.log1p(-above_first))
+        else:
+            head_incl = np.minimum(np.cumsum(p, axis=1), 1.0)
+            head_excl = np.zeros_like(head_incl)
+            head_excl[:, 1:] = head_incl[:, :-1]
+            below_first = np.take_along_axis(head_excl, atoms.first, axis=1)  # F(v⁻)
+            below_last = np.take_along_axis(head_incl, atoms.last, axis=1)  # F(v)
+            mass = np.exp(n * np.log1p(-below_first)) - np.exp(n * np.log1p(-below_last))
+    return np.sum(np.where(atoms.is_last, mass, 0.0) * atoms.reference_side(procedure, n), axis=1)
+
+
+@dataclass
+class _Fit:
+    lam: float
+    kl: np.ndarray  # per row
+    win: np.ndarray
+    standard: np.ndarray
+    bon: np.ndarray | None
+    won: np.ndarray | None
+
+
+def _fit(phi: np.ndarray, atoms: _Atoms, kl: float, procedure: str, n: int, what: str, all_procedures: bool = True,
+         lam: float | None = None) -> _Fit:
+    phi = _shift(phi, atoms)
+    if lam is None:
+        lam = _solve_lambda(phi, atoms, kl, what)
+    p, kl_x, _, _ = _tilt(phi, atoms, lam)
+    win = _win_rates(p, atoms, procedure, n)
+    standard = win if (procedure == "standard" or n == 1) else _win_rates(p, atoms, "standard", 1)
+    bon = won = None
+    if all_procedures and n > 1:
+        bon = win if procedure == "bon" else _win_rates(p, atoms, "bon", n)
+        won = win if procedure == "won" else _win_rates(p, atoms, "won", n)
+    return _Fit(lam, kl_x, win, standard, bon, won)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Data:
+    atoms: _Atoms  # per prompt, sorted by reward
+    patterns: _Atoms  # per distinct tie pattern, on c
+    inverse: np.ndarray  # prompt -> pattern
+    procedure: str
+    n: int
+    lsc_centre: Any
+
+    @property
+    def family(self) -> str:
+        return "won" if self.procedure == "won" else "bon"
+
+    def t_max(self) -> float:
+        return float(min(700.0, 60.0 * max(1.0, self.n / 4.0)))
+
+
+def _exp_family(c: np.ndarray, family: str, t: float) -> np.ndarray:
+    """exp(t(c − 1)) = e^{−t}·exp(t c) for bon (bounded, same policy at β·e^{−t}); −exp(−t c) for won."""
+    return np.exp(t * (c - 1.0)) if family == "bon" else -np.exp(-t * c)
+
+
+def _summary(fit: _Fit, atoms: _Atoms, beta: float, transform: str) -> dict:
+    w = atoms.weight
+    out = {"transform": transform, "beta": float(beta), "kl": _mean(fit.kl, w), "win_rate": _mean(fit.win, w),
+           "standard_win_rate": _mean(fit.standard, w)}
+    if fit.bon is not None:
+        out["bon_win_rate"] = _mean(fit.bon, w)
+        out["won_win_rate"] = _mean(fit.won, w)
+    return out
+
+
+def _best_t(data: _Data, kl: float, notes: list[str], all_procedures: bool = True) -> tuple[dict, _Fit]:
+    from scipy.optimize import minimize_scalar
+
+    atoms, family, procedure, n = data.patterns, data.family, data.procedure, data.n
+    t_max = data.t_max()
+    cache: dict[float, float] = {}
+
+    def objective(log_t: float) -> float:
+        if log_t not in cache:
+            phi = _exp_family(atoms.c, family, math.exp(log_t))
+            fit = _fit(phi, atoms, kl, procedure, n, f"{family}:t={math.exp(log_t):.6g}", all_procedures=False)
+            cache[log_t] = _mean(fit.win, atoms.weight)
+        return cache[log_t]
+
+    log_ts = np.linspace(math.log(T_MIN), math.log(t_max),
+                         int(math.ceil(_T_POINTS_PER_DECADE * math.log10(t_max / T_MIN))) + 1)
+    values = np.array([objective(float(lt)) for lt in log_ts])
+    i = int(np.argmax(values))
+    lo, hi = log_ts[max(i - 1, 0)], log_ts[min(i + 1, len(log_ts) - 1)]
+    res = minimize_scalar(lambda lt: -objective(float(lt)), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-4})
+    log_t = float(res.x) if -res.fun >= values[i] else float(log_ts[i])
+    t = float(f"{math.exp(log_t):.6g}")
+    spec = f"{family}:t={t:.6g}"
+    on_bound = None
+    if math.log(t) - math.log(T_MIN) < 0.05 and procedure != "standard":  # standard: identity (t → 0) is optimal
+        on_bound = "lower"
+    elif math.log(t_max) - math.log(t) < 0.05:
+        on_bound = "upper"
+    if on_bound:
+        notes.append(f"best_t: t = {t:g} is on the {on_bound} bound of the search range [{T_MIN:g}, {t_max:g}]; the "
+                     "best exp-family member may lie beyond it.")
+    fit = _fit(_exp_family(atoms.c, family, t), atoms, kl, procedure, n, spec, all_procedures)
+    beta = (math.exp(t) if family == "bon" else 1.0) / fit.lam  # β of Φ = exp(t c) itself
+    out = _summary(fit, atoms, beta, spec)
+    out.update({"t": t, "family": family})
+    return out, fit
+
+
+def _vbon_spec(atoms: _Atoms) -> str:
+    eps = 0.5 / float(atoms.count.max())  # the smallest possible mid-rank: log(max(c, eps)) = log c exactly
+    return "log" if eps >= 1e-3 else f"log:eps={eps:.12g}"
+
+
+def _raw_phi(name: str, spec: str, data: _Data) -> np.ndarray:
+    atoms = data.atoms
+    values = np.where(atoms.mask, atoms.values, 0.0)
+    if name == "raw":
+        return values
+    if name == "lsc":
+        import torch
+
+        from .calibration import reference_centre
+        from .transforms import get_transform
+
+        centre = get_transform(spec).params["centre"]
+        r_ref = reference_centre(torch.from_numpy(values), torch.from_numpy(atoms.mask), centre).numpy()
+        return -np.logaddexp(0.0, -(values - r_ref[:, None]))  # log σ(r − r_ref), stable
+    from .transforms import get_transform
+
+    transform = get_transform(spec)
+    if not hasattr(transform, "shaped"):
+        raise ValueError(f"transform {spec!r} works on raw rewards but has no numpy `shaped(rewards, ref_rewards, "
+                         "ref_mask)` form for diagnose.")
+    return transform.shaped(values, values, atoms.mask)
+
+
+def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures: bool = True) -> tuple[dict, _Fit, bool]:
+    """(summary, fit, fit is on patterns) of one method at one KL budget."""
+    from .transforms import get_transform
+
+    procedure, n = data.procedure, data.n
+    if name == "best_t":
+        out, fit = _best_t(data, kl, notes, all_procedures)
+        return out, fit, True
+    if name == "optimal":
+        from . import theory
+
+        pol = theory.optimal_policy(procedure, n, kl=kl)
+        transform = get_transform("optimal", procedure=procedure, n=n, beta=float(pol.beta))
+        fit = _fit(transform.phi(data.patterns.c), data.patterns, kl, procedure, n, transform.spec, all_procedures)
+        out = _summary(fit, data.patterns, 1.0 / fit.lam, transform.spec)
+        out.update({"theory_beta": float(pol.beta), "continuum_win_rate": pol.win_rate(procedure, n)})
+        return out, fit, True
+    if name == "raw_reward":
+        spec, kind = "raw", "raw"
+    elif name == "identity":
+        spec, kind = "identity", "calibrated"
+    elif name == "vbon":
+        spec, kind = _vbon_spec(data.patterns), "calibrated"
+    elif name == "lsc":
+        spec, kind = get_transform("lsc", centre=data.lsc_centre).spec, "raw"
+    else:  # any transform spec
+        transform = get_transform(name)
+        spec, kind = transform.spec, ("raw" if transform.requires_raw_rewards else "calibrated")
+    transform = get_transform(spec)
+    if kind == "calibrated":
+        atoms, phi = data.patterns, transform.phi(data.patterns.c)
+    else:
+        atoms, phi = data.atoms, _raw_phi(transform.name, spec, data)
+    fit = _fit(phi, atoms, kl, procedure, n, f"transform {spec!r}", all_procedures)
+    out = _summary(fit, atoms, 1.0 / fit.lam, spec)
+    if name == "vbon" and n > 1:
+        paper_beta = 1.0 / (n - 1)
+        paper = _fit(phi, atoms, kl, procedure, n, spec, False, lam=1.0 / paper_beta)
+        out.update({"paper_beta": paper_beta, "paper_kl": _mean(paper.kl, atoms.weight),
+                    "paper_win_rate": _mean(paper.win, atoms.weight)})
+    return out, fit, kind == "calibrated"
+
+
+def _quantiles(x: np.ndarray) -> dict:
+    p10, p50, p90 = (float(v) for v in np.quantile(x, [0.1, 0.5, 0.9]))
+    return {"p10": p10, "p50": p50, "p90": p90}
+
+
+def _heterogeneity(data: _Data, raw_fit: _Fit | None) -> dict:
+    atoms = data.atoms
+    values = np.where(atoms.mask, atoms.values, 0.0)
+    k = atoms.count.astype(np.float64)
+    mean = values.sum(axis=1) / k
+    std = np.sqrt(np.sum(np.where(atoms.mask, (values - mean[:, None]) ** 2, 0.0), axis=1) / k)
+    scale = _quantiles(std)
+    scale["p90_p10_ratio"] = scale["p90"] / scale["p10"] if scale["p10"] > 0 else None
+    positive = std > 0
+    scale["log_std_std"] = float(np.std(np.log(std[positive]))) if positive.sum() > 1 else 0.0
+    out = {"ref_std": scale, "ref_mean_std": float(np.std(mean)), "num_constant_prompts": int((~positive).sum())}
+    if raw_fit is not None:
+        kl_x = raw_fit.kl
+        spread = _quantiles(kl_x)
+        top = np.sort(kl_x)[::-1][: max(1, int(math.ceil(0.1 * kl_x.size)))]
+        spread.update({"max": float(kl_x.max()), "std": float(kl_x.std()),
+                       "top10_share": float(top.sum() / kl_x.sum()) if kl_x.sum() > 0 else None})
+        out["raw_reward_kl"] = spread
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------------
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass
+class DiagnosisResult:
+    """What each method buys at the KL budget, predicted exactly from the reference rewards (see the module doc).
+
+    `methods` maps a method name to {transform, beta, kl, win_rate, standard_win_rate[, bon_win_rate, won_win_rate]}
+    plus `t`/`family` (best_t), `theory_beta`/`continuum_win_rate` (optimal) and `paper_beta`/`paper_kl`/
+    `paper_win_rate` (vbon).  `heterogeneity` holds the per-prompt reference-scale spread and raw_reward's
+    per-prompt KL spread at its β.
+    """
+
+    procedure: str
+    n: int
+    kl: float
+    num_prompts: int
+    K: int
+    K_min: int
+    max_kl: float
+    methods: dict[str, dict]
+    heterogeneity: dict
+    warnings: list[str]
+    _data: _Data | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (non-finite numbers become None)."""
+        return _finite_or_none({
+            "procedure": self.procedure, "n": self.n, "kl": self.kl, "num_prompts": self.num_prompts, "K": self.K,
+            "K_min": self.K_min, "max_kl": self.max_kl, "methods": self.methods,
+            "heterogeneity": self.heterogeneity, "warnings": list(self.warnings),
+        })
+
+    def _win_name(self) -> str:
+        return {"standard": "standard win", "bon": f"BoN-{self.n} win", "won": f"WoN-{self.n} win"}[self.procedure]
+
+    def to_markdown(self) -> str:
+        """A Markdown report: the methods table, then heterogeneity and warnings."""
+        raw = self.methods.get("raw_reward")
+        k_text = str(self.K) if self.K == self.K_min else f"{self.K_min}–{self.K}"
+        lines = [
+            f"Predicted at KL {self.kl:g} nats (one global β per method) from {self.num_prompts} prompts × K = "
+            f"{k_text} reference rewards; procedure {self.procedure}, N = {self.n}.", "",
+            f"| method | transform | β | KL | {self._win_name()} | standard win |" + (" Δ vs raw |" if raw else ""),
+            "|---|---|---:|---:|---:|---:|" + ("---:|" if raw else ""),
+        ]
+        for name, m in self.methods.items():
+            if "error" in m:
+                lines.append(f"| {name} | — | — | — | {m['error']} | |" + (" |" if raw else ""))
+                continue
+            row = (f"| {name} | `{m['transform']}` | {m['beta']:.4g} | {m['kl']:.4f} | {m['win_rate']:.4f} | "
+                   f"{m['standard_win_rate']:.4f} |")
+            if raw:
+                row += f" {m['win_rate'] - raw['win_rate']:+.4f} |"
+            lines.append(row)
+        h = self.heterogeneity
+        s = h["ref_std"]
+        ratio = "—" if s["p90_p10_ratio"] is None else f"{s['p90_p10_ratio']:.3g}"
+        lines += ["", "Heterogeneity (what calibration fixes):",
+                  f"- per-prompt reference std: p10 {s['p10']:.4g}, p50 {s['p50']:.4g}, p90 {s['p90']:.4g}; "
+                  f"p90/p10 {ratio}; std of log-scale {s['log_std_std']:.3g}"
+                  + (f"; {h['num_constant_prompts']} prompts with all-equal rewards" if h["num_constant_prompts"]
+                     else "")]
+        if "raw_reward_kl" in h:
+            k = h["raw_reward_kl"]
+            share = "—" if k["top10_share"] is None else f"{100 * k['top10_share']:.0f}%"
+            lines.append(f"- raw_reward's per-prompt KL at its β: p10 {k['p10']:.3g}, p50 {k['p50']:.3g}, p90 "
+                         f"{k['p90']:.3g}, max {k['max']:.3g} (budget {self.kl:g}); the top 10% of prompts spend "
+                         f"{share} of it")
+        for note in self.warnings:
+            lines.append(f"- warning: {note}")
+        return "\n".join(lines)
+
+    def curves(self, kls: Sequence[float] | None = None, methods: Sequence[str] | None = None) -> dict[str, list]:
+        """{method: [(kl, win_rate), ...]} over a KL grid (default: 12 points up to ~2× the budget, below max_kl)."""
+        if self._data is None:
+            raise ValueError("this DiagnosisResult has no data attached (it was not made by diagnose()).")
+        if kls is None:
+            top = min(2.0 * self.kl, 0.95 * self.max_kl)
+            kls = sorted(set(np.round(np.linspace(top / 12, top, 12), 6).tolist()) | {self.kl})
+        out: dict[str, list] = {}
+        for name in methods or [m for m in self.methods if "error" not in self.methods[m]]:
+            points = []
+            for k in kls:
+                try:
+                    summary = _method(name, self._data, float(k), [], all_procedures=False)[0]
+                except ValueError:
+                    continue
+                points.append((summary["kl"], summary["win_rate"]))
+            out[name] = points
+        return out
+
+    def plot(self, path: str | None = None, kls: Sequence[float] | None = None, ax=None):
+        """Win rate vs KL for each method (the budget marked); saves to `path` when given.  Returns the Axes."""
+        try:
+            import matplotlib
+
+            if ax is None and path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("DiagnosisResult.plot needs matplotlib: pip install trl-infalign[plot]") from error
+        own = ax is None
+        fig, ax = plt.subplots(figsize=(6.4, 4.6)) if own else (ax.figure, ax)
+        for name, points in self.curves(kls).items():
+            if points:
+                style = {"color": "black", "linestyle": "--"} if name == "optimal" else {}
+                ax.plot(*zip(*points), marker="o", markersize=2.5, label=name, **style)
+        ax.axvline(self.kl, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"budget {self.kl:g}", (self.kl, ax.get_ylim()[0]), textcoords="offset points", xytext=(3, 3),
+                    fontsize=8, color="grey")
+        ax.set_xlabel("KL(π ‖ π_ref) [nats], mean over prompts")
+        ax.set_ylabel(f"{self._win_name()} rate vs π_ref")
+        ax.set_title(f"diagnose: {self.num_prompts} prompts × K={self.K}, one global β per method")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if path is not None:
+            fig.tight_layout()
+            fig.savefig(path, dpi=130)
+            if own:
+                plt.close(fig)
+        return ax
+
+
+def diagnose(
+    data: Any,
+    procedure: str = "bon",
+    n: int = 4,
+    kl: float = 0.5,
+    methods: Sequence[str] | None = None,
+    column: str = "ref_rewards",
+    *,
+    split: str | None = None,
+    lsc_centre: str | float = "mean",
+) -> DiagnosisResult:
+    r"""Predict KL and win rates of each alignment method at a KL budget from reference rewards alone.
+
+    Args:
+        data: per-prompt reference rewards — a (ragged) list of K-lists, a 2-D array/tensor, a `datasets.Dataset`
+            (or `DatasetDict` with `split`), or a path (.jsonl/.json/.parquet, a `save_to_disk` directory such as
+            `trl-infalign build-reference`'s output).  K ≥ 2 finite rewards per prompt.
+        procedure, n: inference procedure ("standard", "bon", "won") and its N (forced to 1 for "standard").
+        kl: KL budget in nats, the prompt-averaged KL(π*‖π_ref) every method is given (< the discrete limit
+            mean_x log(K_x / #top ties) ≤ log K).
+        methods: names from :data:`METHODS` (default: all) and/or transform specs ("bon:t=10", "log", "par").
+        column: the reference-rewards column of a dataset/file.
+        lsc_centre: r_ref(x) of `lsc`: "mean", "median" or a quantile level.
+
+    π*_x ∝ π_ref,x·exp(Φ_x/β) on the K reference atoms, one global β per method root-found to the budget; KL and win
+    rates are exact for the discrete reference (module docstring; InfAlign, arXiv 2412.19792; notes §8).
+    """
+    if procedure not in PROCEDURES:
+        raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)}, got {procedure!r}.")
+    if isinstance(n, bool) or int(n) != n or int(n) < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
+    n = 1 if procedure == "standard" else int(n)
+    kl = float(kl)
+    if not (math.isfinite(kl) and kl > 0):
+        raise ValueError(f"KL budget must be a finite number > 0, got {kl!r}.")
+    methods = list(METHODS if methods is None else methods)
+    if not methods:
+        raise ValueError(f"methods is empty: pass some of {', '.join(METHODS)} (or transform specs).")
+    from .transforms import TransformError, get_transform
+
+    for name in methods:
+        if name not in METHODS:
+            try:
+                get_transform(name)
+            except TransformError as error:
+                raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)} or a transform "
+                                 f"spec ({error})") from None
+
+    values, mask = _reference_matrix(load_reference_rewards(data, column, split), column)
+    atoms = _Atoms.from_matrix(values, mask)
+    patterns, inverse = atoms.patterns()
+    prepared = _Data(atoms, patterns, inverse, procedure, n, lsc_centre)
+    max_kl = _mean(atoms.max_kl(), atoms.weight)
+    if not kl < max_kl * (1.0 - 1e-9):
+        raise ValueError(
+            f"KL budget {kl:g} is unreachable: reweighting each prompt's K reference samples reaches at most "
+            f"{max_kl:.4g} nats on average (mean of log(K / #tied top rewards); log K = "
+            f"{math.log(atoms.count.max()):.4g}). Pass a smaller --kl, or rebuild the reference rewards with more "
+            "samples per prompt (--num-samples)."
+        )
+    notes: list[str] = []
+    constant = int(np.sum(atoms.max_kl() == 0))
+    if constant:
+        notes.append(f"{constant} prompts have all-equal reference rewards: they stay at the reference (KL 0, win ½).")
+    results: dict[str, dict] = {}
+    raw_fit = None
+    for name in methods:
+        try:
+            summary, fit, _ = _method(name, prepared, kl, notes)
+        except ValueError as error:
+            if len(methods) == 1:
+                raise
+            results[name] = {"error": str(error)}
+            notes.append(f"{name}: {error}")
+            continue
+        results[name] = summary
+        if name == "raw_reward":
+            raw_fit = fit
+    if raw_fit is None:
+        try:
+            raw_fit = _method("raw_reward", prepared, kl, [], all_procedures=False)[1]
+        except ValueError:
+            raw_fit = None
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return DiagnosisResult(
+        procedure=procedure, n=n, kl=kl, num_prompts=int(values.shape[0]), K=int(atoms.count.max()),
+        K_min=int(atoms.count.min()), max_kl=max_kl, methods=results,
+        heterogeneity=_heterogeneity(prepared, raw_fit), warnings=notes, _data=prepared,
+    )
