@@ -423,7 +423,11 @@ class EvaluationResult:
         if md.get("reference") is not None:
             parts.append(f"reference: `{md['reference']}`")
         if "temperature" in md:
-            parts.append(f"sampling: temperature {md['temperature']:g}, top_p {md['top_p']:g}, top_k {md['top_k']}")
+            def fmt(v):
+                return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+            parts.append(f"sampling: temperature {fmt(md['temperature'])}, top_p {fmt(md.get('top_p', 1.0))}, "
+                         f"top_k {md.get('top_k', 0)}")
         if md.get("max_new_tokens") is not None:
             parts.append(f"max_new_tokens {md['max_new_tokens']}")
         return ("Evaluated " + "; ".join(parts) + ".") if parts else None
