@@ -532,10 +532,11 @@ def _load_policy(model, tokenizer, use_vllm: bool, model_init_kwargs: dict | Non
 
 
 def _identity_key(identity: dict) -> str:
-    """One string per reward function for the cache key: kind, normalised name and weights fingerprint."""
+    """One string per reward function for the cache key: kind, normalised name and weights fingerprint; a callable by
+    its qualname only (a script's function is `__main__:f` when run, `script:f` when imported: same function)."""
     if identity["kind"] == "model":
         return f"model:{identity['name']}#{identity.get('fingerprint')}"
-    return f"callable:{identity['name']}"
+    return f"callable:{identity['name'].rpartition(':')[2]}"
 
 
 def _make_sampler(model, tokenizer, use_vllm, state, *, vllm_kwargs, num_samples, max_new_tokens, temperature, top_p,
