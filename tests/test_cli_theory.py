@@ -122,3 +122,47 @@ def test_bad_spec_subprocess_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip()
+
+
+def test_best_t_reports_bounds_and_floor(capsys):
+    result = run_json(capsys, "--best-t", "--procedure", "won", "--n", "4", "--kl", "0.75")
+    with pytest.warns(UserWarning, match="floor"):
+        best = theory.best_t("won", 4, 0.75)
+    for key in ("t", "beta", "kl", "win_rate", "standard_win_rate", "transform", "on_bound", "bound",
+                "normalised_beta", "t_range", "min_beta", "unconstrained", "family"):
+        assert key in result
+    assert result["on_bound"] is True and result["bound"] == "min_beta" and result["t"] == pytest.approx(best.t)
+    assert result["normalised_beta"] == pytest.approx(0.01, rel=1e-5)
+    free = run_json(capsys, "--best-t", "--procedure", "won", "--n", "4", "--kl", "0.75", "--min-beta", "0")
+    assert free["on_bound"] is False and free["bound"] is None and free["win_rate"] > result["win_rate"]
+
+
+def test_best_t_large_n_on_cap_warns_on_stderr(capsys):
+    code = main(["theory", "--best-t", "--procedure", "bon", "--n", "10000", "--kl", "0.5", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0
+    result = json.loads(captured.out)
+    assert result["t"] == 700.0 and result["on_bound"] is True and result["bound"] == "t_max"
+    assert result["t_range"] == [0.01, 700.0]
+    assert "warning" in captured.err and "bon-10000" in captured.err and "KL 0.5" in captured.err
+
+
+def test_best_t_at_beta_reports_floor(capsys):
+    result = run_json(capsys, "--best-t", "--procedure", "bon", "--n", "4", "--beta", "0.001")
+    assert result["bound"] == "min_beta" and result["beta"] == 0.001
+    assert result["unconstrained"]["t"] > result["t"]
+
+
+@pytest.mark.parametrize("argv", [["--best-t", "--kl", "0.5", "--min-beta", "-1"],
+                                  ["--transform", "identity", "--kl", "0.5", "--min-beta", "0.1"]])
+def test_min_beta_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["theory", *argv])
+    assert excinfo.value.code == 2
+    assert "min-beta" in capsys.readouterr().err
+
+
+def test_t_max_out_of_range_is_an_error(capsys):
+    code = main(["theory", "--best-t", "--kl", "0.5", "--t-max", "1000", "--json"])
+    assert code == 2
+    assert "t_max" in capsys.readouterr().err

@@ -240,3 +240,181 @@ def test_frontier_and_plot(tmp_path):
     path = tmp_path / "frontier.png"
     theory.plot_frontiers("bon", 4, ["identity", "bon:t=10"], kls=[0.2, 0.8], path=str(path))
     assert path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------- large N
+def reference_order_statistic_win(log_g_from_end, n, u_min=1e-22):
+    """Independent quadrature of T = ∫₀¹ N (1−u)^{N−1} (1 − M(u))^N du, M(u) = ∫₀^u g̃, g̃(u) = exp(log_g_from_end(u))
+    the density at distance u from the winning end, as an ODE in s = log u (DOP853, rtol 1e-11).
+
+    BoN-N win = 1 − T with g̃(u) = g(1 − u); WoN-N win = T with g̃(u) = g(u).  Returns (M(1), T)."""
+    from scipy.integrate import solve_ivp
+
+    def rhs(s, y):
+        u = min(math.exp(s), 1.0 - 1e-16)
+        m = min(y[0], 1.0)
+        weight = n * math.exp((n - 1) * math.log1p(-u) + n * math.log1p(-m)) if m < 1 else 0.0
+        return [u * math.exp(log_g_from_end(u)), u * weight]
+
+    y0 = [u_min * math.exp(log_g_from_end(u_min)), n * u_min]
+    sol = solve_ivp(rhs, (math.log(u_min), 0.0), y0, method="DOP853", rtol=1e-11, atol=1e-14)
+    return float(sol.y[0, -1]), float(sol.y[1, -1])
+
+
+def exp_family_log_g(spec, beta):
+    """log g(c) = Φ(c)/β − log Z for bon:t / won:t, with log Z from scipy quad (independent of theory.py)."""
+    from scipy.integrate import quad
+
+    family, t = spec.split(":t=")
+    t = float(t)
+    phi = (lambda c: math.exp(t * c)) if family == "bon" else (lambda c: -math.exp(-t * c))
+    top = max(phi(0.0), phi(1.0)) / beta
+    z = quad(lambda c: math.exp(phi(c) / beta - top), 0, 1, points=[min(10 / t, 0.5), max(1 - 10 / t, 0.5)],
+             limit=500, epsabs=1e-14)[0]
+    log_z = top + math.log(z)
+    return lambda c: phi(c) / beta - log_z
+
+
+@pytest.mark.parametrize(
+    "spec, n",
+    [("bon:t=8.26427", 10_000), ("bon:t=60", 10_000), ("bon:t=500", 10_000), ("bon:t=12.6339", 4),
+     ("won:t=9.67762", 4), ("bon:t=20", 100), ("won:t=5", 100), ("bon:t=700", 10**6), ("won:t=10", 10**6)],
+)
+def test_exp_family_win_rates_match_independent_quadrature(spec, n):
+    """The issue's case: bon:t=8.26 at N = 10⁴, KL 0.5 wins 0.914 (the old uniform-grid quadrature said 0.9994)."""
+    beta = theory.beta_for_kl(spec, 0.5)
+    pol = theory.policy(spec, beta)
+    log_g = exp_family_log_g(spec, beta)
+    mass_b, tail_b = reference_order_statistic_win(lambda u: log_g(1.0 - u), n)
+    mass_w, tail_w = reference_order_statistic_win(log_g, n)
+    assert mass_b == pytest.approx(1.0, abs=1e-8) and mass_w == pytest.approx(1.0, abs=1e-8)
+    assert pol.win_rate("bon", n) == pytest.approx(1.0 - tail_b, abs=1e-5)
+    assert pol.win_rate("won", n) == pytest.approx(tail_w, abs=1e-5)
+    if (spec, n) == ("bon:t=8.26427", 10_000):
+        assert pol.win_rate("bon", n) == pytest.approx(0.914, abs=1e-3)
+
+
+@pytest.mark.parametrize("n", [100, 10_000, 10**6])
+def test_bon_policy_closed_forms_large_n(n):
+    pol = CalibratedPolicy.bon_policy(n)
+    assert pol.kl() == pytest.approx(bon_kl(n), abs=1e-6)
+    assert pol.win_rate("bon", n) == pytest.approx(n / (n + 1), abs=1e-6)
+    assert pol.standard_win_rate() == pytest.approx(n / (n + 1), abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [100, 10_000, 10**6])
+@pytest.mark.parametrize("beta", [0.05, 0.5])
+def test_identity_transform_large_n_against_closed_form_density(n, beta):
+    """g = e^{c/β} / (β (e^{1/β} − 1)) in closed form, integrated independently; at large N the BoN-N win tends to
+    g(1)/(1 + g(1)) and the WoN-N win to 1/(1 + g(0)) (within O(1/N))."""
+    pol = theory.policy("identity", beta)
+    log_norm = -math.log(beta * math.expm1(1.0 / beta))
+    _, tail_b = reference_order_statistic_win(lambda u: (1.0 - u) / beta + log_norm, n)
+    _, tail_w = reference_order_statistic_win(lambda u: u / beta + log_norm, n)
+    assert pol.win_rate("bon", n) == pytest.approx(1.0 - tail_b, abs=1e-6)
+    assert pol.win_rate("won", n) == pytest.approx(tail_w, abs=1e-6)
+    g1, g0 = math.exp(1.0 / beta + log_norm), math.exp(log_norm)
+    if n == 10**6:
+        assert pol.win_rate("bon", n) == pytest.approx(g1 / (1.0 + g1), abs=1e-3)
+        assert pol.win_rate("won", n) == pytest.approx(1.0 / (1.0 + g0), abs=1e-3)
+
+
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+@pytest.mark.parametrize("n", [100, 10_000])
+def test_optimal_policy_win_rate_large_n_matches_its_ode(procedure, n):
+    """The grid representation of optimal_policy against the shooting ODE's own CDF, integrated on u = 1 − c."""
+    from scipy.integrate import quad
+
+    opt = theory.optimal_policy(procedure, n, beta=0.1)
+    l1, sign, kl = theory._optimal_core(procedure, n, opt.beta)
+    _, sol = theory._shoot(l1, n, opt.beta, sign, dense=True)  # mirrored for won: G̃(c) = 1 − G(1 − c)
+
+    def integrand(s):  # c̃ = 1 − e^s
+        u = math.exp(s)
+        G = min(max(float(sol.sol(1.0 - u)[0]), 0.0), 1.0)
+        return u * n * math.exp((n - 1) * math.log1p(-u) + n * math.log(G)) if G > 0 else 0.0
+
+    cuts = np.linspace(math.log(1e-14 / n), 0.0, 40)
+    tail = sum(quad(integrand, a, b, epsabs=1e-13, epsrel=1e-10, limit=200)[0] for a, b in zip(cuts[:-1], cuts[1:]))
+    assert opt.win_rate(procedure, n) == pytest.approx(1.0 - tail if procedure == "bon" else tail, abs=1e-5)
+    assert opt.kl() == pytest.approx(kl, abs=2e-3)
+
+
+def test_best_t_large_n_searches_far_enough_and_warns():
+    with pytest.warns(UserWarning, match=r"bon-10000 at KL 0.5 sits on t = 700"):
+        best = theory.best_t("bon", 10_000, 0.5)
+    assert best.on_bound and best.bound == "t_max" and best.t_range == (0.01, 700.0) and best.t == 700.0
+    assert best.kl == pytest.approx(0.5, abs=1e-6)
+    for t in (8.26427, 60, 500):  # the issue's reference values: 0.914, 0.980, 0.997
+        spec = f"bon:t={t}"
+        assert theory.win_rate(spec, theory.beta_for_kl(spec, 0.5), "bon", 10_000) < best.win_rate
+    assert best.win_rate > 0.997
+
+
+def test_t_range_grows_with_n_and_interior_optimum_has_no_warning(recwarn):
+    assert theory.t_range("bon", 4) == theory.T_RANGE == (0.01, 60.0)
+    assert theory.t_range("standard", 10**6) == (0.01, 60.0)
+    assert theory.t_range("won", 8)[1] == 240.0 and theory.t_range("bon", 10**6)[1] == theory.T_CAP
+    best = theory.best_t("bon", 16, 0.5)  # t* ≈ 104 > the old bound 60
+    assert 60 < best.t < best.t_range[1] and not best.on_bound and best.bound is None
+    for t in (60, 200):
+        spec = f"bon:t={t}"
+        assert theory.win_rate(spec, theory.beta_for_kl(spec, 0.5), "bon", 16) < best.win_rate
+    small = theory.best_t("bon", 4, 0.5)
+    assert not small.on_bound and small.normalised_beta > 0.1
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_best_t_lower_bound_warns_for_standard():
+    with pytest.warns(UserWarning, match="lower end.*identity"):
+        best = theory.best_t("standard", 1, 0.5)
+    assert best.on_bound and best.bound == "t_min" and best.t == 0.01
+
+
+def test_beta_floor_binds_for_won_and_costs_little():
+    with pytest.warns(UserWarning, match=r"won-4 at KL 0.75 is limited by the floor min_beta=0.01"):
+        floored = theory.best_t("won", 4, 0.75)
+    free = theory.best_t("won", 4, 0.75, min_beta=0)
+    assert floored.bound == "min_beta" and floored.on_bound
+    assert floored.normalised_beta == pytest.approx(0.01, rel=1e-5)
+    assert floored.beta / (1 - math.exp(-floored.t)) == pytest.approx(floored.normalised_beta)
+    assert free.normalised_beta < 1e-3 and not free.on_bound and free.t > floored.t
+    assert 0 < free.win_rate - floored.win_rate < 2e-3
+    assert floored.unconstrained is not None and floored.unconstrained[1] > floored.win_rate
+    not_binding = theory.best_t("won", 4, 0.5)
+    assert not not_binding.on_bound and not_binding.normalised_beta > 0.01
+    for kl in (0.5, 1.0):  # BoN: never binds (β / span ≈ 0.2-0.3)
+        assert theory.best_t("bon", 4, kl).bound is None
+
+
+def test_beta_floor_prefers_flatter_member_on_won_plateau():
+    best = theory.best_t("won", 10_000, 0.5)  # every t ≳ 5 wins to 1e-12: take the smallest (largest β / span)
+    assert best.win_rate > 1 - 1e-9 and best.normalised_beta >= 0.01 and not best.on_bound
+
+
+def test_best_t_for_beta_floor():
+    beta = 1e-3
+    with pytest.warns(UserWarning, match="best_t_for_beta.*floor min_beta=0.01"):
+        t = theory.best_t_for_beta("bon", 4, beta)
+    assert t == pytest.approx(math.log1p(beta / 0.01), rel=1e-5)  # the floor: β / (e^t − 1) ≥ 0.01
+    assert theory.best_t_for_beta("bon", 4, beta, min_beta=0) > t
+    details = theory.best_t_for_beta("bon", 4, 0.05, details=True)
+    assert details.t == theory.best_t_for_beta("bon", 4, 0.05) and details.beta == 0.05
+    assert not details.on_bound and details.normalised_beta >= 0.01
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [(lambda: theory.best_t("bon", 4, 0.5, min_beta=-1), "min_beta"),
+     (lambda: theory.best_t("bon", 4, 0.5, min_beta=float("nan")), "min_beta"),
+     (lambda: theory.best_t("bon", 4, 0.5, t_max=1000), "t_max"),
+     (lambda: theory.best_t("bon", 4, 0.0), "kl"),
+     (lambda: theory.best_t("bon", 0, 0.5), "n must"),
+     (lambda: theory.best_t("bon", 4, 0.5, family="x"), "family"),
+     (lambda: theory.best_t_for_beta("bon", 4, -1.0), "beta"),
+     (lambda: theory.best_t_for_beta("won", 4, 0.1, t_max=0), "t_max"),
+     (lambda: theory.best_t("standard", 1, 8.0), "min_beta")],
+)
+def test_best_t_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
