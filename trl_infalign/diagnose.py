@@ -504,7 +504,10 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
     if name == "optimal":
         from . import theory
 
-        pol = theory.optimal_policy(procedure, n, kl=kl)
+        if n == 1:  # Φ* is the identity; theory.optimal_policy(kl=) fails here (its internal Φ = c isn't a spec)
+            pol = theory.optimal_policy(procedure, n, beta=theory.beta_for_kl("identity", kl))
+        else:
+            pol = theory.optimal_policy(procedure, n, kl=kl)
         transform = get_transform("optimal", procedure=procedure, n=n, beta=float(pol.beta))
         fit = _fit(transform.phi(data.patterns.c), data.patterns, kl, procedure, n, transform.spec, all_procedures)
         out = _summary(fit, data.patterns, 1.0 / fit.lam, transform.spec)
