@@ -331,3 +331,57 @@ def test_optimal_with_real_theory():
     # standard procedure: Φ* is the identity up to a constant
     std = get_transform("optimal:procedure=standard,n=1,beta=0.5").phi(c)
     np.testing.assert_allclose(std - std[0], c, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# raw-reward baselines: par, raw
+def test_par_values_ragged_and_masked():
+    tr = get_transform("par")
+    assert tr.requires_raw_rewards and tr.spec == "par" and "par" in available_transforms()
+    rewards = torch.tensor([1.0, 0.0, 5.0])
+    rows = [[0.0, 1.0, 5.0], [2.0, -2.0], [4.0]]
+    out = tr(torch.zeros(3), rewards=rewards, ref_rewards=rows)
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))  # noqa: E731
+    expected = [np.mean(sigmoid(r - np.array(row))) for r, row in zip(rewards.tolist(), rows)]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
+    values = torch.tensor([[1.0, 3.0, 99.0], [0.0, 99.0, 99.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    padded = tr(None, rewards=torch.tensor([2.0, -1.0]), ref_rewards=values, ref_mask=mask)
+    assert padded.dtype == torch.float32
+    np.testing.assert_allclose(padded.numpy(), [0.5 * (sigmoid(1.0) + sigmoid(-1.0)), sigmoid(-1.0)], rtol=1e-6)
+    # numpy form (used by `trl-infalign diagnose`): M rewards per prompt, same values
+    shaped = tr.shaped(np.array([[2.0, 0.0], [-1.0, 7.0]]), values.numpy(), mask.numpy(), chunk_elements=3)
+    np.testing.assert_allclose(shaped[:, 0], padded.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(shaped[1, 1], sigmoid(7.0), rtol=1e-12)
+    # bounded in (0, 1), invariant to a per-prompt offset, not to a scale; huge rewards stay finite
+    shifted = tr(None, rewards=torch.tensor([12.0, 9.0]), ref_rewards=values + 10, ref_mask=mask)
+    assert torch.allclose(padded, shifted)
+    scaled = tr(None, rewards=torch.tensor([20.0, -10.0]), ref_rewards=values * 10, ref_mask=mask)
+    assert not torch.allclose(padded, scaled)
+    big = tr(None, rewards=torch.tensor([-1e6, 1e6]), ref_rewards=values, ref_mask=mask)
+    assert big.tolist() == [0.0, 1.0]
+
+
+def test_par_and_raw_errors():
+    par, raw = get_transform("par"), get_transform("raw")
+    with pytest.raises(TransformError, match="Missing: ref_rewards="):
+        par(torch.zeros(2), rewards=torch.zeros(2))
+    with pytest.raises(TransformError, match="Missing: rewards="):
+        raw(torch.zeros(2))
+    with pytest.raises(TransformError, match="row 1"):
+        par(None, rewards=torch.zeros(2), ref_rewards=[[1.0], []])
+    with pytest.raises(TransformError, match="2 rows of reference rewards"):
+        par(None, rewards=torch.zeros(3), ref_rewards=[[1.0], [2.0]])
+    for tr in (par, raw):
+        with pytest.raises(ValueError, match="no calibrated-space form"):
+            tr.phi(np.array([0.5]))
+
+
+def test_raw_is_the_reward():
+    tr = get_transform("raw")
+    assert tr.requires_raw_rewards and tr.spec == "raw"
+    rewards = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    out = tr(torch.tensor([0.1, 0.9]), rewards=rewards, ref_rewards=[[0.0], [1.0]])
+    assert out.dtype == torch.float64 and out.tolist() == [1.5, -2.0] and out is not rewards
+    assert tr(None, rewards=[1, 2]).dtype == torch.float32
+    np.testing.assert_array_equal(tr.shaped(np.array([[1.0, 2.0]])), [[1.0, 2.0]])
