@@ -19,6 +19,15 @@ import numpy as np
 from trl_infalign import theory
 
 
+def quiet(fn, *args):
+    """Call fn without printing its bound warnings (best_t at large N sits on t = 700 by design)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return fn(*args)
+
+
 def timed(fn, repeats=3):
     best, result = float("inf"), None
     for _ in range(repeats):
@@ -47,6 +56,9 @@ def main(argv=None) -> int:
         ("frontier optimal, bon N=4, 25 KLs", lambda: len(theory.frontier(["optimal"], "bon", 4)), None),
         ("best_t(bon, 4, kl=0.5)", lambda: theory.best_t("bon", 4, 0.5).t, None),
         ("best_t(won, 4, kl=0.5)", lambda: theory.best_t("won", 4, 0.5).t, None),
+        ("best_t(bon, 10^4, kl=0.5)", lambda: quiet(theory.best_t, "bon", 10_000, 0.5).t, None),
+        ("best_t(won, 10^4, kl=0.5)", lambda: quiet(theory.best_t, "won", 10_000, 0.5).t, None),
+        ("win_rate(bon:t=700, bon N=10^6)", lambda: theory.policy("bon:t=700", 1e303).win_rate("bon", 10**6), None),
         ("beta_for_kl(bon:t=10, 0.5)", lambda: theory.beta_for_kl("bon:t=10", 0.5), None),
     ]
     rows = []

@@ -16,8 +16,9 @@ Everything here is float64 numpy/scipy.  Densities are stored as log-densities o
 *piecewise exponential* (log g linear between grid points), so every integral of g, g·c and g·log g is exact per
 segment; grids are refined adaptively wherever log g changes by more than 0.1 between neighbours, or bends (second
 difference > 2e-4), within 40 nats of its maximum (down to float resolution), which keeps sharply concentrated policies (t = 30, β = 1e-3) accurate and
-finite.  The BoN/WoN win rates are integrated by parts (W = 1 − ∫ N c^{N−1} G^N dc, resp. its WoN mirror) with
-4-point Gauss-Legendre nodes per segment and the exact piecewise-exponential CDF G.
+finite.  The BoN/WoN win rates are integrated by parts (W = 1 − ∫ N c^{N−1} G^N dc, resp. its WoN mirror) in the
+distance u from the winning end, on pieces cut until the integrand is resolved (it lives on u ≲ 1/(N(1 + g(1))) at
+large N), with 4-point Gauss-Legendre nodes and the exact piecewise-exponential CDF G (:func:`_order_statistic_tail`).
 
 The KL-regularised optimum over *all* densities (:func:`optimal_policy`) solves the first-order condition of
 max_g W(g) − β KL(g); for BoN it is an ODE boundary-value problem, solved by shooting (see :func:`optimal_policy`).
