@@ -332,3 +332,13 @@ def test_api_errors():
         diagnose(ROWS, kl=0)
     with pytest.raises(ValueError, match="no rows"):
         diagnose([])
+
+
+def test_best_t_on_the_search_bound_warns(monkeypatch):
+    import trl_infalign.diagnose as module
+
+    monkeypatch.setattr(module._Data, "t_max", lambda self: 2.0)  # the best t for BoN-4 at KL 0.5 is ≈ 12.6
+    with pytest.warns(UserWarning, match="upper bound"):
+        result = diagnose(stratified(5, 64, 0.0), kl=0.5, methods=["best_t"])
+    assert result.methods["best_t"]["t"] == pytest.approx(2.0, rel=1e-3)
+    assert any("upper bound" in note for note in result.warnings)

@@ -86,7 +86,8 @@ def _column_of_records(records: Any, column: str, where: str) -> list:
     if missing:
         if len(missing) == len(records):
             raise _missing_column(column, where, list(records[0]))
-        raise ValueError(f"{where}: rows {missing[:10]} have no {column!r} field: every row needs its reference rewards.")
+        raise ValueError(f"{where}: rows {missing[:10]} have no {column!r} field: every row needs its reference "
+                         "rewards.")
     return [r[column] for r in records]
 
 
@@ -138,7 +139,8 @@ def load_reference_rewards(source: Any, column: str = "ref_rewards", split: str 
             if column not in names:
                 raise _missing_column(column, where, names)
             return pq.read_table(path, columns=[column]).column(column).to_pylist()
-        raise ValueError(f"unsupported dataset file {where}: use .jsonl, .json, .parquet or a `save_to_disk` directory.")
+        raise ValueError(f"unsupported dataset file {where}: use .jsonl, .json, .parquet or a `save_to_disk` "
+                         "directory.")
     datasets = sys.modules.get("datasets")  # a Dataset argument means datasets is imported; don't import it otherwise
     Dataset = getattr(datasets, "Dataset", None)
     DatasetDict = getattr(datasets, "DatasetDict", None)
@@ -292,18 +294,21 @@ def _tilt(phi: np.ndarray, atoms: _Atoms, lam: float) -> tuple[np.ndarray, np.nd
     return p, kl, mean, var
 
 
+def _unreachable(kl: float, reach: float, k: int, what: str = "") -> ValueError:
+    return ValueError(
+        f"KL budget {kl:g} is unreachable{what}: reweighting each prompt's K reference samples reaches at most "
+        f"{reach:.4g} nats on average (mean of log(K / #tied top rewards); log K = {math.log(k):.4g}). Pass a "
+        "smaller --kl, or rebuild the reference rewards with more samples per prompt (--num-samples)."
+    )
+
+
 def _solve_lambda(phi: np.ndarray, atoms: _Atoms, kl: float, what: str) -> float:
     """λ = 1/β with weighted-mean KL = `kl` (safeguarded Newton on log λ; KL increases in λ)."""
     weight = atoms.weight
     top = np.sum(atoms.mask & (phi == 0.0), axis=1)  # atoms sharing the largest Φ (shifted to 0)
     reach = _mean(np.log(atoms.count / top), weight)
     if not kl < reach * (1.0 - 1e-9):
-        raise ValueError(
-            f"KL budget {kl:g} is unreachable for {what}: reweighting each prompt's K reference samples reaches at "
-            f"most {reach:.4g} nats on average (mean of log(K / #atoms tied at the largest value); log K = "
-            f"{math.log(atoms.count.max()):.4g}). Pass a smaller --kl, or rebuild the reference rewards with more "
-            "samples per prompt (--num-samples)."
-        )
+        raise _unreachable(kl, reach, int(atoms.count.max()), f" for {what}")
 
     def f(u: float) -> tuple[float, float]:
         lam = math.exp(u)
@@ -493,14 +498,13 @@ def _raw_phi(name: str, spec: str, data: _Data) -> np.ndarray:
     return transform.shaped(values, values, atoms.mask)
 
 
-def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures: bool = True) -> tuple[dict, _Fit, bool]:
-    """(summary, fit, fit is on patterns) of one method at one KL budget."""
+def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures: bool = True) -> tuple[dict, _Fit]:
+    """(summary, fit) of one method at one KL budget."""
     from .transforms import get_transform
 
     procedure, n = data.procedure, data.n
     if name == "best_t":
-        out, fit = _best_t(data, kl, notes, all_procedures)
-        return out, fit, True
+        return _best_t(data, kl, notes, all_procedures)
     if name == "optimal":
         from . import theory
 
@@ -512,7 +516,7 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
         fit = _fit(transform.phi(data.patterns.c), data.patterns, kl, procedure, n, transform.spec, all_procedures)
         out = _summary(fit, data.patterns, 1.0 / fit.lam, transform.spec)
         out.update({"theory_beta": float(pol.beta), "continuum_win_rate": pol.win_rate(procedure, n)})
-        return out, fit, True
+        return out, fit
     if name == "raw_reward":
         spec, kind = "raw", "raw"
     elif name == "identity":
@@ -536,7 +540,7 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
         paper = _fit(phi, atoms, kl, procedure, n, spec, False, lam=1.0 / paper_beta)
         out.update({"paper_beta": paper_beta, "paper_kl": _mean(paper.kl, atoms.weight),
                     "paper_win_rate": _mean(paper.win, atoms.weight)})
-    return out, fit, kind == "calibrated"
+    return out, fit
 
 
 def _quantiles(x: np.ndarray) -> dict:
@@ -723,8 +727,8 @@ def diagnose(
         column: the reference-rewards column of a dataset/file.
         lsc_centre: r_ref(x) of `lsc`: "mean", "median" or a quantile level.
 
-    π*_x ∝ π_ref,x·exp(Φ_x/β) on the K reference atoms, one global β per method root-found to the budget; KL and win
-    rates are exact for the discrete reference (module docstring; InfAlign, arXiv 2412.19792; notes §8).
+    π*_x ∝ π_ref,x·exp(Φ_x/β) on the K reference atoms, one global β per method root-found to the budget; KL and
+    win rates are exact for the discrete reference (module docstring; InfAlign, arXiv 2412.19792; notes §8).
     """
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)}, got {procedure!r}.")
@@ -747,18 +751,18 @@ def diagnose(
                 raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)} or a transform "
                                  f"spec ({error})") from None
 
+    if "lsc" in methods:
+        try:
+            get_transform("lsc", centre=lsc_centre)
+        except TransformError as error:
+            raise ValueError(f"lsc_centre={lsc_centre!r}: {error}") from None
     values, mask = _reference_matrix(load_reference_rewards(data, column, split), column)
     atoms = _Atoms.from_matrix(values, mask)
     patterns, inverse = atoms.patterns()
     prepared = _Data(atoms, patterns, inverse, procedure, n, lsc_centre)
     max_kl = _mean(atoms.max_kl(), atoms.weight)
     if not kl < max_kl * (1.0 - 1e-9):
-        raise ValueError(
-            f"KL budget {kl:g} is unreachable: reweighting each prompt's K reference samples reaches at most "
-            f"{max_kl:.4g} nats on average (mean of log(K / #tied top rewards); log K = "
-            f"{math.log(atoms.count.max()):.4g}). Pass a smaller --kl, or rebuild the reference rewards with more "
-            "samples per prompt (--num-samples)."
-        )
+        raise _unreachable(kl, max_kl, int(atoms.count.max()))
     notes: list[str] = []
     constant = int(np.sum(atoms.max_kl() == 0))
     if constant:
@@ -767,7 +771,7 @@ def diagnose(
     raw_fit = None
     for name in methods:
         try:
-            summary, fit, _ = _method(name, prepared, kl, notes)
+            summary, fit = _method(name, prepared, kl, notes)
         except ValueError as error:
             if len(methods) == 1:
                 raise
