@@ -208,6 +208,7 @@ def test_monotone_per_prompt_changes_leave_calibrated_methods_unchanged():
         assert offset[name]["win_rate"] == pytest.approx(ref[name]["win_rate"], abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:N = 4 is large")
 def test_vbon_paper_beta_and_ragged_constant_rows():
     rows = [[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0], [0.0, 1.0]]
     with pytest.warns(UserWarning, match="1 prompts have all-equal"):
@@ -342,3 +343,12 @@ def test_best_t_on_the_search_bound_warns(monkeypatch):
         result = diagnose(stratified(5, 64, 0.0), kl=0.5, methods=["best_t"])
     assert result.methods["best_t"]["t"] == pytest.approx(2.0, rel=1e-3)
     assert any("upper bound" in note for note in result.warnings)
+
+
+def test_large_n_for_k_warns():
+    with pytest.warns(UserWarning, match=r"N = 64 is large for K = 16 .* probability 98%"):
+        result = diagnose(stratified(4, 16, 0.5), n=64, kl=0.5, methods=["identity"])
+    assert abs(result.methods["identity"]["win_rate"] - 0.5) < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diagnose(stratified(4, 16, 0.5), n=4, kl=0.5, methods=["identity"])  # the default case stays quiet

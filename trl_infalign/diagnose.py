@@ -764,6 +764,14 @@ def diagnose(
     if not kl < max_kl * (1.0 - 1e-9):
         raise _unreachable(kl, max_kl, int(atoms.count.max()))
     notes: list[str] = []
+    if n > 1:  # the reference's best (worst) of N is then mostly its top (bottom) sample: little left to resolve
+        top = 1.0 - np.exp(n * np.log1p(-1.0 / atoms.count))
+        if float(np.mean(top)) > 0.5:
+            notes.append(
+                f"N = {n} is large for K = {int(np.median(atoms.count))} reference rewards per prompt: the reference's "
+                f"{'best' if procedure == 'bon' else 'worst'} of N is its {'top' if procedure == 'bon' else 'bottom'} "
+                f"sample with probability {np.mean(top):.0%} (1 − (1 − 1/K)^N), so every method's win rate is "
+                "near ½ on this discrete reference. Use K well above N (≥ 4N) reference samples.")
     constant = int(np.sum(atoms.max_kl() == 0))
     if constant:
         notes.append(f"{constant} prompts have all-equal reference rewards: they stay at the reference (KL 0, win ½).")
