@@ -17,8 +17,10 @@ from trl_infalign.tiny import (
 NUM_ACTIONS = 12
 
 
-def make_bandit(tmp_path, num_actions: int = NUM_ACTIONS, num_reference: int = 64, seed: int = 0):
-    """Reference policy on disk, its action probabilities, a reward table and a one-prompt dataset with ref rewards."""
+def make_bandit(tmp_path, num_actions: int = NUM_ACTIONS, num_reference: int = 64, seed: int = 0, levels: int | None = None):
+    """Reference policy on disk, its action probabilities, a reward table and a one-prompt dataset with ref rewards.
+
+    Action a has reward a, or ⌊a·levels/num_actions⌋ with `levels` (few distinct rewards: many ties)."""
     generator = torch.Generator().manual_seed(seed)
     target = torch.softmax(torch.randn(num_actions, generator=generator) * 0.6, dim=0)
     tokenizer = build_bandit_tokenizer(num_actions)
@@ -27,7 +29,10 @@ def make_bandit(tmp_path, num_actions: int = NUM_ACTIONS, num_reference: int = 6
 
     pi_ref = bandit_next_token_probs(AutoModelForCausalLM.from_pretrained(path), tokenizer)
     rewards = torch.full((len(tokenizer),), -1.0, dtype=torch.float64)  # non-action tokens: worst reward
-    rewards[bandit_action_ids(tokenizer, num_actions)] = torch.arange(num_actions, dtype=torch.float64)
+    action_rewards = torch.arange(num_actions, dtype=torch.float64)
+    if levels is not None:
+        action_rewards = torch.div(action_rewards * levels, num_actions, rounding_mode="floor")
+    rewards[bandit_action_ids(tokenizer, num_actions)] = action_rewards
     ref_samples = torch.multinomial(pi_ref, num_reference, replacement=True, generator=generator)
     ref_rewards = rewards[ref_samples].tolist()
     dataset = Dataset.from_dict({"prompt": [BANDIT_PROMPT] * 64, "ref_rewards": [ref_rewards] * 64})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 from trl import RLOOConfig
 
 PROCEDURES = ("standard", "bon", "won")
+_DEFAULT_BETA = next(f.default for f in fields(RLOOConfig) if f.name == "beta")
 
 
 @dataclass
@@ -68,6 +70,15 @@ class CTRLConfig(RLOOConfig):
         default=None,
         metadata={"help": "Target KL(pi || pi_ref): sets `beta` (and t with `auto`) from the calibrated-space theory."},
     )
+    kl_control: str | None = field(
+        default=None,
+        metadata={
+            "help": "`adaptive` (default when kl_budget is set): start from the theory's beta and correct it from the "
+            "measured per-completion KL until the run sits on kl_budget. `fixed`: keep beta (default without a "
+            "budget; with a budget, beta is the theory's open-loop value).",
+            "choices": ["adaptive", "fixed"],
+        },
+    )
     reference_rewards_column: str = field(
         default="ref_rewards",
         metadata={"help": "Dataset column with the rewards of K reference-policy samples per prompt."},
@@ -94,6 +105,15 @@ class CTRLConfig(RLOOConfig):
             "choices": ["raise", "warn", "off"],
         },
     )
+    calibration_check: str = field(
+        default="raise",
+        metadata={
+            "help": "Step-0 health check: while the policy is still the reference, its calibrated rewards must be "
+            "~Uniform[0, 1]; a gross mismatch (references made with another reward, weights, formatting or sampling) "
+            "is detected on the first batch (false-alarm rate 1e-4). `raise` (default), `warn` or `off`.",
+            "choices": ["raise", "warn", "off"],
+        },
+    )
     nonfinite_rewards: str = field(
         default="raise",
         metadata={"help": "On a +-inf reward (or NaN from a reward model): `raise` (default) or `skip` (no advantage, counted).", "choices": ["raise", "skip"]},
@@ -117,6 +137,15 @@ class CTRLConfig(RLOOConfig):
             )
         if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
             raise ValueError(f"CTRLConfig.kl_budget must be a finite number > 0 (or None), got {self.kl_budget!r}.")
+        if self.kl_control is None:
+            self.kl_control = "adaptive" if self.kl_budget is not None else "fixed"
+        if self.kl_control not in ("adaptive", "fixed"):
+            raise ValueError(f"CTRLConfig.kl_control must be 'adaptive' or 'fixed', got {self.kl_control!r}.")
+        if self.kl_control == "adaptive" and self.kl_budget is None:
+            raise ValueError(
+                "CTRLConfig.kl_control='adaptive' needs a target: set kl_budget (per-completion KL in nats), or use "
+                "kl_control='fixed' with an explicit beta."
+            )
         if self.kl_budget is None and not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(
                 f"CTRLConfig.beta must be > 0, got {self.beta!r}: CTRL is KL-regularised RL, its optimum "
@@ -133,6 +162,10 @@ class CTRLConfig(RLOOConfig):
                 "CTRLConfig.reference_provenance_check must be 'raise', 'warn' or 'off', got "
                 f"{self.reference_provenance_check!r}."
             )
+        if self.calibration_check not in ("raise", "warn", "off"):
+            raise ValueError(
+                f"CTRLConfig.calibration_check must be 'raise', 'warn' or 'off', got {self.calibration_check!r}."
+            )
         if self.nonfinite_rewards not in ("raise", "skip"):
             raise ValueError(f"CTRLConfig.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
 
@@ -144,30 +177,93 @@ class CTRLConfig(RLOOConfig):
         from . import theory
         from .transforms import TransformError, get_transform
 
-        procedure, n = self.inference_procedure, self.inference_n
+        procedure, n, budget = self.inference_procedure, self.inference_n, self.kl_budget
+        given_beta, beta_given = self.beta, self.beta != _DEFAULT_BETA
         spec = self.transform.strip()
         try:
             if spec == "auto":
                 if procedure == "standard":
                     spec = "identity"
-                elif self.kl_budget is not None:
-                    best = theory.best_t(procedure, n, self.kl_budget)
+                elif budget is not None:
+                    best = theory.best_t(procedure, n, budget)
                     spec, self.beta = f"{procedure}:t={best.t:.6g}", best.beta
                 else:
                     spec = f"{procedure}:t={theory.best_t_for_beta(procedure, n, self.beta):.6g}"
             elif spec.split(":", 1)[0] == "optimal":
-                if self.kl_budget is not None:
-                    self.beta = theory.optimal_policy(procedure, n, kl=self.kl_budget).beta
+                if budget is not None:
+                    self.beta = theory.optimal_policy(procedure, n, kl=budget).beta
                 spec = f"optimal:procedure={procedure},n={n},beta={self.beta:.6g}"
             transform = get_transform(spec)
-            if self.kl_budget is not None and self.transform.strip() not in ("auto",) and transform.name != "optimal":
-                if transform.requires_raw_rewards:
+            if budget is not None and transform.requires_raw_rewards:
+                if self.kl_control != "adaptive":
                     raise ValueError(
-                        f"CTRLConfig.kl_budget cannot be used with transform={self.transform!r}: it has no "
-                        "calibrated-space form to predict KL from. Set beta directly."
+                        f"CTRLConfig.kl_budget with transform={self.transform!r} needs kl_control='adaptive': the "
+                        "transform has no calibrated-space form to predict beta from. Use kl_control='adaptive' "
+                        "(it starts from `beta`) or set beta directly without a kl_budget."
                     )
-                self.beta = theory.beta_for_kl(transform, self.kl_budget)
+                warnings.warn(
+                    f"CTRLConfig: transform={self.transform!r} has no calibrated-space prediction of beta for "
+                    f"kl_budget={budget:g}; the adaptive KL controller starts from beta={self.beta:g} and corrects it "
+                    "from the measured per-completion KL. Start it closer with `beta` to converge faster.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                beta_given = False  # `beta` is the controller's start here, not overridden
+            elif budget is not None and not (self.transform.strip() == "auto" and procedure != "standard") and (
+                transform.name != "optimal"
+            ):
+                self.beta = theory.beta_for_kl(transform, budget)
         except TransformError as error:
             raise ValueError(f"CTRLConfig.transform={self.transform!r}: {error}") from error
+        if budget is not None and beta_given:
+            control = (
+                "the adaptive KL controller then corrects it from the measured per-completion KL"
+                if self.kl_control == "adaptive"
+                else "kept for the whole run (kl_control='fixed')"
+            )
+            warnings.warn(
+                f"CTRLConfig: beta={given_beta:g} and kl_budget={budget:g} were both given; kl_budget wins: beta is "
+                f"set to {self.beta:.6g}, the calibrated-space theory's value for {spec!r} at that KL, and "
+                f"{control}. Drop beta to silence this, or drop kl_budget to train at beta={given_beta:g}.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._warn_if_transform_family_mismatch(transform)
         self.resolved_transform = transform.spec
         return transform
+
+    def _warn_if_transform_family_mismatch(self, transform) -> None:
+        """A Best-of-N transform for a Worst-of-N deployment (or vice versa, or either for plain sampling) trains for
+        the wrong procedure: say what it costs at the run's KL, by the calibrated-space theory."""
+        from . import theory
+
+        procedure, n = self.inference_procedure, self.inference_n
+        if transform.name not in ("bon", "won") or transform.name == procedure:
+            return
+        try:
+            given = theory.policy(transform.spec, self.beta)
+            kl = given.kl()
+            if procedure == "standard":
+                better, better_win = "identity", theory.policy("identity", theory.beta_for_kl("identity", kl)).win_rate()
+            else:
+                best = theory.best_t(procedure, n, kl)
+                better, better_win = best.transform, best.win_rate
+        except ValueError:  # e.g. an unreachable KL: no numbers to give, the mismatch itself is still worth saying
+            given, better = None, "auto"
+        label = theory_label(procedure, n)
+        numbers = (
+            f" At its KL {kl:.3g} the theory gives a {label} win rate of {given.win_rate(procedure, n):.3f}; "
+            f"{better!r} gives {better_win:.3f} at the same KL."
+            if given is not None
+            else ""
+        )
+        warnings.warn(
+            f"CTRLConfig: transform={transform.spec!r} is the {theory_label(transform.name, n)} family, but "
+            f"inference_procedure={procedure!r}.{numbers} Use transform='auto' to align for {label}.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def theory_label(procedure: str, n: int) -> str:
+    return {"standard": "standard", "bon": f"Best-of-{n}", "won": f"Worst-of-{n}"}[procedure]

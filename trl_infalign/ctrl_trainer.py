@@ -28,6 +28,8 @@ from trl import RLOOTrainer
 
 from .calibration import calibrate, pad_reference_rewards
 from .ctrl_config import CTRLConfig
+from .health import CalibrationHealth, calibration_check_message, check_calibration_health
+from .kl_control import AdaptiveKLController
 from .sampling import combine_rewards
 from .transforms import get_transform
 
@@ -146,7 +148,13 @@ class CTRLTrainer(RLOOTrainer):
         self.reward_func_names = ["ctrl_transformed"]
         self.ctrl_offset, self.ctrl_scale = self._transform_normalisation()
         self.beta = args.beta / self.ctrl_scale  # RLOO's penalty: Φ/β is unchanged by the rescaling
+        self.ctrl_kl_controller = (
+            AdaptiveKLController(budget=args.kl_budget, beta=args.beta) if args.kl_control == "adaptive" else None
+        )
         self.ctrl_evaluation: dict | None = None
+        # the step-0 check needs the policy to be the reference: not on a resumed run (see `train`)
+        self.ctrl_calibration_health: CalibrationHealth | None = None
+        self._ctrl_health_pending = args.calibration_check != "off"
         self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
 
     @staticmethod
@@ -322,7 +330,8 @@ class CTRLTrainer(RLOOTrainer):
             "reference_rewards_sha256": self.ctrl_reference_fingerprint,
             "resolved_transform": self.ctrl_transform.spec,
             "beta": self.args.beta,
-            "rloo_beta": self.beta,
+            "kl_budget": self.args.kl_budget,
+            "kl_control": self.args.kl_control,
             "transform_offset": self.ctrl_offset,
             "transform_scale": self.ctrl_scale,
             "inference_procedure": self.args.inference_procedure,
@@ -330,11 +339,24 @@ class CTRLTrainer(RLOOTrainer):
             "min_reference_samples": self.args.min_reference_samples,
         }
 
+    def ctrl_run_state(self) -> dict:
+        """What changes during the run (not compared on resume): the current β and the KL controller's state."""
+        state = {"final_beta": self.current_beta, "rloo_beta": self.beta}
+        if self.ctrl_kl_controller is not None:
+            state["kl_controller"] = self.ctrl_kl_controller.state_dict()
+        return state
+
+    @property
+    def current_beta(self) -> float:
+        """β now, in the units of the unnormalised transform (`args.beta` is the starting value)."""
+        return self.beta * self.ctrl_scale
+
     def _check_resumed_calibration(self, checkpoint: str):
         path = Path(checkpoint) / CALIBRATION_STATE_FILE
         if not path.is_file():
             return
         saved = json.loads(path.read_text())
+        self._restore_kl_controller(saved, checkpoint)
         current = json.loads(json.dumps(self.ctrl_calibration_state()))
         changed = [
             f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
@@ -352,6 +374,20 @@ class CTRLTrainer(RLOOTrainer):
                 f"{path} to override)."
             )
 
+    def _restore_kl_controller(self, saved: dict, checkpoint: str):
+        if self.ctrl_kl_controller is None:
+            return
+        state = saved.get("kl_controller")
+        if state is None:
+            warnings.warn(
+                f"{checkpoint} holds no KL-controller state (written by an older version, or with kl_control='fixed'): "
+                f"the adaptive controller restarts from beta={self.args.beta:.6g}.",
+                stacklevel=4,
+            )
+            return
+        self.ctrl_kl_controller = AdaptiveKLController.from_state_dict(state)
+        self.beta = self.ctrl_kl_controller.beta / self.ctrl_scale
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, plus: `resume_from_checkpoint=True` skips checkpoints left incomplete by a crash (no
         `trainer_state.json`, which the Trainer writes last), and a resume with other calibration data is refused."""
@@ -362,6 +398,7 @@ class CTRLTrainer(RLOOTrainer):
                 resume_from_checkpoint = checkpoint
         if isinstance(checkpoint, (str, os.PathLike)):
             self._check_resumed_calibration(str(checkpoint))
+            self._ctrl_health_pending = False  # the policy is no longer the reference
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
@@ -419,6 +456,27 @@ class CTRLTrainer(RLOOTrainer):
         finally:
             self.reward_func_names = ctrl_names
 
+    def _generate_and_score_completions(self, inputs):
+        """RLOO's generation and scoring, plus the per-completion KL (`ctrl/sequence_kl`) and the KL controller."""
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        if self.beta != 0.0 and metrics.get("kl"):
+            sequence_kl = self._sequence_kl(metrics["kl"][-1], output["completion_mask"])
+            metrics["ctrl/sequence_kl"].append(sequence_kl)
+            if mode == "train" and self.ctrl_kl_controller is not None:
+                self.beta = self.ctrl_kl_controller.update(sequence_kl) / self.ctrl_scale
+        metrics["ctrl/beta"].append(self.current_beta)
+        return output
+
+    def _sequence_kl(self, per_token_kl: float, completion_mask: torch.Tensor) -> float:
+        """Per-completion KL (nats, batch k1 over all processes) from RLOO's logged per-token mean:
+        Σ_i Σ_t kl_it / #completions = (Σ kl / #tokens) · (#tokens / #completions)."""
+        counts = torch.tensor([completion_mask.sum().item(), completion_mask.shape[0]], dtype=torch.float64,
+                              device=completion_mask.device)
+        tokens, completions = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return per_token_kl * tokens / max(completions, 1.0)
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         with self._user_reward_names():
             raw_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -453,6 +511,8 @@ class CTRLTrainer(RLOOTrainer):
         transformed = ((transformed - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
 
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self._ctrl_health_pending and self.state.global_step == 0:
+            self._check_calibration_health(raw, ref_rows)
         metrics = self._metrics[mode]
         metrics["ctrl/raw_reward"].append(torch.nanmean(raw).item())
         for i, name in enumerate(self.ctrl_reward_func_names):
@@ -466,6 +526,21 @@ class CTRLTrainer(RLOOTrainer):
             metrics[f"ctrl/{procedure}@{n}_win_rate"].append(win)
         self._logs["rewards"]["ctrl_calibrated"].extend(calibrated.tolist())
         return transformed.unsqueeze(1)
+
+    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list) -> None:
+        """Step 0 of a fresh run: the policy is the reference, so its calibrated rewards must be ≈ Uniform[0, 1]
+        (`trl_infalign.health`). Runs once, on the first generation batch (gathered: every rank decides alike)."""
+        self._ctrl_health_pending = False
+        health = check_calibration_health(raw.detach().cpu().double().numpy(), ref_rows)
+        self.ctrl_calibration_health = health
+        if health is None:
+            return
+        self._metrics["train"]["ctrl/step0_calibrated_reward"].append(health.mean_calibrated)
+        if health.failed:
+            message = calibration_check_message(health, self.args.reference_rewards_column)
+            if self.args.calibration_check == "raise":
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Model card
@@ -489,6 +564,8 @@ class CTRLTrainer(RLOOTrainer):
             "transform": transform.spec,
             "t": transform.params.get("t"),
             "beta": args.beta,
+            "final_beta": self.current_beta,
+            "kl_control": args.kl_control,
             "kl_budget": args.kl_budget,
             "num_reference_samples": self._describe_reference_counts(),
             "reference_rewards_column": args.reference_rewards_column,
@@ -548,7 +625,8 @@ class CTRLTrainer(RLOOTrainer):
         if self.is_world_process_zero():
             target = Path(output_dir if output_dir is not None else self.args.output_dir)
             target.mkdir(parents=True, exist_ok=True)
-            (target / CALIBRATION_STATE_FILE).write_text(json.dumps(self.ctrl_calibration_state(), indent=2) + "\n")
+            state = {**self.ctrl_calibration_state(), **self.ctrl_run_state()}
+            (target / CALIBRATION_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None):
         from .model_card import write_ctrl_model_card

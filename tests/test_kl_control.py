@@ -1,0 +1,124 @@
+"""Closed-loop KL control: the controller's rule, its state across a resume, and a bandit run that sits on its budget
+where the open-loop theory β misses it."""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from trl_infalign import CTRLConfig, CTRLTrainer, theory
+from trl_infalign.kl_control import AdaptiveKLController
+from trl_infalign.tiny import bandit_action_ids, bandit_next_token_probs
+
+from bandit_utils import bandit_config, make_bandit, optimal_policy
+
+
+# ------------------------------------------------------------------------------------------------- controller rule
+def test_controller_raises_beta_above_budget_and_holds_it_while_kl_still_rises():
+    controller = AdaptiveKLController(budget=1.0, beta=2.0)
+    assert controller.update(1.5) > 2.0  # over budget: more penalty
+    rising = AdaptiveKLController(budget=1.0, beta=2.0)
+    for kl in (0.1, 0.2, 0.4, 0.6):  # the start-up ramp: below budget but still climbing
+        assert rising.update(kl) == 2.0
+    settled = AdaptiveKLController(budget=1.0, beta=2.0)
+    for _ in range(5):
+        settled.update(0.5)
+    assert settled.beta < 2.0  # below budget and flat: less penalty
+    assert math.isclose(settled.kl_estimate, 0.5)
+    assert settled.update(float("nan")) == settled.beta  # a missing measurement changes nothing
+
+
+def test_controller_state_round_trips_exactly():
+    controller = AdaptiveKLController(budget=0.5, beta=0.3)
+    for kl in (0.2, 0.7, 0.55, 0.61):
+        controller.update(kl)
+    restored = AdaptiveKLController.from_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert restored == controller
+    assert restored.update(0.4) == controller.update(0.4)
+
+
+@pytest.mark.parametrize("bias", [0.4, 2.5])
+def test_controller_settles_on_budget_without_oscillation(bias):
+    """A first-order plant whose equilibrium KL is `bias` × the theory's, KL_eq = bias·β^-1.5 (β₀ = 1 is the theory's
+    β for the budget 1): the closed loop ends within 5% of the budget and never overshoots it by more than 30%."""
+    controller = AdaptiveKLController(budget=1.0, beta=1.0)
+    kl, trajectory = 0.0, []
+    for _ in range(400):
+        kl += (bias * controller.beta**-1.5 - kl) / 10.0
+        controller.update(kl)
+        trajectory.append(kl)
+    assert abs(sum(trajectory[-50:]) / 50 - 1.0) < 0.05
+    assert max(trajectory) < max(1.3, bias * 1.05 if bias > 1 else 1.3)
+
+
+@pytest.mark.parametrize("field,value", [("budget", 0.0), ("beta", -1.0), ("gain", float("nan")), ("alpha", 2.0)])
+def test_controller_rejects_bad_settings(field, value):
+    kwargs = dict(budget=1.0, beta=1.0)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=field):
+        AdaptiveKLController(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def test_kl_control_defaults_and_errors(tmp_path):
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", transform="bon:t=3")
+    assert CTRLConfig(**common, kl_budget=0.5).kl_control == "adaptive"
+    assert CTRLConfig(**common, beta=0.5).kl_control == "fixed"
+    assert CTRLConfig(**common, kl_budget=0.5, kl_control="fixed").kl_control == "fixed"
+    with pytest.raises(ValueError, match="kl_control='adaptive' needs a target"):
+        CTRLConfig(**common, beta=0.5, kl_control="adaptive")
+    with pytest.raises(ValueError, match="kl_control"):
+        CTRLConfig(**common, kl_budget=0.5, kl_control="pid")
+
+
+def test_explicit_beta_with_kl_budget_warns_which_wins(tmp_path):
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", transform="bon:t=3")
+    with pytest.warns(UserWarning, match=r"beta=0.1 .*kl_budget=0.5"):
+        config = CTRLConfig(**common, beta=0.1, kl_budget=0.5)
+    assert config.beta == pytest.approx(theory.beta_for_kl("bon:t=3", 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CTRLConfig(**common, kl_budget=0.5)  # beta left at its default: nothing to warn about
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+def exact_kl(p, q):
+    mask = p > 0
+    return (p[mask] * (p[mask] / q[mask]).log()).sum().item()
+
+
+@pytest.mark.slow
+def test_adaptive_control_lands_on_the_budget_where_the_theory_misses(tmp_path):
+    """Three reward levels over 12 actions: calibrated rewards take 3 values, not a continuum, and at the theory's β the
+    exact optimum has KL 0.32 for a 0.5 budget. The controller must find the β whose optimum has KL 0.5 and train there."""
+    path, tokenizer, pi_ref, rewards, ref_rewards, dataset, reward_func = make_bandit(tmp_path, levels=3)
+    budget, transform = 0.5, "bon:t=3"
+    open_loop_beta = theory.beta_for_kl(transform, budget)
+    open_loop_kl = exact_kl(optimal_policy(pi_ref, rewards, ref_rewards, transform, open_loop_beta), pi_ref)
+    assert open_loop_kl < 0.4  # the open-loop budget misses by > 20%
+
+    args = bandit_config(tmp_path / "out", transform, beta=1.0, kl_budget=budget, max_steps=300, logging_steps=10)
+    assert args.kl_control == "adaptive"
+    trainer = CTRLTrainer(model=path, reward_funcs=reward_func, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trained = bandit_next_token_probs(trainer.model, tokenizer)
+    assert abs(exact_kl(trained, pi_ref) - budget) < 0.15 * budget
+    # it is still CTRL: the trained policy is the tilt π_ref·exp(Φ(c)/β) at the controller's final β
+    final_beta = trainer.current_beta
+    target = optimal_policy(pi_ref, rewards, ref_rewards, transform, final_beta)
+    assert 0.5 * (trained - target).abs().sum().item() < 0.03
+    # ... and the β the controller found is the one whose exact optimum has the budget's KL (bisection in log β)
+    low, high = math.log(open_loop_beta) - 3, math.log(open_loop_beta)
+    for _ in range(40):
+        mid = (low + high) / 2
+        kl_mid = exact_kl(optimal_policy(pi_ref, rewards, ref_rewards, transform, math.exp(mid)), pi_ref)
+        low, high = (mid, high) if kl_mid > budget else (low, mid)
+    assert abs(math.log(final_beta) - low) < math.log(1.25), (final_beta, math.exp(low))
+    logged = [entry for entry in trainer.state.log_history if "ctrl/sequence_kl" in entry]
+    assert logged and all("ctrl/beta" in entry for entry in logged)
+    trainer.save_model(str(tmp_path / "final"))
+    state = json.loads((tmp_path / "final" / "ctrl_calibration.json").read_text())
+    assert state["final_beta"] == pytest.approx(final_beta) and state["kl_control"] == "adaptive"
+    assert state["kl_controller"]["beta"] == pytest.approx(final_beta)
