@@ -97,7 +97,9 @@ class CTRLTrainer(RLOOTrainer):
     Logged metrics (besides RLOO's; `reward` is the transformed reward Φ(c)):
     `ctrl/raw_reward`, `ctrl/raw_reward/<func>`, `ctrl/calibrated_reward` (running standard win rate vs π_ref),
     `ctrl/transformed_reward`, `ctrl/<procedure>@<N>_win_rate` (running BoN-N / WoN-N win-rate estimate),
-    `ctrl/nonfinite_rewards`.
+    `ctrl/nonfinite_rewards`, `ctrl/sequence_kl` (KL(π‖π_ref) per completion in nats, batch k1: the unit of
+    `kl_budget`; TRL's `kl` is the per-token mean), `ctrl/beta` (β now, in the units of the unnormalised Φ; it moves
+    with `kl_control="adaptive"`), `ctrl/step0_calibrated_reward` (the health check's mean c at step 0).
     """
 
     _tag_names = ["trl", "ctrl", "infalign", "rloo"]
