@@ -23,6 +23,13 @@ _EXPORTS = {
     "reference": ["build_reference_rewards", "validate_reference_rewards"],
     "evaluation": ["inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult"],
     "callbacks": ["InferenceWinRateCallback"],
+    "kl_control": ["AdaptiveKLController"],
+    "health": ["CalibrationHealth", "check_calibration_health"],
+    "provenance": [
+        "read_reference_provenance", "read_reference_provenances", "check_reference_provenance",
+        "ReferenceProvenanceWarning",
+    ],
+    "diagnose": ["diagnose", "DiagnosisResult", "load_reference_rewards"],
 }
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_NAME_TO_MODULE)

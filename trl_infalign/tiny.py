@@ -175,3 +175,74 @@ def bandit_next_token_probs(model, tokenizer):
     prompt_ids = torch.tensor([tokenizer(BANDIT_PROMPT)["input_ids"]], device=next(model.parameters()).device)
     with torch.no_grad():
         return torch.softmax(model(input_ids=prompt_ids).logits[0, -1].double(), dim=-1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Multi-prompt (contextual) one-token bandit: prompts `q0..q{P-1}`, one token each, actions `a0..a{V-1}`. With one-token
+# completions RLOO's exact stationary point is, per prompt, π*(a|x) ∝ π_ref(a|x)·exp(Φ_x(a)/β) with one global β; a
+# tiny Llama pre-trained on P target distributions makes π_ref(·|x) known exactly for every prompt.
+
+
+def contextual_bandit_prompts(num_prompts: int) -> list[str]:
+    """The prompt strings `q0..q{P-1}` of the contextual bandit (one token each)."""
+    return [f"q{i}" for i in range(num_prompts)]
+
+
+def build_contextual_bandit_tokenizer(num_prompts: int, num_actions: int):
+    """A word-level tokenizer: special tokens, prompt tokens `q0..q{P-1}`, then action tokens `a0..a{V-1}`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, EOS: 1, BOS: 2}
+    vocab.update({p: 3 + i for i, p in enumerate(contextual_bandit_prompts(num_prompts))})
+    vocab.update({f"a{i}": 3 + num_prompts + i for i in range(num_actions)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, bos_token=BOS, padding_side="left")
+
+
+def _prompt_id_batch(tokenizer, prompts: Sequence[str]):
+    import torch
+
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"contextual bandit prompts must be one token each, got {prompts!r} -> {ids!r}")
+    return torch.tensor(ids)
+
+
+def build_contextual_bandit_policy(tokenizer, output_dir, target_probs, hidden_size: int = 64, steps: int = 600,
+                                   lr: float = 1e-2, seed: int = 0) -> str:
+    """A tiny Llama whose next-token distribution after prompt `q{i}` is close to `target_probs[i]` over the actions.
+
+    `target_probs`: (P, V) rows summing to 1; actions are `bandit_action_ids(tokenizer, V)`. Saved to `output_dir`.
+    hidden_size ≥ P keeps the P×V logit matrix representable (its rank is at most hidden_size).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    target = torch.as_tensor(target_probs, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(tokenizer, hidden_size, 1))
+    prompt_ids = _prompt_id_batch(tokenizer, contextual_bandit_prompts(target.shape[0]))
+    actions = torch.tensor(bandit_action_ids(tokenizer, target.shape[1]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        logp = torch.log_softmax(model(input_ids=prompt_ids).logits[:, -1], dim=-1)
+        loss = -(target * logp[:, actions]).sum(dim=1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def contextual_bandit_next_token_probs(model, tokenizer, num_prompts: int):
+    """π(· | q_i) over the whole vocabulary for every prompt: a (P, vocab) float64 tensor."""
+    import torch
+
+    prompt_ids = _prompt_id_batch(tokenizer, contextual_bandit_prompts(num_prompts)).to(next(model.parameters()).device)
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=prompt_ids).logits[:, -1].double(), dim=-1).cpu()
