@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
     parser.add_argument("--eval-samples", type=int, default=16, help="Samples per prompt for the evaluation.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kl-budget", type=float, default=1.0, help="Per-completion KL budget (nats).")
+    parser.add_argument("--kl-control", choices=["adaptive", "fixed"], default="adaptive",
+                        help="adaptive: correct beta from the measured KL; fixed: the theory's open-loop beta.")
     args = parser.parse_args()
 
     import torch
@@ -99,7 +102,8 @@ def main() -> None:
         inference_procedure="bon",
         inference_n=4,
         transform="auto",
-        kl_budget=1.0,
+        kl_budget=args.kl_budget,
+        kl_control=args.kl_control,
         learning_rate=1e-3,
         per_device_train_batch_size=32,
         num_generations=8,
@@ -119,10 +123,12 @@ def main() -> None:
     predicted = theory.policy(config.resolved_transform, config.beta)
     print(
         f"     transform {config.resolved_transform}, beta {config.beta:.4g} from kl_budget {config.kl_budget} "
-        f"(RLOO sees Phi rescaled to [0, 1] with beta {trainer.beta:.3g}); theory predicts KL {predicted.kl():.3f}, "
-        f"BoN-4 win rate {predicted.win_rate('bon', 4):.3f} at the optimum"
+        f"(per-completion KL, nats; RLOO sees Phi rescaled to [0, 1] with beta {trainer.beta:.3g}); theory predicts "
+        f"KL {predicted.kl():.3f}, BoN-4 win rate {predicted.win_rate('bon', 4):.3f} at the optimum; "
+        f"kl_control={config.kl_control} corrects beta from the measured KL"
     )
     trainer.train()
+    print(f"     final beta {trainer.current_beta:.4g} (started at {config.beta:.4g})")
 
     print("4/5  Evaluating KL and standard / BoN-4 win rates against the SFT reference")
     eval_prompts = prompts
@@ -131,35 +137,41 @@ def main() -> None:
         seed=args.seed + 1
     )
     before = evaluate_policy(str(sft_path), str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
-    after = evaluate_policy(trainer.model, str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
+    after = evaluate_policy(trainer.model, str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer,
+                            policy_name=config.output_dir, **common)
     trainer.record_evaluation(after.to_dict())
     trainer.save_model(config.output_dir)
 
     def row(name, result):
         wins = {(w["procedure"], w["n"]): w for w in result.win_rates}
-        std, bon = wins[("standard", 1)], wins[("bon", 4)]
-        return name, result.kl_k3, std, bon
+        return name, result.kl_k1, result.kl_k1_ci, wins[("standard", 1)], wins[("bon", 4)]
+
+    def interval(estimate, low, high):
+        return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
 
     rows = [row("SFT (before)", before), row("CTRL-BoN4 (after)", after)]
-    theory_row = (
-        f"| theory (calibrated-space optimum) | {predicted.kl():.3f} | {predicted.standard_win_rate():.3f} "
-        f"| {predicted.win_rate('bon', 4):.3f} |"
-    )
     lines = [
-        "| policy | KL (k3) | standard win rate | BoN-4 win rate |",
+        f"| policy | KL per completion (k1, nats; budget {config.kl_budget:g}) | standard win rate | BoN-4 win rate |",
         "|---|---|---|---|",
         *[
-            f"| {name} | {kl:.3f} | {s['estimate']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}] "
-            f"| {b['estimate']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] |"
-            for name, kl, s, b in rows
+            f"| {name} | {interval(kl, *ci)} | {interval(s['estimate'], s['ci_low'], s['ci_high'])} "
+            f"| {interval(b['estimate'], b['ci_low'], b['ci_high'])} |"
+            for name, kl, ci, s, b in rows
         ],
-        theory_row,
+        f"| theory (calibrated-space optimum) | {predicted.kl():.3f} | {predicted.standard_win_rate():.3f} "
+        f"| {predicted.win_rate('bon', 4):.3f} |",
     ]
     table = "\n".join(lines)
     print("\n5/5  Results (win rates against the SFT reference; 0.5 = no change)\n")
     print(table)
     (output / "results.md").write_text(table + "\n")
-    (output / "results.json").write_text(json.dumps({"before": before.to_dict(), "after": after.to_dict()}, indent=2))
+    training = {
+        "kl_budget": config.kl_budget, "kl_unit": "nats per completion", "kl_control": config.kl_control,
+        "initial_beta": config.beta, "final_beta": trainer.current_beta, "transform": config.resolved_transform,
+        "steps": args.steps, "seed": args.seed,
+    }
+    results = {"training": training, "kl_budget": config.kl_budget, "before": before.to_dict(), "after": after.to_dict()}
+    (output / "results.json").write_text(json.dumps(results, indent=2))
     after.plot(output / "win_rate_vs_n.png")
     print(f"\nSaved: {output / 'results.md'}, {output / 'win_rate_vs_n.png'}, model in {config.output_dir}")
     print(f"Done in {time.time() - start:.0f} s.")
