@@ -48,6 +48,7 @@ def main():
         max_steps=args.max_steps, logging_steps=1, save_strategy="steps", save_steps=args.save_steps, report_to="none",
         use_cpu=True, bf16=False, transform="auto", inference_procedure="bon", inference_n=4, kl_budget=0.3,
         min_reference_samples=2, disable_tqdm=True, seed=0,
+        calibration_check="off",  # hand-made reference rewards: not samples of this policy
     )
     trainer = CTRLTrainer(model=str(work / "policy"), reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
@@ -62,15 +63,22 @@ def main():
 
     executed = []
 
+    betas = {}
+
     class RecordSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            betas["at_start"] = trainer.current_beta  # after a resume: the checkpoint's KL-controller state
+
         def on_step_end(self, args, state, control, **kwargs):
             executed.append(state.global_step)
+            betas[state.global_step] = trainer.current_beta
 
     trainer.add_callback(RecordSteps())
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     trainer.save_model()
     with open(work / "runs.jsonl", "a") as f:
-        f.write(json.dumps({"event": "end", "global_step": trainer.state.global_step, "executed_steps": executed}) + "\n")
+        f.write(json.dumps({"event": "end", "global_step": trainer.state.global_step, "executed_steps": executed,
+                            "betas": betas}) + "\n")
     return 0
 
 
