@@ -1,4 +1,8 @@
-"""Configuration of the CTRL trainer (Calibrate-and-Transform RL, InfAlign, arXiv 2412.19792)."""
+"""Configuration of the CTRL trainers (Calibrate-and-Transform RL, InfAlign, arXiv 2412.19792).
+
+`CTRLArguments` holds the InfAlign fields and their validation; `CTRLConfig` (RLOO) and `CTRLGRPOConfig` (GRPO,
+`trl_infalign.ctrl_grpo_config`) inherit them together with TRL's own config.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,17 @@ from dataclasses import dataclass, field, fields
 from trl import RLOOConfig
 
 PROCEDURES = ("standard", "bon", "won")
-_DEFAULT_BETA = next(f.default for f in fields(RLOOConfig) if f.name == "beta")
 
 
 @dataclass
-class CTRLConfig(RLOOConfig):
+class CTRLArguments:
     r"""
-    Configuration class for [`CTRLTrainer`]: every [`trl.RLOOConfig`] field, plus the InfAlign ones below.
+    The InfAlign fields shared by [`CTRLConfig`] (RLOO) and [`CTRLGRPOConfig`] (GRPO), with their validation.
 
-    CTRL replaces the reward RLOO sees by \\(\Phi(c)\\), where \\(c\\) is the calibrated reward (the response's
-    empirical CDF value among K reference-policy responses to the same prompt) and \\(\Phi\\) a transform chosen for the
-    inference-time procedure: Best-of-N (`bon`: \\(e^{t c}\\)), Worst-of-N (`won`: \\(-e^{-t c}\\)) or plain sampling
-    (`standard`: identity, exactly optimal for the win rate). The KL-regularised optimum is
-    \\(\pi^*(y|x) \propto \pi_{\mathrm{ref}}(y|x)\, e^{\Phi(c(x,y))/\beta}\\).
+    A mixin for a TRL config dataclass: `class MyConfig(CTRLArguments, SomeTRLConfig)` gets every field of both, and
+    `__post_init__` validates the CTRL fields (then `_validate_trainer_fields`, the hook a trainer-specific config
+    overrides), runs the TRL config's own `__post_init__`, and resolves `transform` (setting `beta` from `kl_budget`).
+    Error messages name the concrete config class.
 
     Parameters:
         inference_procedure (`str`, defaults to `"bon"`):
@@ -139,53 +141,68 @@ class CTRLConfig(RLOOConfig):
 
     def __post_init__(self):
         self._validate_ctrl_fields()
+        self._validate_trainer_fields()
         super().__post_init__()
         self.resolve_transform()
+
+    #: Appended to the `beta` error (a trainer-specific reason, e.g. GRPO's default beta=0.0).
+    _beta_hint = ""
+
+    @property
+    def _ctrl_name(self) -> str:
+        return type(self).__name__
+
+    @classmethod
+    def _default_beta(cls) -> float:
+        return next(f.default for f in fields(cls) if f.name == "beta")
+
+    def _validate_trainer_fields(self) -> None:
+        """Hook: checks of the underlying TRL trainer's own fields (none for RLOO; see `CTRLGRPOConfig`)."""
 
     def _validate_ctrl_fields(self):
         if self.inference_procedure not in PROCEDURES:
             raise ValueError(
-                f"CTRLConfig.inference_procedure={self.inference_procedure!r} is not one of {list(PROCEDURES)}."
+                f"{self._ctrl_name}.inference_procedure={self.inference_procedure!r} is not one of {list(PROCEDURES)}."
             )
         if isinstance(self.inference_n, bool) or not isinstance(self.inference_n, int) or self.inference_n < 1:
-            raise ValueError(f"CTRLConfig.inference_n must be an integer >= 1, got {self.inference_n!r}.")
+            raise ValueError(f"{self._ctrl_name}.inference_n must be an integer >= 1, got {self.inference_n!r}.")
         if self.inference_procedure == "standard" and self.inference_n != 1:
             raise ValueError(
-                "CTRLConfig.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
+                f"{self._ctrl_name}.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
             )
         if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
-            raise ValueError(f"CTRLConfig.kl_budget must be a finite number > 0 (or None), got {self.kl_budget!r}.")
+            raise ValueError(f"{self._ctrl_name}.kl_budget must be a finite number > 0 (or None), got {self.kl_budget!r}.")
         if self.kl_control is None:
             self.kl_control = "adaptive" if self.kl_budget is not None else "fixed"
         if self.kl_control not in ("adaptive", "fixed"):
-            raise ValueError(f"CTRLConfig.kl_control must be 'adaptive' or 'fixed', got {self.kl_control!r}.")
+            raise ValueError(f"{self._ctrl_name}.kl_control must be 'adaptive' or 'fixed', got {self.kl_control!r}.")
         if self.kl_control == "adaptive" and self.kl_budget is None:
             raise ValueError(
-                "CTRLConfig.kl_control='adaptive' needs a target: set kl_budget (per-completion KL in nats), or use "
+                f"{self._ctrl_name}.kl_control='adaptive' needs a target: set kl_budget (per-completion KL in nats), or use "
                 "kl_control='fixed' with an explicit beta."
             )
         if self.kl_budget is None and not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(
-                f"CTRLConfig.beta must be > 0, got {self.beta!r}: CTRL is KL-regularised RL, its optimum "
-                "pi_ref * exp(Phi(c)/beta) needs beta > 0. Set beta > 0 or a kl_budget."
+                f"{self._ctrl_name}.beta must be > 0, got {self.beta!r}: CTRL is KL-regularised RL, its optimum "
+                f"pi_ref * exp(Phi(c)/beta) needs beta > 0. Set beta > 0 or a kl_budget.{self._beta_hint}"
             )
         if not self.reference_rewards_column:
-            raise ValueError("CTRLConfig.reference_rewards_column must name a dataset column, e.g. 'ref_rewards'.")
+            raise ValueError(f"{self._ctrl_name}.reference_rewards_column must name a dataset column, e.g. 'ref_rewards'.")
         if self.num_reference_samples < 1:
-            raise ValueError(f"CTRLConfig.num_reference_samples must be >= 1, got {self.num_reference_samples}.")
+            raise ValueError(f"{self._ctrl_name}.num_reference_samples must be >= 1, got {self.num_reference_samples}.")
         if self.min_reference_samples < 1:
-            raise ValueError(f"CTRLConfig.min_reference_samples must be >= 1, got {self.min_reference_samples}.")
+            raise ValueError(f"{self._ctrl_name}.min_reference_samples must be >= 1, got {self.min_reference_samples}.")
         if self.reference_provenance_check not in ("raise", "warn", "off"):
             raise ValueError(
-                "CTRLConfig.reference_provenance_check must be 'raise', 'warn' or 'off', got "
+                f"{self._ctrl_name}.reference_provenance_check must be 'raise', 'warn' or 'off', got "
                 f"{self.reference_provenance_check!r}."
             )
         if self.calibration_check not in ("raise", "warn", "off"):
             raise ValueError(
-                f"CTRLConfig.calibration_check must be 'raise', 'warn' or 'off', got {self.calibration_check!r}."
+                f"{self._ctrl_name}.calibration_check must be 'raise', 'warn' or 'off', got {self.calibration_check!r}."
             )
         if self.nonfinite_rewards not in ("raise", "skip"):
-            raise ValueError(f"CTRLConfig.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
+            raise ValueError(f"{self._ctrl_name}.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
 
     def resolve_transform(self):
         """Turn `transform` into a concrete spec (stored in `resolved_transform`), setting `beta` from `kl_budget`.
@@ -196,7 +213,7 @@ class CTRLConfig(RLOOConfig):
         from .transforms import TransformError, get_transform
 
         procedure, n, budget = self.inference_procedure, self.inference_n, self.kl_budget
-        given_beta, beta_given = self.beta, self.beta != _DEFAULT_BETA
+        given_beta, beta_given = self.beta, self.beta != self._default_beta()
         spec = self.transform.strip()
         try:
             if spec == "auto":
@@ -215,12 +232,12 @@ class CTRLConfig(RLOOConfig):
             if budget is not None and transform.requires_raw_rewards:
                 if self.kl_control != "adaptive":
                     raise ValueError(
-                        f"CTRLConfig.kl_budget with transform={self.transform!r} needs kl_control='adaptive': the "
+                        f"{self._ctrl_name}.kl_budget with transform={self.transform!r} needs kl_control='adaptive': the "
                         "transform has no calibrated-space form to predict beta from. Use kl_control='adaptive' "
                         "(it starts from `beta`) or set beta directly without a kl_budget."
                     )
                 warnings.warn(
-                    f"CTRLConfig: transform={self.transform!r} has no calibrated-space prediction of beta for "
+                    f"{self._ctrl_name}: transform={self.transform!r} has no calibrated-space prediction of beta for "
                     f"kl_budget={budget:g}; the adaptive KL controller starts from beta={self.beta:g} and corrects it "
                     "from the measured per-completion KL. Start it closer with `beta` to converge faster.",
                     UserWarning,
@@ -232,7 +249,7 @@ class CTRLConfig(RLOOConfig):
             ):
                 self.beta = theory.beta_for_kl(transform, budget)
         except TransformError as error:
-            raise ValueError(f"CTRLConfig.transform={self.transform!r}: {error}") from error
+            raise ValueError(f"{self._ctrl_name}.transform={self.transform!r}: {error}") from error
         if budget is not None and beta_given:
             control = (
                 "the adaptive KL controller then corrects it from the measured per-completion KL"
@@ -240,7 +257,7 @@ class CTRLConfig(RLOOConfig):
                 else "kept for the whole run (kl_control='fixed')"
             )
             warnings.warn(
-                f"CTRLConfig: beta={given_beta:g} and kl_budget={budget:g} were both given; kl_budget wins: beta is "
+                f"{self._ctrl_name}: beta={given_beta:g} and kl_budget={budget:g} were both given; kl_budget wins: beta is "
                 f"set to {self.beta:.6g}, the calibrated-space theory's value for {spec!r} at that KL, and "
                 f"{control}. Drop beta to silence this, or drop kl_budget to train at beta={given_beta:g}.",
                 UserWarning,
@@ -276,11 +293,76 @@ class CTRLConfig(RLOOConfig):
             else ""
         )
         warnings.warn(
-            f"CTRLConfig: transform={transform.spec!r} is the {theory_label(transform.name, n)} family, but "
+            f"{self._ctrl_name}: transform={transform.spec!r} is the {theory_label(transform.name, n)} family, but "
             f"inference_procedure={procedure!r}.{numbers} Use transform='auto' to align for {label}.",
             UserWarning,
             stacklevel=4,
         )
+
+
+@dataclass
+class CTRLConfig(CTRLArguments, RLOOConfig):
+    r"""
+    Configuration class for [`CTRLTrainer`]: every [`trl.RLOOConfig`] field, plus the InfAlign ones below.
+
+    CTRL replaces the reward RLOO sees by \\(\Phi(c)\\), where \\(c\\) is the calibrated reward (the response's
+    empirical CDF value among K reference-policy responses to the same prompt) and \\(\Phi\\) a transform chosen for the
+    inference-time procedure: Best-of-N (`bon`: \\(e^{t c}\\)), Worst-of-N (`won`: \\(-e^{-t c}\\)) or plain sampling
+    (`standard`: identity, exactly optimal for the win rate). The KL-regularised optimum is
+    \\(\pi^*(y|x) \propto \pi_{\mathrm{ref}}(y|x)\, e^{\Phi(c(x,y))/\beta}\\).
+
+    The InfAlign fields come from [`CTRLArguments`] (shared with [`CTRLGRPOConfig`]):
+
+    Parameters:
+        inference_procedure (`str`, defaults to `"bon"`):
+            How the trained model will be used: `standard` (one sample), `bon` (best of `inference_n`), `won` (worst of
+            `inference_n`, e.g. a jailbreak attacker keeping the worst of N).
+        inference_n (`int`, defaults to `4`):
+            N of the inference-time procedure.
+        transform (`str`, defaults to `"auto"`):
+            Transform spec, e.g. `"bon:t=10"`, `"won:t=5"`, `"identity"`, `"lsc"`, `"optimal"`. `auto` picks the
+            procedure's exp family with t chosen by the theory module (identity for `standard`). `optimal` is the
+            numerically optimal transform for (`inference_procedure`, `inference_n`, `beta`).
+        kl_budget (`float` or `None`, defaults to `None`):
+            Target KL(π‖π_ref) **per completion** in nats (the sum over a completion's tokens of log π − log π_ref; the
+            unit of the theory, and of the `ctrl/sequence_kl` metric — TRL's `kl` metric is a per-token mean).
+            `beta` starts at the value where the calibrated-space theory predicts KL = `kl_budget` for the chosen
+            transform (with `auto`, t is the best of the family at that KL); `kl_control` says what happens next. A
+            `beta` given together with `kl_budget` is replaced (with a warning).
+        kl_control (`str` or `None`, defaults to `None` → `"adaptive"` with a `kl_budget`, else `"fixed"`):
+            `adaptive`: a closed-loop controller ([`~trl_infalign.kl_control.AdaptiveKLController`]) corrects β in
+            log space from the measured per-completion KL until the run sits on the budget; the optimum stays
+            π_ref·exp(Φ(c)/β)/Z (the Lagrangian of max E[Φ(c)] s.t. KL ≤ budget). Its state is checkpointed and the
+            final β is logged (`ctrl/beta`), saved in `ctrl_calibration.json` and shown on the model card. `fixed`:
+            β never changes.
+        reference_rewards_column (`str`, defaults to `"ref_rewards"`):
+            Dataset column holding, per prompt, the rewards of K reference-policy samples
+            (see [`build_reference_rewards`]).
+        num_reference_samples (`int`, defaults to `16`):
+            K used when building reference rewards with this config (recipes, `trl-infalign build-reference`).
+        min_reference_samples (`int`, defaults to `4`):
+            Rows with fewer valid reference rewards are refused: c has a resolution of 1/K.
+        normalize_transform (`bool`, defaults to `True`):
+            Train on (Φ − min Φ)/(max Φ − min Φ) with β/(max Φ − min Φ) (min/max over c ∈ [0, 1]). Φ and a·Φ + b at
+            a·β have the same optimum, so this changes nothing but the reward scale RLOO sees; `beta` keeps the units
+            of the unnormalised Φ that `trl-infalign theory` reports. Transforms of raw rewards (`lsc`) are not rescaled.
+        reference_provenance_check (`str`, defaults to `"raise"`):
+            Compare how the reference rewards were made (the provenance column `build_reference_rewards` writes:
+            reference model, reward functions and weights, prompt format, sampling settings) with this run, and list
+            every difference in one error with its fix. `warn` only warns; `off` skips the check.
+        calibration_check (`str`, defaults to `"raise"`):
+            Step-0 health check ([`~trl_infalign.health`]): while the policy is still the reference, its calibrated
+            rewards must be ≈ Uniform[0, 1]. Exact rank tests on the first batch (false-alarm rate ≤ 1e-4) catch
+            references made with another reward scale, reward model, weights, formatting or sampling before the
+            first optimizer step. `warn` only warns; `off` skips it. Skipped on a resumed run.
+        nonfinite_rewards (`str`, defaults to `"raise"`):
+            What to do with a ±inf reward from any reward function, or a NaN from a reward *model*: `raise` (names the
+            function, prompt and completion) or `skip` (the completion gets no advantage and is counted in
+            `ctrl/nonfinite_rewards`). A `None` (or NaN) from a reward *callable* means "no reward" and is always
+            skipped, as in TRL.
+    """
+
+
 
 
 def theory_label(procedure: str, n: int) -> str:

@@ -1,78 +1,35 @@
 """CTRLTrainer: RLOO on calibrated, transformed rewards (InfAlign, arXiv 2412.19792).
 
 TRL's `RLOOTrainer` does everything that is not CTRL-specific — generation, reward-model placement (DDP, DeepSpeed,
-PEFT), the KL penalty and the leave-one-out baseline. This trainer only changes what a completion's reward *is*:
+PEFT), the KL penalty and the leave-one-out baseline. The CTRL reward step (`_calculate_rewards`), shared with
+`CTRLGRPOTrainer`, lives in `trl_infalign.ctrl_mixin`:
 
     r   = Σ_i w_i r_i(x, y)                          (the user's reward functions, weighted as in TRL)
     c   = (#{ref < r} + ½ #{ref = r}) / K             (calibration against the prompt's K reference rewards)
     Φ(c)                                             (the transform RLOO then maximises, minus β·KL)
+
+RLOO subtracts β·KL (per completion, k1) from the reward before its leave-one-out baseline, so π_ref·exp(R/β)/Z is its
+exact stationary point: RLOO's `beta` is the user's β divided by the Φ normalisation scale, nothing else.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import math
-import os
-import shutil
-import textwrap
-import warnings
-from contextlib import contextmanager
-from pathlib import Path
+import shutil  # noqa: F401  (kept importable as `ctrl_trainer.shutil`: tests patch `shutil.disk_usage` through it)
 
-import numpy as np
 import torch
-from accelerate.utils import gather_object
 from trl import RLOOTrainer
 
-from .calibration import calibrate, pad_reference_rewards
 from .ctrl_config import CTRLConfig
-from .health import CalibrationHealth, calibration_check_message, check_calibration_health
-from .kl_control import AdaptiveKLController
-from .sampling import combine_rewards
-from .transforms import get_transform
-
-logger = logging.getLogger(__name__)
-
-#: Written into every checkpoint and the final output: what the run calibrates against (checked on resume).
-CALIBRATION_STATE_FILE = "ctrl_calibration.json"
-
-INFALIGN_CITATION = textwrap.dedent("""\
-    @inproceedings{balashankar2025infalign,
-        title     = {{InfAlign: Inference-aware language model alignment}},
-        author    = {Ananth Balashankar and Ziteng Sun and Jonathan Berant and Jacob Eisenstein and Michael Collins and Adrian Hutter and Jong Lee and Chirag Nagpal and Flavien Prost and Aradhana Sinha and Ananda Theertha Suresh and Ahmad Beirami},
-        booktitle = {Forty-second International Conference on Machine Learning, {ICML} 2025},
-        year      = 2025,
-        eprint    = {arXiv:2412.19792},
-    }""")
+from .ctrl_mixin import (  # noqa: F401  (public names, re-exported from here as before the GRPO trainer)
+    CALIBRATION_STATE_FILE,
+    INFALIGN_CITATION,
+    CTRLTrainerMixin,
+    HubUploadError,
+    pooled_inference_win_rate,
+)
 
 
-class HubUploadError(RuntimeError):
-    """The Hub could not be reached or refused the upload; the local output directory is complete."""
-
-
-def pooled_inference_win_rate(calibrated: torch.Tensor, n: int, procedure: str) -> float:
-    """Win rate of the policy's BoN-n (WoN-n) against the reference's, from the batch's calibrated rewards.
-
-    Pools c over prompts (under π_ref, c is Uniform[0,1] for every prompt): the max (min) of a random n-subset of the
-    m sorted values is the j-th smallest with the all-subsets weights of `evaluation.order_statistic_weights`; the
-    reference's BoN-n calibrated value has CDF c^n, its WoN-n 1 − (1 − c)^n. Needs m ≥ n; NaN otherwise.
-    """
-    from .evaluation import order_statistic_weights
-
-    c = calibrated[torch.isfinite(calibrated)].double().sort().values.cpu()
-    m = c.numel()
-    if m < max(n, 1):
-        return math.nan
-    if procedure == "standard":
-        return c.mean().item()
-    weights = order_statistic_weights(torch.tensor([m]), m, n, procedure)[0]
-    reference_cdf = c**n if procedure == "bon" else 1 - (1 - c) ** n
-    return (weights * reference_cdf).sum().item()
-
-
-class CTRLTrainer(RLOOTrainer):
+class CTRLTrainer(CTRLTrainerMixin, RLOOTrainer):
     """
     Trainer for CTRL (Calibrate-and-Transform Reinforcement Learning), the method of
     [InfAlign: Inference-aware language model alignment](https://huggingface.co/papers/2412.19792).
@@ -102,6 +59,8 @@ class CTRLTrainer(RLOOTrainer):
     with `kl_control="adaptive"`), `ctrl/step0_calibrated_reward` (the health check's mean c at step 0).
     """
 
+    _ctrl_config_class = CTRLConfig
+    _ctrl_base_trainer = "RLOO"
     _tag_names = ["trl", "ctrl", "infalign", "rloo"]
     _name = "CTRL"
     _paper = {
@@ -110,353 +69,6 @@ class CTRLTrainer(RLOOTrainer):
         "citation": INFALIGN_CITATION,
     }
 
-    def __init__(self, model, reward_funcs, args: CTRLConfig | None = None, train_dataset=None, eval_dataset=None, *a, **kw):
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
-            args = CTRLConfig(f"{str(name).rstrip('/').split('/')[-1]}-CTRL")
-        elif not isinstance(args, CTRLConfig):
-            raise TypeError(
-                f"CTRLTrainer needs a CTRLConfig, got {type(args).__name__}: build one with CTRLConfig(**your_args.to_dict()) "
-                "plus the CTRL fields (inference_procedure, inference_n, transform, ...)."
-            )
-        self.ctrl_transform = get_transform(args.resolved_transform)
-        self._check_output_dir(args)  # before anything is loaded or computed
-        named_datasets = [
-            (name, ds)
-            for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
-            for name, ds in (dataset.items() if isinstance(dataset, dict) else [(split, dataset)])
-            if ds is not None
-        ]
-        for name, ds in named_datasets:
-            self._check_prompt_column(ds, name)
-            self._check_reference_rewards(ds, args, name)
-        self.ctrl_reference_fingerprint, self.ctrl_reference_counts = self._scan_reference_rewards(
-            train_dataset, args.reference_rewards_column
-        )
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *a, **kw)
-        self._check_pad_tokens()
-        self._check_disk_space()
-        for name, ds in named_datasets:
-            self._check_prompt_lengths(ds, name)
-        from .provenance import check_reference_provenance
-
-        for name, ds in named_datasets:
-            check_reference_provenance(self, ds, name)
-        # RLOO combines what `_calculate_rewards` returns with `reward_weights`; CTRL returns one column, Φ(c), and
-        # applies the user's weights itself, before calibration (the reference rewards are combined the same way).
-        self.ctrl_reward_weights = self.reward_weights.clone()
-        self.ctrl_reward_func_names = list(self.reward_func_names)
-        self.reward_weights = torch.ones(1)
-        self.reward_func_names = ["ctrl_transformed"]
-        self.ctrl_offset, self.ctrl_scale = self._transform_normalisation()
-        self.beta = args.beta / self.ctrl_scale  # RLOO's penalty: Φ/β is unchanged by the rescaling
-        self.ctrl_kl_controller = (
-            AdaptiveKLController(budget=args.kl_budget, beta=args.beta) if args.kl_control == "adaptive" else None
-        )
-        self.ctrl_evaluation: dict | None = None
-        # the step-0 check needs the policy to be the reference: not on a resumed run (see `train`)
-        self.ctrl_calibration_health: CalibrationHealth | None = None
-        self._ctrl_health_pending = args.calibration_check != "off"
-        self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
-
-    @staticmethod
-    def _check_reference_rewards(dataset, args: CTRLConfig, split: str):
-        from .reference import validate_reference_rewards
-
-        try:
-            validate_reference_rewards(dataset, column=args.reference_rewards_column, min_samples=args.min_reference_samples)
-        except ValueError as error:
-            raise ValueError(f"{split}: {error}") from None
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Checks made at construction, before any training work
-    @staticmethod
-    def _check_output_dir(args: CTRLConfig):
-        """Fail now, not at the first checkpoint, if `output_dir` cannot be created or written (probe file)."""
-        output_dir = Path(args.output_dir)
-        probe = output_dir / f".ctrl-write-probe-{os.getpid()}"
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as error:
-            raise OSError(
-                f"CTRLConfig.output_dir={str(args.output_dir)!r} is not writable ({type(error).__name__}: {error}). "
-                "Checkpoints, the model and its card are written there: choose a writable directory with free space "
-                "(nothing has been computed yet)."
-            ) from None
-        finally:
-            try:
-                probe.unlink()
-            except OSError:
-                pass
-
-    def _check_disk_space(self):
-        """Refuse to start if the output directory's disk cannot hold even the model weights; warn below one checkpoint.
-
-        A checkpoint holds the weights plus (unless `save_only_model`) the optimizer's two fp32 moments per trainable
-        parameter; the estimate ignores the tokenizer and small files."""
-        if not self.args.should_save:
-            return
-        try:
-            free = shutil.disk_usage(self.args.output_dir).free
-        except OSError:
-            return
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
-        params = list(model.parameters())
-        weights = sum(p.numel() * p.element_size() for p in params)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        checkpoint = weights + (0 if self.args.save_only_model else 8 * trainable)
-        gib = 1024**3
-        if free < weights:
-            raise OSError(
-                f"Only {free / gib:.3g} GiB free under CTRLConfig.output_dir={str(self.args.output_dir)!r}, but the "
-                f"model weights alone need {weights / gib:.3g} GiB: training could not be saved. Free space or choose "
-                "another output_dir (nothing has been computed yet)."
-            )
-        if self.args.save_strategy != "no" and free < checkpoint:
-            warnings.warn(
-                f"Only {free / gib:.3g} GiB free under {str(self.args.output_dir)!r}; one checkpoint needs about "
-                f"{checkpoint / gib:.3g} GiB (weights + optimizer state). Set `save_only_model=True` or "
-                "`save_total_limit`, or free space.",
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _check_prompt_column(dataset, split: str):
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and "prompt" not in columns:
-            raise ValueError(
-                f"{split} has no 'prompt' column (columns: {list(columns)}). CTRLTrainer, like RLOOTrainer, samples "
-                "completions for `dataset['prompt']`: rename your prompt column, e.g. "
-                "`dataset = dataset.rename_column('question', 'prompt')`."
-            )
-
-    def _check_pad_tokens(self):
-        """RLOO pads the policy's prompts and each reward model's inputs: with neither pad nor EOS token (TRL falls back
-        to pad = EOS) the first batch would fail mid-training."""
-        if self._tokenizer.pad_token_id is None:
-            raise ValueError(
-                "The policy's tokenizer (processing_class) has neither a pad token nor an EOS token, so prompts cannot "
-                "be batched: set `tokenizer.pad_token = ...` (e.g. an existing special token) before creating the trainer."
-            )
-        for i, (func, tokenizer) in enumerate(zip(self.reward_funcs, self.reward_processing_classes)):
-            if isinstance(func, torch.nn.Module) and (tokenizer is None or tokenizer.pad_token_id is None):
-                raise ValueError(
-                    f"The tokenizer of reward model {i} ({self.reward_func_names[i]!r}) has neither a pad token nor "
-                    "an EOS token (TRL uses EOS as pad when there is no pad token), so prompt + completion cannot be "
-                    "batched for scoring: set `tokenizer.pad_token` and pass the tokenizer in `reward_processing_classes`."
-                )
-
-    def _context_length(self) -> int | None:
-        config = self.accelerator.unwrap_model(self.model).config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-    def _check_prompt_lengths(self, dataset, split: str, batch_size: int = 1024):
-        """Prompts that fill the model's context leave no room to generate: refuse them now, naming the rows.
-
-        Prompts whose length plus `max_completion_length` exceeds the context are allowed (completions usually end
-        earlier), with one warning giving their number. Only map-style datasets of text prompts are checked."""
-        from .sampling import tokenize_prompts
-
-        context = self._context_length()
-        if context is None or self._is_vlm or not hasattr(dataset, "select_columns") or "prompt" not in dataset.column_names:
-            return
-        too_long, over_budget, max_new = [], 0, self.args.max_completion_length or 0
-        for start in range(0, len(dataset), batch_size):
-            prompts = dataset[start : start + batch_size]["prompt"]
-            for offset, ids in enumerate(tokenize_prompts(self._tokenizer, prompts, self.chat_template_kwargs)):
-                if len(ids) >= context:
-                    too_long.append((start + offset, len(ids)))
-                elif len(ids) + max_new > context:
-                    over_budget += 1
-        if too_long:
-            shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
-            more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
-            raise ValueError(
-                f"{split}: {len(too_long)} prompt(s) fill the model's context of {context} tokens, leaving no room for "
-                f"a completion: {shown}{more}. Drop or shorten them, e.g. `dataset.filter(lambda x: "
-                f"len(tokenizer(x['prompt']).input_ids) <= {max(context - max_new, 1)})`, or use a model with a longer "
-                "context. (Nothing has been trained yet.)"
-            )
-        if over_budget:
-            warnings.warn(
-                f"{split}: {over_budget} prompt(s) plus max_completion_length={max_new} exceed the model's context of "
-                f"{context} tokens; their completions may run past the context.",
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _scan_reference_rewards(dataset, column: str) -> tuple[str | None, tuple[int, int] | None]:
-        """Fingerprint of the train dataset's reference rewards (checked on resume) and the (min, max) number per row
-        (for the model card), in one pass; warns once about all-equal rows.
-
-        A row whose K reference rewards are all equal calibrates every completion to 0, ½ or 1 (below, tied with, or
-        above that single value): training still works, but such prompts carry almost no ranking signal."""
-        if dataset is None or not hasattr(dataset, "select_columns") or column not in (dataset.column_names or []):
-            return None, None
-        digest = hashlib.sha256()
-        constant: list[int] = []
-        index, fewest, most = 0, math.inf, 0
-        for batch in dataset.select_columns([column]).iter(batch_size=4096):
-            for row in batch[column]:
-                values = np.asarray(row, dtype=np.float64)
-                digest.update(np.int64(values.size).tobytes())
-                digest.update(values.tobytes())
-                if values.size > 1 and values.min() == values.max():
-                    constant.append(index)
-                fewest, most = min(fewest, values.size), max(most, values.size)
-                index += 1
-        if constant:
-            shown = ", ".join(str(i) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
-            warnings.warn(
-                f"{len(constant)} of {index} prompts have all-equal reference rewards in column {column!r} (rows {shown}): "
-                "their calibrated reward can only be 0, 0.5 or 1, so they carry little training signal. Check the "
-                "reward model / reference samples (e.g. a larger K or temperature), or drop these rows.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return digest.hexdigest(), ((int(fewest), most) if index else None)
-
-    def ctrl_calibration_state(self) -> dict:
-        """What the run calibrates against; saved in every checkpoint and compared on resume."""
-        return {
-            "reference_rewards_column": self.args.reference_rewards_column,
-            "reference_rewards_sha256": self.ctrl_reference_fingerprint,
-            "resolved_transform": self.ctrl_transform.spec,
-            "beta": self.args.beta,
-            "kl_budget": self.args.kl_budget,
-            "kl_control": self.args.kl_control,
-            "transform_offset": self.ctrl_offset,
-            "transform_scale": self.ctrl_scale,
-            "inference_procedure": self.args.inference_procedure,
-            "inference_n": self.args.inference_n,
-            "min_reference_samples": self.args.min_reference_samples,
-        }
-
-    def ctrl_run_state(self) -> dict:
-        """What changes during the run (not compared on resume): the current β and the KL controller's state."""
-        state = {"final_beta": self.current_beta, "rloo_beta": self.beta}
-        if self.ctrl_kl_controller is not None:
-            state["kl_controller"] = self.ctrl_kl_controller.state_dict()
-        return state
-
-    @property
-    def current_beta(self) -> float:
-        """β now, in the units of the unnormalised transform (`args.beta` is the starting value)."""
-        return self.beta * self.ctrl_scale
-
-    def _check_resumed_calibration(self, checkpoint: str):
-        path = Path(checkpoint) / CALIBRATION_STATE_FILE
-        if not path.is_file():
-            return
-        saved = json.loads(path.read_text())
-        self._restore_kl_controller(saved, checkpoint)
-        current = json.loads(json.dumps(self.ctrl_calibration_state()))
-        changed = [
-            f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-            for key in current
-            if key in saved and saved[key] != current[key] and not (
-                isinstance(saved[key], float) and isinstance(current[key], float) and math.isclose(saved[key], current[key], rel_tol=1e-12)
-            )
-        ]
-        if changed:
-            raise ValueError(
-                f"Resuming from {checkpoint} with different calibration than the run that wrote it ("
-                + "; ".join(changed)
-                + "). The rewards before and after the resume would not be the same objective. Resume with the same "
-                "dataset (reference rewards) and CTRL settings, or start a new run in a fresh output_dir (or delete "
-                f"{path} to override)."
-            )
-
-    def _restore_kl_controller(self, saved: dict, checkpoint: str):
-        if self.ctrl_kl_controller is None:
-            return
-        state = saved.get("kl_controller")
-        if state is None:
-            warnings.warn(
-                f"{checkpoint} holds no KL-controller state (written by an older version, or with kl_control='fixed'): "
-                f"the adaptive controller restarts from beta={self.args.beta:.6g}.",
-                stacklevel=4,
-            )
-            return
-        self.ctrl_kl_controller = AdaptiveKLController.from_state_dict(state)
-        self.beta = self.ctrl_kl_controller.beta / self.ctrl_scale
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`, plus: `resume_from_checkpoint=True` skips checkpoints left incomplete by a crash (no
-        `trainer_state.json`, which the Trainer writes last), and a resume with other calibration data is refused."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = self._last_complete_checkpoint()
-            if checkpoint is not None:
-                resume_from_checkpoint = checkpoint
-        if isinstance(checkpoint, (str, os.PathLike)):
-            self._check_resumed_calibration(str(checkpoint))
-            self._ctrl_health_pending = False  # the policy is no longer the reference
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-        )
-
-    def _last_complete_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        root = Path(self.args.output_dir)
-        if not root.is_dir():
-            return None
-        found = []
-        for path in root.iterdir():
-            name = path.name
-            if path.is_dir() and name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
-                found.append((int(name.split("-")[-1]), path))
-        incomplete = []
-        for _, path in sorted(found, reverse=True):
-            if (path / "trainer_state.json").is_file():
-                if incomplete:
-                    warnings.warn(
-                        f"Skipping incomplete checkpoint(s) {', '.join(str(p) for p in incomplete)} (no trainer_state.json: "
-                        f"the run was probably killed while saving); resuming from {path}.",
-                        stacklevel=3,
-                    )
-                return str(path)
-            incomplete.append(path)
-        if incomplete:
-            raise ValueError(
-                f"resume_from_checkpoint=True, but every checkpoint in {root} is incomplete (no trainer_state.json): "
-                f"{', '.join(str(p) for p in incomplete)}. Delete them and train from scratch, or pass a checkpoint path."
-            )
-        return None
-
-    def _transform_normalisation(self) -> tuple[float, float]:
-        """(offset, scale) with (Φ − offset)/scale spanning [0, 1] over c ∈ [0, 1]; (0, 1) when not normalising."""
-        transform = self.ctrl_transform
-        if not self.args.normalize_transform or transform.requires_raw_rewards:
-            return 0.0, 1.0
-        values = transform.phi(np.linspace(0.0, 1.0, 2049))
-        low, high = float(np.min(values)), float(np.max(values))
-        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
-            return 0.0, 1.0
-        return low, high - low
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.args.reference_rewards_column not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, self.args.reference_rewards_column]
-
-    @contextmanager
-    def _user_reward_names(self):
-        ctrl_names, self.reward_func_names = self.reward_func_names, self.ctrl_reward_func_names
-        try:
-            yield
-        finally:
-            self.reward_func_names = ctrl_names
 
     def _generate_and_score_completions(self, inputs):
         """RLOO's generation and scoring, plus the per-completion KL (`ctrl/sequence_kl`) and the KL controller."""
@@ -465,9 +77,7 @@ class CTRLTrainer(RLOOTrainer):
         metrics = self._metrics[mode]
         if self.beta != 0.0 and metrics.get("kl"):
             sequence_kl = self._sequence_kl(metrics["kl"][-1], output["completion_mask"])
-            metrics["ctrl/sequence_kl"].append(sequence_kl)
-            if mode == "train" and self.ctrl_kl_controller is not None:
-                self.beta = self.ctrl_kl_controller.update(sequence_kl) / self.ctrl_scale
+            self._ctrl_record_sequence_kl(sequence_kl, mode)
         metrics["ctrl/beta"].append(self.current_beta)
         return output
 
@@ -478,163 +88,3 @@ class CTRLTrainer(RLOOTrainer):
                               device=completion_mask.device)
         tokens, completions = self.accelerator.reduce(counts, reduction="sum").tolist()
         return per_token_kl * tokens / max(completions, 1.0)
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        with self._user_reward_names():
-            raw_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        device = raw_per_func.device
-        raw = combine_rewards(raw_per_func, self.ctrl_reward_weights)
-        column = self.args.reference_rewards_column
-        ref_rows = gather_object([list(example[column]) for example in inputs])
-
-        # ±inf from any reward function, and NaN from a reward *model*, are failures (a callable's NaN means None:
-        # "no reward", which TRL skips). Checked per function, so that +inf and -inf cannot cancel into a NaN.
-        is_model = torch.tensor([isinstance(f, torch.nn.Module) for f in self.reward_funcs], device=device)
-        bad_per_func = torch.isinf(raw_per_func) | (torch.isnan(raw_per_func) & is_model.unsqueeze(0))
-        infinite = bad_per_func.any(dim=1) | torch.isinf(raw)
-        if infinite.any() and self.args.nonfinite_rewards == "raise":  # same on every rank: `raw` is gathered
-            all_prompts, all_completions = gather_object(list(prompts)), gather_object(list(completions))
-            row = int(infinite.nonzero()[0, 0])
-            funcs = bad_per_func[row].nonzero().flatten().tolist()
-            func = self.ctrl_reward_func_names[funcs[0]] if funcs else "combined"
-            value = raw_per_func[row, funcs[0]].item() if funcs else raw[row].item()
-            raise ValueError(
-                f"The reward function {func!r} returned {value} for the completion at batch row {row} (global step "
-                f"{self.state.global_step}; prompt: {str(all_prompts[row])[:200]!r}; completion: "
-                f"{str(all_completions[row])[:200]!r}). Fix the reward model, or set "
-                "CTRLConfig.nonfinite_rewards='skip' to give such completions no advantage (counted in "
-                "ctrl/nonfinite_rewards). Checkpoints already saved in output_dir are intact: resume with "
-                "`trainer.train(resume_from_checkpoint=True)`."
-            )
-        raw = torch.where(infinite, torch.full_like(raw, math.nan), raw)
-        ref, mask = pad_reference_rewards(ref_rows, device=device)
-        calibrated = calibrate(raw, ref, mask, nonfinite="nan", min_references=self.args.min_reference_samples)
-        transformed = self.ctrl_transform(calibrated, rewards=raw, ref_rewards=ref, ref_mask=mask)
-        transformed = ((transformed - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
-
-        mode = "train" if self.model.training else "eval"
-        if mode == "train" and self._ctrl_health_pending and self.state.global_step == 0:
-            self._check_calibration_health(raw, ref_rows)
-        metrics = self._metrics[mode]
-        metrics["ctrl/raw_reward"].append(torch.nanmean(raw).item())
-        for i, name in enumerate(self.ctrl_reward_func_names):
-            metrics[f"ctrl/raw_reward/{name}"].append(torch.nanmean(raw_per_func[:, i]).item())
-        metrics["ctrl/calibrated_reward"].append(torch.nanmean(calibrated).item())
-        metrics["ctrl/transformed_reward"].append(torch.nanmean(transformed).item())
-        metrics["ctrl/nonfinite_rewards"].append(float(infinite.sum().item()))
-        procedure, n = self.args.inference_procedure, self.args.inference_n
-        if procedure != "standard":
-            win = pooled_inference_win_rate(calibrated, n, procedure)
-            metrics[f"ctrl/{procedure}@{n}_win_rate"].append(win)
-        self._logs["rewards"]["ctrl_calibrated"].extend(calibrated.tolist())
-        return transformed.unsqueeze(1)
-
-    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list) -> None:
-        """Step 0 of a fresh run: the policy is the reference, so its calibrated rewards must be ≈ Uniform[0, 1]
-        (`trl_infalign.health`). Runs once, on the first generation batch (gathered: every rank decides alike)."""
-        self._ctrl_health_pending = False
-        health = check_calibration_health(raw.detach().cpu().double().numpy(), ref_rows)
-        self.ctrl_calibration_health = health
-        if health is None:
-            return
-        self._metrics["train"]["ctrl/step0_calibrated_reward"].append(health.mean_calibrated)
-        if health.failed:
-            message = calibration_check_message(health, self.args.reference_rewards_column)
-            if self.args.calibration_check == "raise":
-                raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Model card
-    def record_evaluation(self, results: dict):
-        """Attach inference-time evaluation results (e.g. `EvaluationResult.to_dict()`) to the model card."""
-        self.ctrl_evaluation = results
-
-    def _describe_reference_counts(self) -> str:
-        counts = self.ctrl_reference_counts
-        if counts is None:
-            return str(self.args.num_reference_samples)
-        return str(counts[0]) if counts[0] == counts[1] else f"{counts[0]}–{counts[1]}"
-
-    def ctrl_card_settings(self) -> dict:
-        """The InfAlign settings and latest training metrics that the model card reports."""
-        args = self.args
-        transform = self.ctrl_transform
-        settings = {
-            "inference_procedure": args.inference_procedure,
-            "inference_n": args.inference_n,
-            "transform": transform.spec,
-            "t": transform.params.get("t"),
-            "beta": args.beta,
-            "final_beta": self.current_beta,
-            "kl_control": args.kl_control,
-            "kl_budget": args.kl_budget,
-            "num_reference_samples": self._describe_reference_counts(),
-            "reference_rewards_column": args.reference_rewards_column,
-        }
-        last = {}
-        for entry in getattr(self.state, "log_history", []) or []:
-            last.update({k: v for k, v in entry.items() if k == "kl" or k.startswith("ctrl/")})
-        settings["final_training_metrics"] = last
-        return settings
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Hub
-    def _hub_failure(self, error: Exception, what: str) -> "HubUploadError":
-        secrets = [s for s in (self.args.hub_token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if s]
-        reason = f"{type(error).__name__}: {error}"
-        for secret in secrets:
-            reason = reason.replace(secret, "***")
-        return HubUploadError(f"{what} failed ({reason}). {self._local_copy_note()}")
-
-    def _local_copy_note(self) -> str:
-        return (
-            f"The model, tokenizer and model card are saved locally in {Path(self.args.output_dir).resolve()}; "
-            "upload them later with `trainer.push_to_hub()` or `hf upload <repo_id> <output_dir>` once you are online "
-            "and logged in."
-        )
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        try:
-            super().init_hf_repo(token=token, private=private)
-        except Exception as error:  # offline, not logged in, no permission...
-            raise self._hub_failure(error, f"Creating the Hub repo {self.args.hub_model_id!r}") from None
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None, revision=None, **kwargs):
-        """Save the model, tokenizer and card locally, then upload them; an upload failure loses nothing and says why."""
-        self.save_model(self.args.output_dir)
-        try:
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs)
-        except HubUploadError:
-            raise
-        except Exception as error:
-            raise self._hub_failure(error, "Uploading to the Hub") from None
-
-    @contextmanager
-    def _hub_token_redacted(self):
-        token = self.args.hub_token
-        self.args.hub_token = None
-        try:
-            yield
-        finally:
-            self.args.hub_token = token
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save as `Trainer.save_model` does, plus the CTRL model card (README.md) beside the weights."""
-        with self._hub_token_redacted():  # Trainer pickles `args` into training_args.bin: never the token
-            super().save_model(output_dir, _internal_call=_internal_call)
-            self.create_model_card(output_dir=output_dir)
-        if self.is_world_process_zero():
-            target = Path(output_dir if output_dir is not None else self.args.output_dir)
-            target.mkdir(parents=True, exist_ok=True)
-            state = {**self.ctrl_calibration_state(), **self.ctrl_run_state()}
-            (target / CALIBRATION_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None):
-        from .model_card import write_ctrl_model_card
-
-        if not self.is_world_process_zero():
-            return
-        if dataset_name is None:
-            dataset_name = self.ctrl_dataset_name
-        write_ctrl_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)

@@ -1,0 +1,84 @@
+"""Run CTRL on GRPO with 2 processes on CPU (torchrun, gloo); each rank records what it saw.
+
+As in ctrl_two_process.py: prompt i's reference rewards are 1000·i + {0..6} and a completion's reward is
+1000·i + (length mod 7), so calibration against the prompt's own references gives c = (j + ½)/7 strictly inside (0, 1),
+while a cross-rank mix-up gives exactly 0 or 1. Also records the gathered per-completion KL and β of every step.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from datasets import Dataset  # noqa: E402
+
+from trl_infalign.ctrl_grpo_config import CTRLGRPOConfig  # noqa: E402
+from trl_infalign.ctrl_grpo_trainer import CTRLGRPOTrainer  # noqa: E402
+from trl_infalign.tiny import build_tiny_policy, build_tokenizer  # noqa: E402
+
+out = Path(sys.argv[1])
+rank = int(os.environ.get("RANK", "0"))
+prompts = [f"prompt {i} says" for i in range(8)]
+tokenizer = build_tokenizer(prompts * 10 + ["hello world and more words"] * 10, vocab_size=300)
+policy = out / "policy"
+if rank == 0:
+    build_tiny_policy(tokenizer, policy, hidden_size=32, num_layers=1)
+else:
+    import time
+
+    while not (policy / "config.json").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+dataset = Dataset.from_dict(
+    {"prompt": prompts, "ref_rewards": [[1000.0 * i + k for k in range(7)] for i in range(len(prompts))]}
+)
+seen = []
+
+
+def reward(prompts, completions, **kwargs):
+    seen.extend(zip(prompts, kwargs["ref_rewards"]))
+    return [1000.0 * int(p.split()[1]) + len(c) % 7 for p, c in zip(prompts, completions)]
+
+
+args = CTRLGRPOConfig(
+    output_dir=str(out / "run"),
+    transform="bon:t=2",
+    kl_budget=0.2,
+    per_device_train_batch_size=4,
+    num_generations=2,
+    max_completion_length=4,
+    max_steps=3,
+    logging_steps=1,
+    learning_rate=5e-2,
+    save_strategy="no",
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    min_reference_samples=7,
+)
+calibrated = []
+
+
+class RecordingCTRLGRPOTrainer(CTRLGRPOTrainer):
+    def _calculate_rewards(self, *args, **kwargs):
+        transformed = super()._calculate_rewards(*args, **kwargs)
+        calibrated.extend(list(self._logs["rewards"]["ctrl_calibrated"])[-len(transformed):])
+        return transformed
+
+
+trainer = RecordingCTRLGRPOTrainer(model=str(policy), reward_funcs=reward, args=args, train_dataset=dataset,
+                                   processing_class=tokenizer)
+trainer.train()
+record = {
+    "rank": rank,
+    "world_size": trainer.accelerator.num_processes,
+    "prompts": sorted({p for p, _ in seen}),
+    "ref_matches_prompt": all(r[0] == 1000.0 * int(p.split()[1]) for p, r in seen),
+    "calibrated": calibrated,
+    "sequence_kl": [h["ctrl/sequence_kl"] for h in trainer.state.log_history if "ctrl/sequence_kl" in h],
+    "beta": trainer.ctrl_kl_controller.beta,
+}
+(out / f"rank{rank}.json").write_text(json.dumps(record))
