@@ -1,35 +1,40 @@
-"""Alignment quality of CTRL vs raw-reward RLOO: measured KL and inference-time win rates against the calibrated-space theory.
+"""Alignment quality of CTRL vs raw-reward RLHF at matched per-completion KL, against the theory and `diagnose`.
 
-    python benchmarks/alignment_quality.py --quick                      # CPU, <= 10 minutes, both tasks
-    python benchmarks/alignment_quality.py --device cuda                # full sweep (GPU)
-    python benchmarks/alignment_quality.py --task bandit --target-kls 0.25 0.5 1.0 --betas 0.7 1.0 1.4
+    python benchmarks/alignment_quality.py --quick --threads 1            # CPU, ~15 minutes, all four tasks
+    python benchmarks/alignment_quality.py --quick --task hetero_bandit   # one task
+    python benchmarks/alignment_quality.py --device cuda                  # full sweep (GPU)
 
-For every task it trains, over a KL sweep, five methods from the same reference policy:
+Every method is trained with `CTRLTrainer(kl_budget=B)` and its default closed-loop KL control
+(`kl_control="adaptive"`): β starts from the theory (calibrated transforms) or from `trl_infalign.diagnose`'s
+prediction on the task's own reference rewards (raw-reward transforms, which have no calibrated-space β) and is
+corrected from the measured per-completion KL. KL is always **per completion** (nats, summed over the completion's
+tokens: the unit of `kl_budget`, the theory and `diagnose`), never TRL's per-token `kl` metric. Methods:
 
-- ``raw_reward``  plain ``trl.RLOOTrainer`` on the raw reward (β swept directly with ``--betas``: there is no
-  calibrated-space theory for an uncalibrated reward, so its KL is whatever the β gives — measured, not targeted);
-- ``identity``    CTRL with Φ(c) = c (InfAlign's "calibration alone" baseline), β = ``theory.beta_for_kl``;
-- ``ctrl_bon``    CTRL with Φ(c) = exp(t·c), (t, β) = ``theory.best_t("bon", 4, kl)``;
-- ``ctrl_won``    CTRL with Φ(c) = −exp(−t·c), (t, β) = ``theory.best_t("won", 4, kl)``;
-- ``optimal``     CTRL with the numerically optimal transform for BoN-4, β from ``theory.optimal_policy(kl=)``;
-
-at each target KL of ``--target-kls``, then measures KL(π‖π_ref) and the standard / BoN-4 / WoN-4 win rates against the
-reference, and the theory's prediction for the method's *transform* at the *measured* KL (``theory_bon_win``,
-``theory_won_win``; null for ``raw_reward``, whose calibrated-space transform is the unknown reference quantile
-function of the reward — its points are compared with the optimal frontier instead).
+- ``raw_reward``  Φ = r (transform ``raw``: RLOO on the raw reward, the standard RLHF baseline);
+- ``lsc``         Φ = log σ(r − mean of the prompt's reference rewards)  (Wang et al. 2024);
+- ``par``         Φ = mean_k σ(r − r_ref,k)  (PAR, Fu et al. 2025);
+- ``vbon``        Φ = log c  (vBoN, Amini et al. 2024; its paper β = 1/(N−1) is reported, it is *trained* at the budget);
+- ``identity``    Φ = c  (calibration alone, InfAlign's baseline);
+- ``ctrl_bon``    CTRL ``auto`` for Best-of-4: Φ = exp(t·c), (t, β) = ``theory.best_t("bon", 4, B)``;
+- ``ctrl_won``    CTRL ``auto`` for Worst-of-4: Φ = −exp(−t·c), (t, β) = ``theory.best_t("won", 4, B)`` (β floor 0.01);
+- ``optimal``     CTRL ``optimal`` for Best-of-4 (the numerically optimal transform at B).
 
 Tasks (reported separately):
 
-- ``bandit``: one prompt, one-token completions over V actions with distinct rewards (a tiny Llama pre-trained so that
-  π_ref over the actions is known). The policy can represent the optimum exactly and every metric is computed
-  *exactly* from the action distributions (no sampling error): points should sit on the theory curves.
-- ``lm``: the multi-token tiny-LM VADER-sentiment task of ``examples/quickstart.py``; metrics are Monte-Carlo
-  (``trl_infalign.evaluation.inference_win_rate`` on sampled rewards, ``kl_estimates`` k3 on sampled log-probs): the
-  realistic gap to theory (finite training, a policy that cannot represent π* exactly, K-sample calibration).
+- ``bandit``         one prompt, V one-token actions with distinct Gaussian rewards, a tiny Llama pre-trained so that
+  π_ref is known exactly; K stratified reference rewards. **Exact** metrics from the action distributions.
+- ``hetero_bandit``  the headline: a contextual bandit of P one-token prompts whose reward scales spread log-normally
+  (σ = 1, p90/p10 ≈ 10) with random offsets — what calibration fixes. Exact metrics, averaged over prompts, next to
+  `diagnose`'s predictions from the same reference rewards.
+- ``lm``             the tiny-LM VADER task of ``examples/quickstart.py``; Monte-Carlo metrics with the evaluator
+  (k1 KL per completion with its bootstrap CI, win rates with CIs).
+- ``hetero_lm``      the same with a documented per-family affine distortion of VADER (see ``LM_FAMILIES``), standing
+  in for a reward model whose scale and offset differ across prompt families.
 
-Outputs in ``--output``: ``alignment_quality.json`` (a list of rows: task, method, transform, target_kl, beta, kl,
-standard_win, bon_win, won_win, theory_bon_win, theory_won_win, ...), ``alignment_quality_<task>.png`` and a printed
-table.
+Outputs in ``--output`` (default benchmarks/results/): ``alignment_quality.json`` ({"machine", "settings", "rows",
+"diagnose"}: one row per run with target and measured KL, final β, win rates, `diagnose`'s predictions at the budget
+and at the measured KL, continuum-theory predictions for calibrated transforms), ``alignment_quality_<task>.png`` and
+the printed tables.
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,121 +56,121 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 N = 4  # N of the inference-time procedures
-METHODS = ("raw_reward", "identity", "ctrl_bon", "ctrl_won", "optimal")
-METHOD_LABELS = {
-    "raw_reward": "raw-reward RLOO",
-    "identity": "calibrated identity",
-    "ctrl_bon": "CTRL-BoN (exp, best t)",
-    "ctrl_won": "CTRL-WoN (-exp(-tc), best t)",
-    "optimal": "CTRL optimal (BoN-4)",
-}
-COLORS = {"raw_reward": "tab:gray", "identity": "tab:blue", "ctrl_bon": "tab:orange", "ctrl_won": "tab:green",
-          "optimal": "black"}
-MARKERS = {"raw_reward": "X", "identity": "o", "ctrl_bon": "s", "ctrl_won": "^", "optimal": "D"}
+TASKS = ("bandit", "hetero_bandit", "lm", "hetero_lm")
 
-# Defaults per task and mode. Raw-reward β ranges are chosen so that its KLs span those of the target-KL sweep.
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    transform: str  # CTRLConfig.transform ("vbon" is filled in from diagnose: log with its eps)
+    procedure: str  # CTRLConfig.inference_procedure
+    diagnose: str  # diagnose's method name ("spec": the run's resolved transform spec)
+    raw: bool  # a transform of the raw reward: no calibrated-space β, the controller starts from diagnose's
+    color: str
+    marker: str
+
+
+METHODS = {
+    "raw_reward": Method("raw-reward RLOO", "raw", "bon", "raw_reward", True, "tab:gray", "X"),
+    "lsc": Method("log-sigmoid centred (lsc)", "lsc", "bon", "lsc", True, "tab:brown", "v"),
+    "par": Method("PAR sigmoid (par)", "par", "bon", "par", True, "tab:pink", "P"),
+    "vbon": Method("vBoN (log c)", "vbon", "bon", "spec", False, "tab:purple", "<"),
+    "identity": Method("calibrated identity", "identity", "bon", "spec", False, "tab:blue", "o"),
+    "ctrl_bon": Method("CTRL-BoN (exp, best t)", "auto", "bon", "spec", False, "tab:orange", "s"),
+    "ctrl_won": Method("CTRL-WoN (-exp(-tc), best t)", "auto", "won", "spec", False, "tab:green", "^"),
+    "optimal": Method("CTRL optimal (BoN-4)", "optimal", "bon", "spec", False, "black", "D"),
+}
+
+# Per-family affine distortion of VADER for `hetero_lm`: prompt "<subject> <verb>" belongs to family
+# SUBJECT_INDEX % 3; its reward is scale · vader + offset. A reward model that is ×25 sharper on some prompt families
+# than on others (and offset): calibration removes it exactly, one global β for the raw reward cannot.
+LM_FAMILIES = ((0.2, 0.5), (1.0, 0.0), (5.0, -1.0))
+
 DEFAULTS = {
     "bandit": {
-        "quick": dict(target_kls=(0.25, 0.5, 0.75), betas=(0.8, 1.1, 1.4), num_actions=200, steps=150),
-        "full": dict(target_kls=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5), betas=(0.5, 0.7, 1.0, 1.4, 2.0),
-                     num_actions=500, steps=1000, lr=5e-3, num_reference=2048),
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("raw_reward", "identity", "ctrl_bon", "ctrl_won", "optimal"),
+                      num_actions=200, steps=150, lr=1e-2, num_reference=512),
+        "full": dict(target_kls=(0.125, 0.25, 0.5, 0.75, 1.0), methods=tuple(METHODS), num_actions=500, steps=600,
+                     lr=5e-3, num_reference=2048),
+    },
+    "hetero_bandit": {
+        "quick": dict(target_kls=(0.5,), methods=tuple(METHODS), num_prompts=16, num_actions=100, num_reference=256,
+                      steps=150, lr=3e-2, num_generations=16),
+        "full": dict(target_kls=(0.25, 0.5, 1.0), methods=tuple(METHODS), num_prompts=32, num_actions=200,
+                     num_reference=512, steps=600, lr=1e-2, num_generations=32),
     },
     "lm": {
-        "quick": dict(target_kls=(0.25, 0.5, 0.75), betas=(0.25, 0.5, 1.0), steps=100, lr=1e-3, pretrain_steps=250, num_reference=16,
-                      eval_samples=16, hidden_size=64, num_layers=2, max_new_tokens=8, prompt_repeats=1),
-        "full": dict(target_kls=(0.25, 0.5, 1.0, 2.0), betas=(0.1, 0.2, 0.5, 1.0, 2.0), steps=400, lr=1e-3,
-                     pretrain_steps=600, num_reference=64, eval_samples=64, hidden_size=128, num_layers=4,
-                     max_new_tokens=12, prompt_repeats=4),
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("raw_reward", "identity", "ctrl_bon", "ctrl_won", "optimal"),
+                      steps=100, lr=1e-3, pretrain_steps=250, num_reference=16, eval_samples=16, hidden_size=64,
+                      num_layers=2, max_new_tokens=8, prompt_repeats=1),
+        "full": dict(target_kls=(0.25, 0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
+                     num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
+                     prompt_repeats=4),
+    },
+    "hetero_lm": {
+        "quick": dict(target_kls=(0.5,), methods=("raw_reward", "identity", "ctrl_bon"), steps=100, lr=1e-3,
+                      pretrain_steps=250, num_reference=16, eval_samples=16, hidden_size=64, num_layers=2,
+                      max_new_tokens=8, prompt_repeats=1, distort=True),
+        "full": dict(target_kls=(0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
+                     num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
+                     prompt_repeats=4, distort=True),
     },
 }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the sweep
+# runs: one CTRLTrainer per (method, target KL), every one under the adaptive KL controller
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class RunSpec:
-    """One training run: `transform` is a CTRL transform spec (None for raw-reward RLOO)."""
-
     method: str
-    transform: str | None
-    beta: float
-    target_kl: float | None
-    procedure: str = "bon"  # CTRLConfig.inference_procedure (only logging/`optimal` resolution depend on it)
+    target_kl: float
+    transform: str  # CTRLConfig.transform
+    procedure: str
+    start_beta: float | None = None  # raw-reward transforms: the controller's starting β (diagnose's prediction)
 
 
-def plan_runs(target_kls, raw_betas, methods=METHODS) -> list[RunSpec]:
-    """The sweep: each calibrated method at each target KL (β, t from the calibrated-space theory), raw reward per β."""
-    from trl_infalign import theory
-
+def plan_runs(target_kls, methods, predictions: dict[float, dict]) -> list[RunSpec]:
+    """One run per (target KL, method). `predictions[kl]` is `diagnose(..., "bon", 4, kl).methods` on the task's
+    reference rewards: it gives the raw-reward transforms their starting β and vBoN its spec (log c with eps ≤ 1/(2K))."""
     runs = []
     for kl in target_kls:
         kl = float(kl)
-        if "identity" in methods:
-            runs.append(RunSpec("identity", "identity", theory.beta_for_kl("identity", kl), kl))
-        if "ctrl_bon" in methods:
-            best = theory.best_t("bon", N, kl)
-            runs.append(RunSpec("ctrl_bon", f"bon:t={best.t:.6g}", best.beta, kl))
-        if "ctrl_won" in methods:
-            best = theory.best_t("won", N, kl)
-            runs.append(RunSpec("ctrl_won", f"won:t={best.t:.6g}", best.beta, kl, procedure="won"))
-        if "optimal" in methods:
-            beta = theory.optimal_policy("bon", N, kl=kl).beta
-            runs.append(RunSpec("optimal", f"optimal:procedure=bon,n={N},beta={beta:.6g}", float(f"{beta:.6g}"), kl))
-    if "raw_reward" in methods:
-        runs.extend(RunSpec("raw_reward", None, float(b), None) for b in raw_betas)
+        for name in methods:
+            m = METHODS[name]
+            transform = predictions[kl]["vbon"]["transform"] if name == "vbon" else m.transform
+            start = predictions[kl][m.diagnose]["beta"] if m.raw else None
+            runs.append(RunSpec(name, kl, transform, m.procedure, start))
     return runs
 
 
-def theory_at_kl(transform: str | None, kl: float) -> tuple[float | None, float | None]:
-    """(BoN-4, WoN-4) win rates that the calibrated-space theory predicts for `transform` at KL `kl` (β re-solved so
-    that the transform's optimum has exactly this KL). None for raw reward or a KL the transform cannot reach."""
-    from trl_infalign import theory
-
-    if transform is None or not (kl > 1e-6 and math.isfinite(kl)):
-        return None, None
-    try:
-        pol = theory.policy(transform, theory.beta_for_kl(transform, kl))
-    except ValueError:
-        return None, None
-    return pol.win_rate("bon", N), pol.win_rate("won", N)
-
-
-def _train_config(spec: RunSpec, output_dir, **common):
-    if spec.transform is None:
-        from trl import RLOOConfig
-
-        return RLOOConfig(output_dir=str(output_dir), beta=spec.beta, **common)
+def make_config(spec: RunSpec, output_dir, **common):
+    """The run's `CTRLConfig` (kl_budget = target KL, kl_control adaptive by default)."""
     from trl_infalign import CTRLConfig
 
-    transform = "optimal" if spec.transform.startswith("optimal") else spec.transform
-    return CTRLConfig(output_dir=str(output_dir), transform=transform, beta=spec.beta, inference_procedure=spec.procedure,
-                      inference_n=N, **common)
+    extra = {} if spec.start_beta is None else {"beta": spec.start_beta}
+    with warnings.catch_warnings():
+        # raw-reward transforms: "no calibrated-space prediction of beta ... starts from beta" — we pass diagnose's β
+        warnings.filterwarnings("ignore", message=".*has no calibrated-space prediction of beta.*")
+        # ctrl_won at KL >= ~0.6: best_t is held by its β floor (min_beta = 0.01); recorded in the row instead
+        warnings.filterwarnings("ignore", message=".*limited by the floor min_beta.*")
+        return CTRLConfig(output_dir=str(output_dir), transform=spec.transform, kl_budget=spec.target_kl,
+                          inference_procedure=spec.procedure, inference_n=N, **extra, **common)
 
 
-def train(spec: RunSpec, model_path, tokenizer, reward_func, dataset, output_dir, **common):
-    """Train one run; returns the trained model (raw reward: plain `trl.RLOOTrainer`, else `CTRLTrainer`)."""
-    args = _train_config(spec, output_dir, **common)
-    if spec.transform is None:
-        from trl import RLOOTrainer
+def train(args, model_path, tokenizer, reward_func, dataset):
+    """Train one run; returns (model in eval mode, final β of the controller)."""
+    from trl_infalign import CTRLTrainer
 
-        dataset = dataset.remove_columns([c for c in dataset.column_names if c != "prompt"])
-        trainer = RLOOTrainer(model=str(model_path), reward_funcs=reward_func, args=args, train_dataset=dataset,
-                              processing_class=tokenizer)
-    else:
-        from trl_infalign import CTRLTrainer
-
-        if spec.transform.startswith("optimal"):
-            assert args.resolved_transform == spec.transform, (args.resolved_transform, spec.transform)
-        trainer = CTRLTrainer(model=str(model_path), reward_funcs=reward_func, args=args, train_dataset=dataset,
-                              processing_class=tokenizer)
+    trainer = CTRLTrainer(model=str(model_path), reward_funcs=reward_func, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
     trainer.train()
     model = trainer.model
     model.eval()
-    return model
+    return model, float(trainer.current_beta)
 
 
-def _common_train_kwargs(device: str, seed: int, **overrides) -> dict:
+def common_train_kwargs(device: str, seed: int, **overrides) -> dict:
     kwargs = dict(
         temperature=1.0, top_k=0, top_p=1.0, num_train_epochs=1, save_strategy="no", report_to="none", seed=seed,
         disable_dropout=True, disable_tqdm=True, logging_steps=10_000, bf16=False, use_cpu=device == "cpu",
@@ -172,8 +179,91 @@ def _common_train_kwargs(device: str, seed: int, **overrides) -> dict:
     return kwargs
 
 
+def theory_at_kl(transform: str, kl: float) -> tuple[float | None, float | None]:
+    """Continuum calibrated-space (BoN-4, WoN-4) win rates of `transform` at KL `kl` (β re-solved); None for
+    transforms of the raw reward or an unreachable KL."""
+    from trl_infalign import get_transform, theory
+
+    if get_transform(transform).requires_raw_rewards or not (kl > 1e-6 and math.isfinite(kl)):
+        return None, None
+    try:
+        pol = theory.policy(transform, theory.beta_for_kl(transform, kl))
+    except ValueError:
+        return None, None
+    return pol.win_rate("bon", N), pol.win_rate("won", N)
+
+
+def diagnose_name(spec: RunSpec, resolved: str) -> str:
+    m = METHODS[spec.method]
+    return resolved if m.diagnose == "spec" else m.diagnose
+
+
+def predict(ref_rewards, name: str, kl: float) -> dict | None:
+    """`diagnose`'s prediction for one method at KL `kl`: {beta, kl, standard_win, bon_win, won_win} (None if the KL
+    is unreachable). `name` is a diagnose method name or a resolved transform spec (the exact Φ the run trained on)."""
+    from trl_infalign.diagnose import diagnose
+
+    if not (math.isfinite(kl) and kl > 1e-4):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            m = diagnose(ref_rewards, "bon", N, kl, methods=[name]).methods[name]
+        except ValueError:
+            return None
+    if "error" in m:
+        return None
+    return {"beta": m["beta"], "kl": m["kl"], "standard_win": m["standard_win_rate"], "bon_win": m["bon_win_rate"],
+            "won_win": m["won_win_rate"]}
+
+
+def diagnose_tables(ref_rewards, target_kls) -> dict[float, dict]:
+    """Full `diagnose` reports (BoN-4 and WoN-4) at each target KL, for the JSON and for `plan_runs`."""
+    from trl_infalign.diagnose import diagnose
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kl in target_kls:
+            out[float(kl)] = {"bon": diagnose(ref_rewards, "bon", N, float(kl)).to_dict(),
+                              "won": diagnose(ref_rewards, "won", N, float(kl), methods=["best_t"]).to_dict()}
+    return out
+
+
+def base_row(task: str, spec: RunSpec, args, final_beta: float, measured: dict, ref_rewards, seconds: float) -> dict:
+    """The JSON row shared by all tasks: target / measured KL, β, win rates, theory and diagnose predictions."""
+    resolved = args.resolved_transform
+    theory_bon, theory_won = theory_at_kl(resolved, measured["kl"])
+    name = diagnose_name(spec, resolved)
+    row = {
+        "task": task, "method": spec.method, "label": METHODS[spec.method].label, "transform": resolved,
+        "procedure": spec.procedure, "target_kl": spec.target_kl, "kl_control": args.kl_control,
+        "start_beta": float(args.beta), "final_beta": final_beta, **measured,
+        "kl_rel_error": measured["kl"] / spec.target_kl - 1.0,
+        "theory_bon_win": theory_bon, "theory_won_win": theory_won,
+        "diagnose_method": name,
+        "diagnose_at_budget": predict(ref_rewards, name, spec.target_kl),
+        "diagnose_at_measured_kl": predict(ref_rewards, name, measured["kl"]),
+        "train_seconds": seconds,
+    }
+    return row
+
+
+def row_line(row: dict) -> str:
+    def f(v):
+        return "  –  " if v is None else f"{v:.3f}"
+
+    d = row["diagnose_at_measured_kl"] or {}
+    ci = row.get("kl_ci")
+    kl = f"{row['kl']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return (f"  [{row['task']}] {row['method']:<10} target {row['target_kl']:.2f} KL {kl} ({100 * row['kl_rel_error']:+.0f}%) "
+            f"β {row['start_beta']:.4g}→{row['final_beta']:.4g}  std {f(row['standard_win'])} bon4 {f(row['bon_win'])} "
+            f"(diag {f(d.get('bon_win'))}) won4 {f(row['won_win'])} (diag {f(d.get('won_win'))})  "
+            f"{row['train_seconds']:.0f}s")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# bandit: exact metrics from the action distributions
+# exact metrics on one-token bandits
 # ---------------------------------------------------------------------------------------------------------------------
 def exact_metrics(pi, pi_ref, rewards, n: int = N) -> dict:
     """Exact KL(π‖π_ref) and standard / BoN-n / WoN-n win rates (ties ½) of a distribution over tokens with the given
@@ -193,17 +283,21 @@ def exact_metrics(pi, pi_ref, rewards, n: int = N) -> dict:
     def win(p_mass, q_cdf, q_cdf_below):  # P(X > Y) + ½ P(X = Y) for X with masses p_mass, Y with CDF q_cdf
         return float((p_mass * (q_cdf_below + 0.5 * (q_cdf - q_cdf_below))).sum())
 
-    bon_p, bon_q = P**n - P0**n, Q**n - Q0**n
     # worst of n: CDF 1 − (1 − F)^n
     wP, wP0 = 1 - (1 - P) ** n, 1 - (1 - P0) ** n
     wQ, wQ0 = 1 - (1 - Q) ** n, 1 - (1 - Q0) ** n
-    del bon_q
     return {
         "kl": kl,
         "standard_win": win(p, Q, Q0),
-        "bon_win": win(bon_p, Q**n, Q0**n),
+        "bon_win": win(P**n - P0**n, Q**n, Q0**n),
         "won_win": win(wP - wP0, wQ, wQ0),
     }
+
+
+def mean_exact_metrics(pi, pi_ref, rewards) -> dict:
+    """`exact_metrics` per prompt (rows of (P, vocab) tensors), averaged over prompts (uniform prompt distribution)."""
+    per = [exact_metrics(pi[i], pi_ref[i], rewards[i]) for i in range(len(pi))]
+    return {k: sum(m[k] for m in per) / len(per) for k in per[0]}
 
 
 def stratified_reference_rewards(pi_ref, rewards, k: int) -> list[float]:
@@ -220,7 +314,8 @@ def stratified_reference_rewards(pi_ref, rewards, k: int) -> list[float]:
 
 
 def bandit_optimum(pi_ref, rewards, ref_rewards, transform: str | None, beta: float):
-    """The exact stationary point of RLOO (k1 penalty) on this bandit: π_ref·exp(R/β)/Z, R = Φ(c) (or the raw reward)."""
+    """The exact stationary point of RLOO (k1 penalty) on a one-token bandit: π_ref·exp(Φ/β)/Z, with Φ the CTRL
+    transform of the calibrated (or, for raw-reward transforms, the raw) reward; `transform=None` means Φ = r."""
     import torch
 
     from trl_infalign import calibrate, get_transform
@@ -230,13 +325,25 @@ def bandit_optimum(pi_ref, rewards, ref_rewards, transform: str | None, beta: fl
         score = rewards
     else:
         ref = torch.tensor(ref_rewards, dtype=torch.float64).expand(len(rewards), -1)
-        score = get_transform(transform)(calibrate(rewards, ref)).double()
+        mask = torch.ones_like(ref, dtype=torch.bool)
+        score = get_transform(transform)(calibrate(rewards, ref), rewards=rewards, ref_rewards=ref, ref_mask=mask)
+        score = score.double()
     logits = torch.log(torch.as_tensor(pi_ref, dtype=torch.float64)) + (score - score.max()) / beta
     return torch.softmax(logits, dim=0)
 
 
-def run_bandit(workdir: Path, *, target_kls, betas, num_actions: int, steps: int, num_reference: int = 512, lr: float = 1e-2, num_generations: int = 64,
-               device: str = "cpu", seed: int = 0, methods=METHODS, log=print) -> list[dict]:
+def bandit_config_kwargs(device, seed, *, lr, batch, num_generations, steps) -> dict:
+    return common_train_kwargs(
+        device, seed, learning_rate=lr, per_device_train_batch_size=batch, num_generations=num_generations,
+        max_completion_length=1, mask_truncated_completions=False, max_steps=steps, min_reference_samples=8,
+        # hand-made benchmark datasets: no `ref_rewards_provenance` column to compare with
+        reference_provenance_check="off",
+    )
+
+
+def run_bandit(workdir: Path, *, target_kls, methods, num_actions: int, steps: int, num_reference: int = 512,
+               lr: float = 1e-2, num_generations: int = 64, device: str = "cpu", seed: int = 0, log=print) -> dict:
+    """One prompt, V one-token actions with distinct N(0, 1) rewards; exact metrics."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -249,7 +356,6 @@ def run_bandit(workdir: Path, *, target_kls, betas, num_actions: int, steps: int
     target = torch.softmax(torch.randn(num_actions, generator=generator) * 0.6, dim=0)
     path = build_bandit_policy(tokenizer, workdir / "bandit-reference", target, seed=seed)
     pi_ref = bandit_next_token_probs(AutoModelForCausalLM.from_pretrained(path), tokenizer)
-    # distinct Gaussian rewards (a typical reward-model scale), independent of π_ref; non-action tokens: below all
     action_rewards = torch.randn(num_actions, generator=generator, dtype=torch.float64)
     rewards = torch.full((len(tokenizer),), float(action_rewards.min()) - 1.0, dtype=torch.float64)
     rewards[bandit_action_ids(tokenizer, num_actions)] = action_rewards
@@ -262,36 +368,107 @@ def run_bandit(workdir: Path, *, target_kls, betas, num_actions: int, steps: int
 
     log(f"[bandit] V={num_actions} actions, π_ref max prob {pi_ref.max():.4f}, K={num_reference} stratified reference "
         f"rewards, {steps} steps per run")
-    common = _common_train_kwargs(
-        device, seed, learning_rate=lr, per_device_train_batch_size=64, num_generations=num_generations, max_completion_length=1,
-        mask_truncated_completions=False, max_steps=steps,
-    )
+    tables = diagnose_tables([ref_rewards], target_kls)
+    common = bandit_config_kwargs(device, seed, lr=lr, batch=64, num_generations=num_generations, steps=steps)
     rows = []
-    for spec in plan_runs(target_kls, betas, methods):
+    for spec in plan_runs(target_kls, methods, {k: v["bon"]["methods"] for k, v in tables.items()}):
         start = time.time()
-        extra = {} if spec.transform is None else dict(min_reference_samples=8)
-        model = train(spec, path, tokenizer, bandit_reward, dataset, workdir / "bandit-run", **common, **extra)
+        args = make_config(spec, workdir / "bandit-run", **common)
+        model, final_beta = train(args, path, tokenizer, bandit_reward, dataset)
         pi = bandit_next_token_probs(model, tokenizer)
         measured = exact_metrics(pi, pi_ref, rewards)
-        optimum = bandit_optimum(pi_ref, rewards, ref_rewards, spec.transform, spec.beta)
+        optimum = bandit_optimum(pi_ref, rewards, ref_rewards, args.resolved_transform, final_beta)
         at_optimum = exact_metrics(optimum, pi_ref, rewards)
-        theory_bon, theory_won = theory_at_kl(spec.transform, measured["kl"])
-        row = {
-            "task": "bandit", "method": spec.method, "transform": spec.transform or "raw", "target_kl": spec.target_kl,
-            "beta": spec.beta, **measured, "theory_bon_win": theory_bon, "theory_won_win": theory_won,
-            "metrics": "exact",
-            "tv_to_optimum": 0.5 * float((pi - optimum).abs().sum()),
-            "optimum_kl": at_optimum["kl"], "optimum_bon_win": at_optimum["bon_win"],
-            "optimum_won_win": at_optimum["won_win"], "train_seconds": time.time() - start,
-        }
+        row = base_row("bandit", spec, args, final_beta, measured, [ref_rewards], time.time() - start)
+        row.update({"metrics": "exact", "tv_to_optimum": 0.5 * float((pi - optimum).abs().sum()),
+                    "optimum_at_final_beta": at_optimum})
         rows.append(row)
-        log(_row_line(row))
+        log(row_line(row))
         del model
-    return rows
+    return {"rows": rows, "diagnose": tables,
+            "setup": {"num_actions": num_actions, "num_reference": num_reference, "steps": steps, "lr": lr,
+                      "batch": 64, "num_generations": num_generations, "pi_ref_max": float(pi_ref.max())}}
+
+
+def hetero_bandit_problem(num_prompts: int, num_actions: int, seed: int):
+    """Per-prompt π_ref targets, reward scales and offsets of the heterogeneous contextual bandit.
+
+    Scales: the stratified log-normal quantiles exp(Φ⁻¹((i + ½)/P)) (σ = 1; p90/p10 ≈ 10, max/min ≈ 40 at P = 16),
+    in random order; offsets N(0, 2²); per prompt, action rewards scale · z + offset with z ~ N(0, 1) distinct."""
+    import torch
+    from scipy.stats import norm
+
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.softmax(torch.randn(num_prompts, num_actions, generator=generator) * 0.6, dim=1)
+    levels = (torch.arange(num_prompts, dtype=torch.float64) + 0.5) / num_prompts
+    scales = torch.exp(torch.as_tensor(norm.ppf(levels.numpy())))[torch.randperm(num_prompts, generator=generator)]
+    offsets = 2.0 * torch.randn(num_prompts, generator=generator, dtype=torch.float64)
+    z = torch.randn(num_prompts, num_actions, generator=generator, dtype=torch.float64)
+    return target, scales, offsets, scales[:, None] * z + offsets[:, None]
+
+
+def run_hetero_bandit(workdir: Path, *, target_kls, methods, num_prompts: int, num_actions: int, num_reference: int,
+                      steps: int, lr: float, num_generations: int, device: str = "cpu", seed: int = 0,
+                      log=print) -> dict:
+    """P one-token prompts × V one-token actions, per-prompt reward scale spread log-normally; exact metrics averaged
+    over prompts, next to `diagnose` on the same reference rewards."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.tiny import bandit_action_ids, build_contextual_bandit_policy, \
+        build_contextual_bandit_tokenizer, contextual_bandit_next_token_probs, contextual_bandit_prompts
+
+    target, scales, offsets, action_rewards = hetero_bandit_problem(num_prompts, num_actions, seed)
+    tokenizer = build_contextual_bandit_tokenizer(num_prompts, num_actions)
+    path = build_contextual_bandit_policy(tokenizer, workdir / "hetero-bandit-reference", target,
+                                          hidden_size=max(32, 2 * num_prompts), seed=seed)
+    pi_ref = contextual_bandit_next_token_probs(AutoModelForCausalLM.from_pretrained(path), tokenizer, num_prompts)
+    actions = bandit_action_ids(tokenizer, num_actions)
+    rewards = (action_rewards.min(dim=1, keepdim=True).values - 1.0).expand(-1, len(tokenizer)).clone()
+    rewards[:, actions] = action_rewards  # non-action tokens (≈ 0 probability): below every action
+    ref_rewards = [stratified_reference_rewards(pi_ref[i], rewards[i], num_reference) for i in range(num_prompts)]
+    prompts = contextual_bandit_prompts(num_prompts)
+    dataset = Dataset.from_dict({"prompt": prompts, "ref_rewards": ref_rewards})
+    index = {p: i for i, p in enumerate(prompts)}
+    table = rewards.tolist()
+
+    def hetero_reward(prompts, completion_ids, **kwargs):
+        return [table[index[p.strip()]][ids[0] if ids else tokenizer.pad_token_id]
+                for p, ids in zip(prompts, completion_ids)]
+
+    tv_ref = 0.5 * (pi_ref[:, actions] - target).abs().sum(dim=1).max().item()
+    log(f"[hetero_bandit] P={num_prompts} prompts × V={num_actions} actions; reward scales {scales.min():.3g}–"
+        f"{scales.max():.3g}; π_ref max TV to its target {tv_ref:.4f}; K={num_reference} stratified references; "
+        f"{steps} steps of {num_prompts}×{num_generations} completions per run")
+    tables = diagnose_tables(ref_rewards, target_kls)
+    common = bandit_config_kwargs(device, seed, lr=lr, batch=num_prompts * num_generations,
+                                  num_generations=num_generations, steps=steps)
+    rows = []
+    for spec in plan_runs(target_kls, methods, {k: v["bon"]["methods"] for k, v in tables.items()}):
+        start = time.time()
+        args = make_config(spec, workdir / "hetero-bandit-run", **common)
+        model, final_beta = train(args, path, tokenizer, hetero_reward, dataset)
+        pi = contextual_bandit_next_token_probs(model, tokenizer, num_prompts)
+        measured = mean_exact_metrics(pi, pi_ref, rewards)
+        optimum = torch.stack([bandit_optimum(pi_ref[i], rewards[i], ref_rewards[i], args.resolved_transform, final_beta)
+                               for i in range(num_prompts)])
+        row = base_row("hetero_bandit", spec, args, final_beta, measured, ref_rewards, time.time() - start)
+        row.update({"metrics": f"exact, mean over {num_prompts} prompts",
+                    "tv_to_optimum": 0.5 * float((pi - optimum).abs().sum(dim=1).mean()),
+                    "optimum_at_final_beta": mean_exact_metrics(optimum, pi_ref, rewards),
+                    "kl_per_prompt": [exact_metrics(pi[i], pi_ref[i], rewards[i])["kl"] for i in range(num_prompts)]})
+        rows.append(row)
+        log(row_line(row))
+        del model
+    return {"rows": rows, "diagnose": tables, "ref_rewards": ref_rewards,
+            "setup": {"num_prompts": num_prompts, "num_actions": num_actions, "num_reference": num_reference,
+                      "steps": steps, "lr": lr, "num_generations": num_generations,
+                      "scales": scales.tolist(), "offsets": offsets.tolist(), "pi_ref_max_tv_to_target": tv_ref}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# lm: the quickstart's tiny-LM VADER task, Monte-Carlo metrics with the evaluator
+# lm / hetero_lm: the quickstart's tiny-LM VADER task, Monte-Carlo metrics with the evaluator
 # ---------------------------------------------------------------------------------------------------------------------
 def _quickstart():
     """`examples/quickstart.py` (corpus generator, prompts' parts, the VADER reward), imported by path."""
@@ -303,9 +480,30 @@ def _quickstart():
     return quickstart
 
 
+def lm_family(prompt: str) -> int:
+    """Family of a quickstart prompt "<subject> <verb>": the subject's index mod len(LM_FAMILIES)."""
+    qs = _quickstart()
+    prompt = prompt.strip()
+    for i, subject in enumerate(qs.SUBJECTS):
+        if prompt.startswith(subject + " "):
+            return i % len(LM_FAMILIES)
+    raise ValueError(f"not a quickstart prompt: {prompt!r}")
+
+
+def distorted_vader(prompts, completions, **kwargs):
+    """VADER compound sentiment under a per-family affine distortion: scale_f · vader + offset_f (LM_FAMILIES). Within a
+    prompt it is an increasing map of VADER, so win rates (and every calibrated reward) are those of VADER itself."""
+    scores = _quickstart().vader_sentiment(prompts, completions)
+    out = []
+    for p, s in zip(prompts, scores):
+        scale, offset = LM_FAMILIES[lm_family(p)]
+        out.append(scale * s + offset)
+    return out
+
+
 class PolicySampler:
-    """Fixed evaluation protocol of the lm task: fresh reference samples scored once, then, per policy, `m` samples per
-    prompt scored with the same reward, plus their log-probs under the policy and the reference (for the KL)."""
+    """Fixed evaluation protocol of the lm tasks: fresh reference samples scored once, then, per policy, `m` samples per
+    prompt scored with the same reward, plus their log-probs under the policy and the reference (per-completion KL)."""
 
     def __init__(self, reference, tokenizer, prompts, reward_func, *, num_samples: int, max_new_tokens: int, seed: int):
         import torch
@@ -332,7 +530,7 @@ class PolicySampler:
     def evaluate(self, model) -> dict:
         import torch
 
-        from trl_infalign.evaluation import inference_win_rate, kl_estimates
+        from trl_infalign.evaluation import evaluate_scored
         from trl_infalign.sampling import completion_logprobs, generate_completions
 
         torch.manual_seed(self.seed)
@@ -342,20 +540,23 @@ class PolicySampler:
         prompt_ids = [comps.prompt_ids[p] for p in range(len(comps.prompts)) for _ in comps.ids[p]]
         completion_ids = [i for ids in comps.ids for i in ids]
         pad = self.tokenizer.pad_token_id
-        logp = completion_logprobs(model, prompt_ids, completion_ids, pad_token_id=pad)
-        logp_ref = completion_logprobs(self.reference, prompt_ids, completion_ids, pad_token_id=pad)
-        k1, k3 = kl_estimates(logp, logp_ref)
-        out = {"kl": k3, "kl_k1": k1}
-        for key, procedure, n in (("standard_win", "standard", 1), ("bon_win", "bon", N), ("won_win", "won", N)):
-            result = inference_win_rate(rewards, self.reference_rewards, n, procedure, seed=self.seed)
-            out[key], out[f"{key}_ci"] = result.estimate, [result.ci_low, result.ci_high]
+        shape = rewards.shape
+        logp = completion_logprobs(model, prompt_ids, completion_ids, pad_token_id=pad).reshape(shape)
+        logp_ref = completion_logprobs(self.reference, prompt_ids, completion_ids, pad_token_id=pad).reshape(shape)
+        result = evaluate_scored(rewards, self.reference_rewards, ns=(N,), procedures=("standard", "bon", "won"),
+                                 policy_logps=logp, reference_logps=logp_ref, seed=self.seed)
+        out = {"kl": result.kl_k1, "kl_ci": list(result.kl_k1_ci), "kl_k3": result.kl_k3, "kl_k3_ci": list(result.kl_k3_ci)}
+        for r in result.win_rates:
+            key = {"standard": "standard_win", "bon": "bon_win", "won": "won_win"}[r["procedure"]]
+            out[key], out[f"{key}_ci"] = r["estimate"], [r["ci_low"], r["ci_high"]]
         out["mean_reward"] = float(rewards.mean())
+        out["mean_completion_tokens"] = sum(len(i) for i in completion_ids) / len(completion_ids)
         return out
 
 
-def run_lm(workdir: Path, *, target_kls, betas, steps: int, pretrain_steps: int, num_reference: int, eval_samples: int,
-           hidden_size: int, num_layers: int, max_new_tokens: int, prompt_repeats: int = 1, lr: float = 3e-3,
-           device: str = "cpu", seed: int = 0, methods=METHODS, log=print) -> list[dict]:
+def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: int, num_reference: int,
+           eval_samples: int, hidden_size: int, num_layers: int, max_new_tokens: int, prompt_repeats: int = 1,
+           lr: float = 1e-3, distort: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -363,61 +564,62 @@ def run_lm(workdir: Path, *, target_kls, betas, steps: int, pretrain_steps: int,
     from trl_infalign import build_reference_rewards
     from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
 
+    task = "hetero_lm" if distort else "lm"
     qs = _quickstart()
+    reward = distorted_vader if distort else qs.vader_sentiment
     torch.manual_seed(seed)
     corpus = qs.review_corpus(2000, seed)
     tokenizer = build_tokenizer(corpus, vocab_size=400)
-    sft_path = workdir / "lm-sft"
+    sft_path = workdir / f"{task}-sft"
     build_tiny_policy(tokenizer, sft_path, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     sft = AutoModelForCausalLM.from_pretrained(sft_path).to(device)
     pretrain_on_texts(sft, tokenizer, corpus, steps=pretrain_steps, lr=3e-3, batch_size=32, seed=seed)
     sft.save_pretrained(sft_path)
     prompts = [f"{s} {v}" for s in qs.SUBJECTS for v in qs.VERBS]
-    log(f"[lm] tiny Llama {hidden_size}x{num_layers} pre-trained {pretrain_steps} steps; {len(prompts)} prompts, "
-        f"K={num_reference} reference samples, {steps} RL steps per run, {eval_samples} eval samples per prompt and side")
-    dataset = build_reference_rewards(Dataset.from_dict({"prompt": prompts}), sft, qs.vader_sentiment,
-                                      tokenizer=tokenizer, num_samples=num_reference, max_new_tokens=max_new_tokens,
-                                      seed=seed, progress=False)
+    log(f"[{task}] tiny Llama {hidden_size}x{num_layers} pre-trained {pretrain_steps} steps; {len(prompts)} prompts, "
+        f"K={num_reference} reference samples, {steps} RL steps per run, {eval_samples} eval samples per prompt and side"
+        + (f"; reward = scale·VADER + offset per family {LM_FAMILIES}" if distort else ""))
+    dataset = build_reference_rewards(Dataset.from_dict({"prompt": prompts}), sft, reward, tokenizer=tokenizer,
+                                      num_samples=num_reference, max_new_tokens=max_new_tokens, seed=seed,
+                                      progress=False)
+    ref_rewards = [list(r) for r in dataset["ref_rewards"]]
     if prompt_repeats > 1:
         from datasets import concatenate_datasets
 
         dataset = concatenate_datasets([dataset] * prompt_repeats)
-    sampler = PolicySampler(sft, tokenizer, prompts, qs.vader_sentiment, num_samples=eval_samples,
-                            max_new_tokens=max_new_tokens, seed=seed + 1)
-    common = _common_train_kwargs(
+    sampler = PolicySampler(sft, tokenizer, prompts, reward, num_samples=eval_samples, max_new_tokens=max_new_tokens,
+                            seed=seed + 1)
+    common = common_train_kwargs(
         device, seed, learning_rate=lr, per_device_train_batch_size=32, num_generations=8,
         max_completion_length=max_new_tokens, max_steps=steps,
+        # the reference rewards come from the in-memory SFT model saved at sft_path; the trainer loads that path
+        reference_provenance_check="warn",
     )
+    tables = diagnose_tables(ref_rewards, target_kls)
     rows = []
-    for spec in plan_runs(target_kls, betas, methods):
+    for spec in plan_runs(target_kls, methods, {k: v["bon"]["methods"] for k, v in tables.items()}):
         start = time.time()
-        model = train(spec, sft_path, tokenizer, qs.vader_sentiment, dataset, workdir / "lm-run", **common)
+        args = make_config(spec, workdir / f"{task}-run", **common)
+        model, final_beta = train(args, sft_path, tokenizer, reward, dataset)
         measured = sampler.evaluate(model)
-        theory_bon, theory_won = theory_at_kl(spec.transform, measured["kl"])
-        row = {
-            "task": "lm", "method": spec.method, "transform": spec.transform or "raw", "target_kl": spec.target_kl,
-            "beta": spec.beta, **measured, "theory_bon_win": theory_bon, "theory_won_win": theory_won,
-            "metrics": f"sampled: {eval_samples} samples/prompt/side, {len(prompts)} prompts, KL = k3 estimate",
-            "train_seconds": time.time() - start,
-        }
+        row = base_row(task, spec, args, final_beta, measured, ref_rewards, time.time() - start)
+        row["metrics"] = (f"sampled: {eval_samples} samples/prompt/side, {len(prompts)} prompts; KL = k1 per completion "
+                          "(95% bootstrap CI over prompts); win rates: all-subsets estimator, 95% bootstrap CIs")
         rows.append(row)
-        log(_row_line(row))
+        log(row_line(row))
         del model
-    return rows
-
-
-def _row_line(row: dict) -> str:
-    def f(v):
-        return "   -  " if v is None else f"{v:.4f}"
-
-    return (f"  [{row['task']}] {row['method']:<10} β={row['beta']:<11.5g} KL={row['kl']:.4f}  std={f(row['standard_win'])} "
-            f"bon4={f(row['bon_win'])} (theory {f(row['theory_bon_win'])})  won4={f(row['won_win'])} "
-            f"(theory {f(row['theory_won_win'])})  {row.get('train_seconds', 0):.0f}s")
+    return {"rows": rows, "diagnose": tables,
+            "setup": {"num_prompts": len(prompts), "num_reference": num_reference, "eval_samples": eval_samples,
+                      "steps": steps, "lr": lr, "hidden_size": hidden_size, "num_layers": num_layers,
+                      "max_new_tokens": max_new_tokens, "families": LM_FAMILIES if distort else None}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------------------------------
+KL_TOLERANCE = {"bandit": 0.15, "hetero_bandit": 0.15, "lm": 0.25, "hetero_lm": 0.25}
+
+
 def theory_curves(kl_max: float, num: int = 14) -> dict[str, dict[str, list[float]]]:
     """Win-vs-KL curves of the calibrated-space model: {curve: {"kl", "bon", "won"}} for the identity, the bon / won exp
     families at their best t for each KL (BoN-4 / WoN-4), the optimal transform for BoN-4 and the WoN-4 optimum."""
@@ -439,68 +641,133 @@ def theory_curves(kl_max: float, num: int = 14) -> dict[str, dict[str, list[floa
         except ValueError:
             return None
 
-    add("identity", [safe(lambda k=k: theory.policy("identity", theory.beta_for_kl("identity", k))) for k in kls])
-    for family, name in (("bon", "ctrl_bon"), ("won", "ctrl_won")):
-        def best(k, family=family):
-            b = theory.best_t(family, N, k)
-            return theory.policy(b.transform, b.beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        add("identity", [safe(lambda k=k: theory.policy("identity", theory.beta_for_kl("identity", k))) for k in kls])
+        for family, name in (("bon", "ctrl_bon"), ("won", "ctrl_won")):
+            def best(k, family=family):
+                b = theory.best_t(family, N, k)
+                return theory.policy(b.transform, b.beta)
 
-        add(name, [safe(lambda k=k: best(k)) for k in kls])
-    for procedure, name in (("bon", "optimal"), ("won", "optimal_won")):
-        points = theory.frontier(["optimal"], procedure, N, kls=kls)
-        add(name, [theory.optimal_policy(procedure, N, beta=p.beta) for p in points])
+            add(name, [safe(lambda k=k: best(k)) for k in kls])
+        for procedure, name in (("bon", "optimal"), ("won", "optimal_won")):
+            points = theory.frontier(["optimal"], procedure, N, kls=kls)
+            add(name, [theory.optimal_policy(procedure, N, beta=p.beta) for p in points])
     return curves
 
 
 CURVE_STYLE = {
-    "identity": dict(color=COLORS["identity"], label="theory: identity"),
-    "ctrl_bon": dict(color=COLORS["ctrl_bon"], label="theory: bon exp(t·c), best t"),
-    "ctrl_won": dict(color=COLORS["ctrl_won"], label="theory: won −exp(−t·c), best t"),
+    "identity": dict(color=METHODS["identity"].color, label="theory: identity"),
+    "ctrl_bon": dict(color=METHODS["ctrl_bon"].color, label="theory: bon exp(t·c), best t"),
+    "ctrl_won": dict(color=METHODS["ctrl_won"].color, label="theory: won −exp(−t·c), best t (β floor 0.01)"),
     "optimal": dict(color="black", linestyle="--", label="theory: optimal for BoN-4"),
     "optimal_won": dict(color="gray", linestyle=":", label="theory: optimal for WoN-4"),
 }
 
 
-def plot_task(task: str, rows: list[dict], path: Path, curves: dict | None = None) -> None:
-    """Two panels (BoN-4, WoN-4 win rate vs KL): theory curves, measured points (with CIs when sampled)."""
+def _points(ax, rows, key):
+    for method in METHODS:
+        pts = [r for r in rows if r["method"] == method]
+        if not pts:
+            continue
+        m = METHODS[method]
+        x, y = [r["kl"] for r in pts], [r[f"{key}_win"] for r in pts]
+        ci = [r.get(f"{key}_win_ci") for r in pts]
+        if all(c is not None for c in ci):
+            xci = [r.get("kl_ci") or [r["kl"], r["kl"]] for r in pts]
+            ax.errorbar(x, y, yerr=[[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]],
+                        xerr=[[v - c[0] for v, c in zip(x, xci)], [c[1] - v for v, c in zip(x, xci)]],
+                        fmt="none", ecolor=m.color, alpha=0.5, capsize=2)
+        ax.scatter(x, y, marker=m.marker, s=60, color=m.color, edgecolor="white", linewidth=0.8, zorder=5,
+                   label=f"measured: {m.label}")
+
+
+def plot_theory_task(task: str, rows: list[dict], path: Path, curves: dict | None = None) -> None:
+    """bandit / lm: two panels (BoN-4, WoN-4 win rate vs KL): continuum theory curves and the measured points."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    kl_max = min(max([r["kl"] for r in rows] + [r["target_kl"] or 0 for r in rows] + [0.3]) * 1.15, 3.0)
+    kl_max = min(max([r["kl"] for r in rows] + [r["target_kl"] for r in rows] + [0.3]) * 1.15, 3.0)
     curves = curves if curves is not None else theory_curves(kl_max)
-    off_plot = [r for r in rows if r["kl"] > kl_max]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, (key, title) in zip(axes, (("bon", f"Best-of-{N}"), ("won", f"Worst-of-{N}"))):
         for name, curve in curves.items():
             if name == "optimal_won" and key == "bon":
                 continue
             ax.plot(curve["kl"], curve[key], linewidth=1.6, **{"linestyle": "-", **CURVE_STYLE[name]})
-        for method in METHODS:
-            pts = [r for r in rows if r["method"] == method]
-            if not pts:
-                continue
-            x = [r["kl"] for r in pts]
-            y = [r[f"{key}_win"] for r in pts]
-            ci = [r.get(f"{key}_win_ci") for r in pts]
-            if all(c is not None for c in ci):
-                yerr = [[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]
-                ax.errorbar(x, y, yerr=yerr, fmt="none", ecolor=COLORS[method], alpha=0.5, capsize=2)
-            ax.scatter(x, y, marker=MARKERS[method], s=55, color=COLORS[method], edgecolor="white", linewidth=0.8,
-                       zorder=5, label=f"measured: {METHOD_LABELS[method]}")
-        ax.set_xlabel("KL(π ‖ π_ref) [nats]" + (" (exact)" if task == "bandit" else " (k3 estimate)"))
+        _points(ax, rows, key)
+        for kl in sorted({r["target_kl"] for r in rows}):
+            ax.axvline(kl, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel("KL(π ‖ π_ref) per completion [nats]" + (" (exact)" if "bandit" in task else " (k1, 95% CI)"))
         ax.set_ylabel(f"{title} win rate vs π_ref's {title}")
-        ax.set_title(f"{task}: {title} (N={N})")
+        ax.set_title(f"{task}: {title} (N={N}); dotted: KL budgets")
         ax.grid(alpha=0.3)
         ax.set_xlim(0, kl_max)
-        if off_plot:
-            ax.text(0.02, 0.98, "off plot (KL > {:.2g}): ".format(kl_max) + ", ".join(
-                f"{r['method']} KL={r['kl']:.3g}" for r in off_plot), transform=ax.transAxes, ha="left", va="top", fontsize=7)
     axes[1].legend(fontsize=7, loc="lower right")
     kind = ("one-token bandit, exact metrics" if task == "bandit"
             else "tiny-LM VADER task, sampled metrics (95% bootstrap CIs)")
-    fig.suptitle(f"Alignment quality — {kind}; curves: calibrated-space theory", fontsize=11)
+    fig.suptitle(f"Alignment quality — {kind}; every run under kl_budget (adaptive); curves: calibrated-space theory",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+DIAGNOSE_CURVES = {"bon": ("raw_reward", "lsc", "par", "vbon", "identity", "best_t", "optimal"),
+                   "won": ("raw_reward", "identity", "best_t")}
+DIAGNOSE_METHOD = {"raw_reward": "raw_reward", "lsc": "lsc", "par": "par", "vbon": "vbon", "identity": "identity",
+                   "best_t": "ctrl_bon", "optimal": "optimal"}
+
+
+def diagnose_curves(ref_rewards, kl_max: float, num: int = 10) -> dict:
+    """{procedure: {diagnose method: [(kl, win), ...]}} from `diagnose` on the task's reference rewards."""
+    import numpy as np
+
+    from trl_infalign.diagnose import diagnose
+
+    kls = [float(k) for k in np.linspace(kl_max / num, kl_max, num)]
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for procedure, methods in DIAGNOSE_CURVES.items():
+            result = diagnose(ref_rewards, procedure, N, kls[len(kls) // 2], methods=list(methods))
+            out[procedure] = {k: [list(p) for p in v] for k, v in result.curves(kls).items()}
+    return out
+
+
+def plot_diagnose_task(task: str, rows: list[dict], curves: dict, path: Path) -> None:
+    """hetero tasks: BoN-4 and WoN-4 win rate vs KL — `diagnose`'s predicted curves from the task's own reference
+    rewards (lines) and the measured runs (points)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5))
+    for ax, (key, title) in zip(axes, (("bon", f"Best-of-{N}"), ("won", f"Worst-of-{N}"))):
+        for name, points in curves[key].items():
+            if not points:
+                continue
+            method = "ctrl_won" if (name == "best_t" and key == "won") else DIAGNOSE_METHOD[name]
+            m = METHODS[method]
+            ax.plot(*zip(*points), color=m.color, linestyle="--" if name == "optimal" else "-", linewidth=1.3,
+                    alpha=0.8, label=f"diagnose: {name}" + (" (won)" if method == "ctrl_won" else ""))
+        _points(ax, [r for r in rows if key == "won" or r["method"] != "ctrl_won"], key)
+        for kl in sorted({r["target_kl"] for r in rows}):
+            ax.axvline(kl, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel("KL(π ‖ π_ref) per completion, mean over prompts [nats]"
+                      + (" (exact)" if "bandit" in task else " (k1, 95% CI)"))
+        ax.set_ylabel(f"{title} win rate vs π_ref's {title}")
+        ax.set_title(f"{task}: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6.5, loc="lower right", ncol=2)
+    axes[1].legend(fontsize=6.5, loc="lower right", ncol=2)
+    kind = ("heterogeneous contextual bandit, exact metrics" if task == "hetero_bandit"
+            else "tiny-LM VADER with per-family affine distortion, sampled metrics (95% CIs)")
+    fig.suptitle(f"{kind}: diagnose's prediction from the reference rewards (lines) vs trained runs under "
+                 "kl_budget (points)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -510,73 +777,134 @@ def _fmt(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """One markdown table of every run (theory columns: the method's transform at its measured KL)."""
-    lines = [
-        "| task | method | transform | target KL | β | KL | standard win | BoN-4 win | theory BoN-4 | WoN-4 win | theory WoN-4 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def _ci(row, key, digits=3) -> str:
+    ci = row.get(f"{key}_ci")
+    return f"{row[key]:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def kl_table(rows: list[dict]) -> str:
+    """Target vs measured per-completion KL for every run (exact on bandits, k1 with 95% CI on LM tasks)."""
+    lines = ["| task | method | transform | target KL | measured KL | error | tolerance | β start → final |",
+             "|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['method']} | `{r['transform']}` | {_fmt(r['target_kl'], 2)} | {r['beta']:.4g} | "
-            f"{r['kl']:.3f} | {r['standard_win']:.3f} | {r['bon_win']:.3f} | {_fmt(r['theory_bon_win'])} | "
-            f"{r['won_win']:.3f} | {_fmt(r['theory_won_win'])} |"
-        )
+        tol = KL_TOLERANCE[r["task"]]
+        ok = "✓" if abs(r["kl_rel_error"]) <= tol else "✗"
+        lines.append(f"| {r['task']} | {r['method']} | `{r['transform']}` | {r['target_kl']:.2f} | {_ci(r, 'kl')} | "
+                     f"{100 * r['kl_rel_error']:+.1f}% | ±{100 * tol:.0f}% {ok} | {r['start_beta']:.4g} → "
+                     f"{r['final_beta']:.4g} |")
     return "\n".join(lines)
 
 
-def interpolate_raw(rows: list[dict], task: str, kl: float, key: str = "bon_win") -> float | None:
-    """Raw-reward RLOO's `key` at KL `kl`, linearly interpolated between its measured points (None outside them)."""
-    pts = sorted((r["kl"], r[key]) for r in rows if r["task"] == task and r["method"] == "raw_reward")
-    for (k0, v0), (k1, v1) in zip(pts, pts[1:]):
-        if k0 <= kl <= k1 and k1 > k0:
-            return v0 + (v1 - v0) * (kl - k0) / (k1 - k0)
-    return None
+def win_table(rows: list[dict]) -> str:
+    """Win rates per run, with `diagnose`'s prediction at the measured KL and the continuum theory's."""
+    lines = ["| task | method | KL | standard win | BoN-4 win | diagnose BoN-4 | theory BoN-4 | WoN-4 win | "
+             "diagnose WoN-4 | theory WoN-4 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d = r["diagnose_at_measured_kl"] or {}
+        lines.append(f"| {r['task']} | {r['method']} | {r['kl']:.3f} | {_ci(r, 'standard_win')} | {_ci(r, 'bon_win')} | "
+                     f"{_fmt(d.get('bon_win'))} | {_fmt(r['theory_bon_win'])} | {_ci(r, 'won_win')} | "
+                     f"{_fmt(d.get('won_win'))} | {_fmt(r['theory_won_win'])} |")
+    return "\n".join(lines)
 
 
-def matched_kl_summary(rows: list[dict]) -> str:
-    """BoN-4 win rate at matched KL: per task and target KL, CTRL-BoN vs calibrated identity vs raw reward (raw
-    interpolated to the CTRL-BoN run's measured KL between its own measured points)."""
-    lines = [
-        "| task | target KL | CTRL-BoN: KL → BoN-4 | optimal: KL → BoN-4 | identity: KL → BoN-4 | raw reward at CTRL-BoN's KL: BoN-4 "
-        "| raw reward at identity's KL: BoN-4 (standard) | identity: standard |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        targets = sorted({r["target_kl"] for r in rows if r["task"] == task and r["target_kl"] is not None})
-        for kl in targets:
+def acceptance(rows: list[dict]) -> dict:
+    """The checks of issues #10 (KL budget holds) and #12 (calibration pays where reward scales differ)."""
+    out: dict = {"kl_within_tolerance": {}, "hetero_bandit": {}, "hetero_lm": {}}
+    for r in rows:
+        out["kl_within_tolerance"][f"{r['task']}/{r['method']}@{r['target_kl']:g}"] = (
+            abs(r["kl_rel_error"]) <= KL_TOLERANCE[r["task"]])
+    out["kl_all_within_tolerance"] = all(out["kl_within_tolerance"].values()) if rows else None
+    for task in ("hetero_bandit", "hetero_lm"):
+        for kl in sorted({r["target_kl"] for r in rows if r["task"] == task}):
             get = {r["method"]: r for r in rows if r["task"] == task and r["target_kl"] == kl}
+            entry: dict = {}
+            if "ctrl_bon" in get and "raw_reward" in get:
+                entry["ctrl_bon_minus_raw_bon4"] = get["ctrl_bon"]["bon_win"] - get["raw_reward"]["bon_win"]
+            if "ctrl_bon" in get and "identity" in get:
+                entry["ctrl_bon_minus_identity_bon4"] = get["ctrl_bon"]["bon_win"] - get["identity"]["bon_win"]
+            if "identity" in get and "raw_reward" in get:
+                entry["identity_minus_raw_bon4"] = get["identity"]["bon_win"] - get["raw_reward"]["bon_win"]
+            if task == "hetero_bandit":
+                dev = {}
+                for name, r in get.items():
+                    for key in ("bon_win", "won_win", "standard_win"):
+                        for where in ("diagnose_at_budget", "diagnose_at_measured_kl"):
+                            if r[where] is not None:
+                                dev.setdefault(where, {})[f"{name}/{key}"] = r[key] - r[where][key]
+                entry["measured_minus_diagnose"] = dev
+                for where, d in dev.items():
+                    main = {k: v for k, v in d.items() if k.endswith("/bon_win") or k == "ctrl_won/won_win"}
+                    entry[f"max_abs_deviation_{where}"] = max(abs(v) for v in main.values()) if main else None
+                gain = entry.get("ctrl_bon_minus_raw_bon4")
+                entry["gain_at_least_8_points"] = None if gain is None else gain >= 0.08
+                worst = entry.get("max_abs_deviation_diagnose_at_budget")
+                entry["within_0.02_of_diagnose_at_budget"] = None if worst is None else worst <= 0.02
+            else:
+                for a, b in (("ctrl_bon", "identity"), ("identity", "raw_reward"), ("ctrl_bon", "raw_reward")):
+                    if a in get and b in get:
+                        ca, cb = get[a]["bon_win_ci"], get[b]["bon_win_ci"]
+                        entry[f"{a}_vs_{b}_cis_overlap"] = ca[0] <= cb[1] and cb[0] <= ca[1]
+            out[task][f"{kl:g}"] = entry
+    return out
 
-            def cell(method):
-                r = get.get(method)
-                return "–" if r is None else f"{r['kl']:.3f} → {r['bon_win']:.3f}"
 
-            def raw_at(method, key="bon_win"):
-                r = get.get(method)
-                v = interpolate_raw(rows, task, r["kl"], key) if r else None
-                return "out of raw's KL range" if r and v is None else ("–" if v is None else f"{v:.3f}")
+def machine_description() -> dict:
+    import torch
+    import transformers
+    import trl
 
-            ident = get.get("identity")
-            raw_id = raw_at("identity")
-            if not raw_id.startswith("out") and raw_id != "–":
-                raw_id += f" ({raw_at('identity', 'standard_win')})"
-            lines.append(f"| {task} | {kl:g} | {cell('ctrl_bon')} | {cell('optimal')} | {cell('identity')} | "
-                         f"{raw_at('ctrl_bon')} | {raw_id} | {_fmt(ident['standard_win'] if ident else None)} |")
-    return "\n".join(lines)
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None, "python": platform.python_version(), "torch": torch.__version__, "trl": trl.__version__,
+            "transformers": transformers.__version__, "load_average_at_start": load}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
+RUNNERS = {"bandit": run_bandit, "hetero_bandit": run_hetero_bandit, "lm": run_lm, "hetero_lm": run_lm}
+
+
+def run_task(task: str, workdir: Path, output: Path, settings: dict, *, device: str, seed: int, log=print,
+             plot: bool = True) -> dict:
+    """Run one task, write its plot; returns {"rows", "diagnose", "setup", ...} (rows carry "mode" if given)."""
+    result = RUNNERS[task](workdir, device=device, seed=seed, log=log, **settings)
+    rows = result["rows"]
+    if plot and rows:
+        if task in ("bandit", "lm"):
+            plot_theory_task(task, rows, output / f"alignment_quality_{task}.png")
+        else:
+            kl_max = max([r["kl"] for r in rows] + [r["target_kl"] for r in rows]) * 1.6
+            ref = result.pop("ref_rewards", None) or result["diagnose_ref_rewards"]
+            result["diagnose_curves"] = diagnose_curves(ref, kl_max)
+            plot_diagnose_task(task, rows, result["diagnose_curves"], output / f"alignment_quality_{task}.png")
+    result.pop("ref_rewards", None)
+    result.pop("diagnose_ref_rewards", None)
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results", help="Directory for the JSON and the plots.")
-    parser.add_argument("--quick", action="store_true", help="Small CPU settings (<= 10 minutes on 2 cores).")
-    parser.add_argument("--task", choices=("bandit", "lm", "both"), default="both")
-    parser.add_argument("--betas", type=float, nargs="+", default=None,
-                        help="β sweep of the raw-reward RLOO baseline (default: per task, spanning the target KLs).")
+    parser.add_argument("--quick", action="store_true", help="Small CPU settings (~15 minutes on a loaded 2-core VM).")
+    parser.add_argument("--task", choices=(*TASKS, "all"), nargs="+", default=["all"])
     parser.add_argument("--target-kls", type=float, nargs="+", default=None,
-                        help="Target KLs of the calibrated methods (β and t from the theory). Default: per task/mode.")
+                        help="KL budgets (per completion, nats) of every method. Default: per task/mode.")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
+                        help="Methods to train (default: per task/mode).")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: per task/mode).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu).")
     parser.add_argument("--threads", type=int, default=1,
@@ -592,30 +920,39 @@ def main(argv=None) -> int:
     mode = "quick" if args.quick else "full"
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    tasks = ("bandit", "lm") if args.task == "both" else (args.task,)
+    tasks = TASKS if "all" in args.task else tuple(dict.fromkeys(args.task))
+    report = {"machine": machine_description(), "mode": mode, "seed": args.seed, "device": device,
+              "threads": args.threads, "tasks": {}, "rows": []}
     start = time.time()
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="alignment_quality_") as tmp:
         for task in tasks:
             settings = dict(DEFAULTS[task][mode])
-            if args.betas is not None:
-                settings["betas"] = tuple(args.betas)
-            if args.target_kls is not None:
-                settings["target_kls"] = tuple(args.target_kls)
+            for name in ("target_kls", "methods", "steps"):
+                if getattr(args, name) is not None:
+                    settings[name] = tuple(getattr(args, name)) if name != "steps" else args.steps
             task_start = time.time()
-            runner = run_bandit if task == "bandit" else run_lm
-            task_rows = runner(Path(tmp), device=device, seed=args.seed, **settings)
-            for r in task_rows:
+            result = run_task(task, Path(tmp), output, settings, device=device, seed=args.seed)
+            for r in result["rows"]:
                 r["mode"] = mode
-            rows.extend(task_rows)
-            plot_task(task, task_rows, output / f"alignment_quality_{task}.png")
-            print(f"[{task}] done in {time.time() - task_start:.0f} s")
-    (output / "alignment_quality.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print()
-    print(markdown_table(rows))
-    print()
-    print(matched_kl_summary(rows))
-    print(f"\nWrote {output / 'alignment_quality.json'} and the plots; total {time.time() - start:.0f} s on {device}.")
+            result["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+            result["seconds"] = time.time() - task_start
+            report["tasks"][task] = {k: v for k, v in result.items() if k != "rows"}
+            report["rows"].extend(result["rows"])
+            print(f"[{task}] done in {result['seconds']:.0f} s", flush=True)
+            # write as we go: a long run that dies late keeps what it measured
+            report["acceptance"] = acceptance(report["rows"])
+            report["wall_seconds"] = time.time() - start
+            (output / "alignment_quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    rows = report["rows"]
+    print("\n## KL budget: target vs measured (per completion)\n")
+    print(kl_table(rows))
+    print("\n## Win rates (diagnose: prediction from the task's reference rewards at the measured KL)\n")
+    print(win_table(rows))
+    print("\n## Acceptance\n")
+    print(json.dumps({k: v for k, v in report["acceptance"].items() if k != "kl_within_tolerance"}, indent=2,
+                     default=float))
+    print(f"\nWrote {output / 'alignment_quality.json'} and the plots; total {time.time() - start:.0f} s on {device} "
+          f"({report['machine']['cpu']}, {report['machine']['cpu_count']} CPUs).")
     return 0
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quickstart(output: Path, seed: int, mode: str, budget: float, steps: int) -> dict:
+def run_quickstart(output: Path, seed: int, mode: str, budget: float, steps: int, eval_samples: int) -> dict:
     command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output", str(output), "--seed", str(seed),
-               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps)]
+               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps), "--eval-samples", str(eval_samples)]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     results = json.loads((output / "results.json").read_text())
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["adaptive", "fixed"], choices=["adaptive", "fixed"])
     parser.add_argument("--kl-budget", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-samples", type=int, default=64,
+                        help="Samples per prompt and model for the evaluation (the quickstart's 16 give a KL CI of ±10%%).")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
 
@@ -55,7 +57,8 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for seed in args.seeds:
-            rows.append(run_quickstart(output / "kl_budget" / f"{mode}-seed{seed}", seed, mode, args.kl_budget, args.steps))
+            rows.append(run_quickstart(output / "kl_budget" / f"{mode}-seed{seed}", seed, mode, args.kl_budget, args.steps,
+                                      args.eval_samples))
             print(format_row(rows[-1]), flush=True)
     print("\n| kl_control | seed | budget | KL per completion (k1) [95% CI] | error | BoN-4 win | final/initial beta |")
     print("|---|---|---|---|---|---|---|")
@@ -65,7 +68,8 @@ def main() -> None:
         errors = [abs(r["relative_error"]) for r in rows if r["kl_control"] == mode]
         print(f"{mode}: worst |error| {100 * max(errors):.1f}% over {len(errors)} seeds")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "kl_budget.json").write_text(json.dumps({"rows": rows, "steps": args.steps}, indent=2) + "\n")
+    (output / "kl_budget.json").write_text(
+        json.dumps({"rows": rows, "steps": args.steps, "eval_samples": args.eval_samples}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

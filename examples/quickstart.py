@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/quickstart", help="Where models, tables and the plot go.")
     parser.add_argument("--steps", type=int, default=150, help="CTRL training steps.")
     parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
-    parser.add_argument("--eval-samples", type=int, default=16, help="Samples per prompt for the evaluation.")
+    parser.add_argument("--eval-samples", type=int, default=64, help="Samples per prompt and model for the evaluation.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-budget", type=float, default=1.0, help="Per-completion KL budget (nats).")
     parser.add_argument("--kl-control", choices=["adaptive", "fixed"], default="adaptive",

@@ -7,15 +7,20 @@
         --config recipes/configs/ctrl_hh_helpful_bon.yaml
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/ctrl_hh.py \
         --config recipes/configs/ctrl_hh_harmless_won.yaml --push_to_hub --hub_model_id me/qwen-ctrl-won4
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/ctrl_hh.py \
+        --config recipes/configs/ctrl_hh_helpful_bon_grpo.yaml          # CTRL on GRPO (or --trainer grpo)
 
 Steps: load prompts (HH `chosen` transcripts -> chat prompts without the final answer), build or resume the reference
-rewards (K reference samples per prompt, cached in `reference_cache_dir`), train `CTRLTrainer`, evaluate BoN-N / WoN-N
+rewards (K reference samples per prompt, cached in `reference_cache_dir`), train `CTRLTrainer` (`--trainer rloo`,
+the default) or `CTRLGRPOTrainer` (`--trainer grpo`: every GRPOConfig option, vLLM included, parses as in TRL), evaluate BoN-N / WoN-N
 win rates and KL against the reference policy, write them into the model card, save, and optionally push to the Hub.
 Every `--flag` overrides the YAML. See docs/recipes.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,11 +29,25 @@ from pathlib import Path
 from trl import ScriptArguments as TrlScriptArguments
 
 from trl_infalign import CTRLConfig
+from trl_infalign.ctrl_grpo_config import CTRLGRPOConfig
+
+#: --trainer: (config class, trainer class)
+TRAINERS = {
+    "rloo": (CTRLConfig, "trl_infalign.ctrl_trainer.CTRLTrainer"),
+    "grpo": (CTRLGRPOConfig, "trl_infalign.ctrl_grpo_trainer.CTRLGRPOTrainer"),
+}
 
 
 @dataclass
 class ScriptArguments(TrlScriptArguments):
-    """Data, reward model, reference pass and evaluation of the CTRL recipes (training knobs live in `CTRLConfig`)."""
+    """Data, reward model, reference pass and evaluation of the CTRL recipes (training knobs live in `CTRLConfig`, or
+    `CTRLGRPOConfig` with `--trainer grpo`)."""
+
+    trainer: str = field(
+        default="rloo",
+        metadata={"help": "TRL algorithm under CTRL: `rloo` (CTRLTrainer, CTRLConfig) or `grpo` (CTRLGRPOTrainer, "
+                  "CTRLGRPOConfig; same CTRL knobs and optimum, see docs/grpo.md).", "choices": list(TRAINERS)},
+    )
 
     dataset_name: str | None = field(
         default="Anthropic/hh-rlhf",
@@ -188,11 +207,18 @@ def init_state(training_args):
     return PartialState()
 
 
-def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) -> int:
+def main(script_args: ScriptArguments, training_args: CTRLConfig | CTRLGRPOConfig, model_args) -> int:
     from transformers import set_seed
     from trl import get_peft_config
 
-    from trl_infalign import CTRLTrainer, HubUploadError
+    from trl_infalign import HubUploadError
+
+    config_class, trainer_module = TRAINERS[script_args.trainer]
+    if not isinstance(training_args, config_class):
+        raise TypeError(f"--trainer {script_args.trainer} needs a {config_class.__name__}, got "
+                        f"{type(training_args).__name__}: parse the arguments with make_parser().")
+    module, _, name = trainer_module.rpartition(".")
+    trainer_class = getattr(importlib.import_module(module), name)
 
     state = init_state(training_args)
     set_seed(training_args.seed)
@@ -217,7 +243,7 @@ def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) ->
                 f"(cache: {reference_cache_dir(script_args, training_args)}).")
 
     # 3. Train.
-    trainer = CTRLTrainer(
+    trainer = trainer_class(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
@@ -259,10 +285,41 @@ def main(script_args: ScriptArguments, training_args: CTRLConfig, model_args) ->
     return 0
 
 
-def make_parser():
-    from trl import ModelConfig, TrlParser
+def selected_trainer(argv: list[str]) -> str:
+    """`--trainer` from the command line, else the YAML's `trainer:` key, else `rloo`: it decides the config class."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--trainer")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.trainer is None and known.config:
+        import yaml
 
-    return TrlParser((ScriptArguments, CTRLConfig, ModelConfig))
+        known.trainer = (yaml.safe_load(Path(known.config).read_text()) or {}).get("trainer")
+    trainer = known.trainer or "rloo"
+    if trainer not in TRAINERS:
+        raise SystemExit(f"--trainer must be one of {list(TRAINERS)}, got {trainer!r}.")
+    return trainer
+
+
+class RecipeParser:
+    """`TrlParser((ScriptArguments, <config of --trainer>, ModelConfig))`, choosing the config class per call."""
+
+    def __init__(self, trainer: str | None = None):
+        self.trainer = trainer
+
+    def parser(self, argv: list[str]):
+        from trl import ModelConfig, TrlParser
+
+        config_class = TRAINERS[self.trainer or selected_trainer(argv)][0]
+        return TrlParser((ScriptArguments, config_class, ModelConfig))
+
+    def parse_args_and_config(self, args=None, **kwargs):
+        argv = sys.argv[1:] if args is None else list(args)
+        return self.parser(argv).parse_args_and_config(args=argv, **kwargs)
+
+
+def make_parser(trainer: str | None = None) -> RecipeParser:
+    return RecipeParser(trainer)
 
 
 if __name__ == "__main__":

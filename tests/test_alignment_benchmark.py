@@ -1,7 +1,9 @@
-"""Smoke test of benchmarks/alignment_quality.py with tiny settings (a few seconds): exact bandit metrics, the sweep plan,
-one bandit run per kind of trainer (CTRL, raw RLOO), the JSON row keys, the table and the plot."""
+"""Smoke test of benchmarks/alignment_quality.py with tiny settings (well under a minute on 2 cores): exact bandit
+metrics, the run plan, a homogeneous and a heterogeneous bandit run (CTRL and raw reward, both under kl_budget), the
+JSON row schema with `diagnose`'s predictions attached, the tables, the acceptance summary and the plots."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +12,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+ROW_KEYS = {"task", "method", "transform", "procedure", "target_kl", "kl_control", "start_beta", "final_beta", "kl",
+            "kl_rel_error", "standard_win", "bon_win", "won_win", "theory_bon_win", "theory_won_win",
+            "diagnose_method", "diagnose_at_budget", "diagnose_at_measured_kl", "train_seconds", "metrics",
+            "tv_to_optimum", "optimum_at_final_beta"}
+PREDICTION_KEYS = {"beta", "kl", "standard_win", "bon_win", "won_win"}
 
 
 @pytest.fixture(scope="module")
@@ -35,30 +43,70 @@ def test_exact_metrics_closed_forms(aq):
     assert m["kl"] == pytest.approx(math.log(4) - 0.75, abs=5e-3)
     assert m["standard_win"] == pytest.approx(0.8, abs=2e-3)
     assert m["bon_win"] == pytest.approx(0.8, abs=2e-3)
+    two = aq.mean_exact_metrics(torch.stack([pi_ref, bon]), torch.stack([pi_ref, pi_ref]), torch.stack([rewards] * 2))
+    assert two["bon_win"] == pytest.approx((0.5 + m["bon_win"]) / 2)
 
 
-def test_plan_and_theory(aq):
-    runs = aq.plan_runs([0.5], [1.0])
-    assert [r.method for r in runs] == ["identity", "ctrl_bon", "ctrl_won", "optimal", "raw_reward"]
-    bon = runs[1]
-    assert bon.transform.startswith("bon:t=") and bon.target_kl == 0.5
-    theory_bon, theory_won = aq.theory_at_kl(bon.transform, 0.5)
+def test_plan_uses_diagnose_betas_for_raw_transforms(aq):
+    predictions = {0.5: {"raw_reward": {"beta": 1.7}, "lsc": {"beta": 0.3}, "par": {"beta": 0.2},
+                         "vbon": {"beta": 0.4, "transform": "log:eps=0.0005"}}}
+    runs = aq.plan_runs([0.5], tuple(aq.METHODS), predictions)
+    by = {r.method: r for r in runs}
+    assert set(by) == set(aq.METHODS) and all(r.target_kl == 0.5 for r in runs)
+    assert by["raw_reward"].transform == "raw" and by["raw_reward"].start_beta == 1.7
+    assert by["vbon"].transform == "log:eps=0.0005" and by["vbon"].start_beta is None
+    assert by["ctrl_bon"].transform == "auto" and by["ctrl_won"].procedure == "won"
+    theory_bon, theory_won = aq.theory_at_kl("bon:t=12.6", 0.5)
     assert 0.85 < theory_bon < 0.9 and theory_won < 0.7
-    assert aq.theory_at_kl(None, 0.5) == (None, None)
+    assert aq.theory_at_kl("raw", 0.5) == (None, None)
 
 
-def test_bandit_run_rows_table_plot(aq, tmp_path):
-    torch.set_num_threads(1)
-    rows = aq.run_bandit(tmp_path, target_kls=(0.5,), betas=(1.0,), num_actions=16, steps=3, num_reference=64,
-                         methods=("identity", "raw_reward"), log=lambda *a: None)
-    assert [r["method"] for r in rows] == ["identity", "raw_reward"]
+def test_hetero_problem_spreads_reward_scales(aq):
+    target, scales, offsets, rewards = aq.hetero_bandit_problem(16, 20, seed=0)
+    assert target.shape == (16, 20) and torch.allclose(target.sum(1), torch.ones(16))
+    assert scales.max() / scales.min() > 10 and rewards.shape == (16, 20)
+
+
+def _check_rows(rows, task):
     for r in rows:
-        for key in ("method", "beta", "kl", "standard_win", "bon_win", "won_win", "theory_bon_win", "theory_won_win"):
-            assert key in r
-        assert r["kl"] >= 0 and 0 <= r["bon_win"] <= 1
-    assert rows[0]["theory_bon_win"] is not None and rows[1]["theory_bon_win"] is None
-    assert "| bandit | identity |" in aq.markdown_table(rows)
-    assert "bandit" in aq.matched_kl_summary(rows)
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["task"] == task and r["kl_control"] == "adaptive" and r["kl"] >= 0
+        assert 0 <= r["bon_win"] <= 1 and r["final_beta"] > 0
+        assert set(r["diagnose_at_budget"]) == PREDICTION_KEYS
+        assert r["diagnose_at_budget"]["kl"] == pytest.approx(r["target_kl"], rel=1e-6)
+    json.dumps(rows)
+
+
+def test_bandit_and_hetero_bandit_smoke(aq, tmp_path):
+    torch.set_num_threads(1)
+    result = aq.run_task("bandit", tmp_path, tmp_path, dict(target_kls=(0.5,), methods=("raw_reward", "identity"),
+                         num_actions=16, steps=3, num_reference=64), device="cpu", seed=0, log=lambda *a: None,
+                         plot=False)
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["raw_reward", "identity"]
+    _check_rows(rows, "bandit")
+    assert rows[1]["theory_bon_win"] is not None and rows[0]["theory_bon_win"] is None
+    assert rows[0]["start_beta"] == pytest.approx(result["diagnose"][0.5]["bon"]["methods"]["raw_reward"]["beta"])
     curves = {"identity": {"kl": [0.1, 0.5], "bon": [0.6, 0.8], "won": [0.6, 0.85]}}
-    aq.plot_task("bandit", rows, tmp_path / "plot.png", curves=curves)
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+    aq.plot_theory_task("bandit", rows, tmp_path / "bandit.png", curves=curves)
+    assert (tmp_path / "bandit.png").stat().st_size > 1000
+
+    hetero = aq.run_task("hetero_bandit", tmp_path, tmp_path, dict(
+        target_kls=(0.5,), methods=("raw_reward", "ctrl_bon"), num_prompts=4, num_actions=12, num_reference=32,
+        steps=2, lr=1e-2, num_generations=4), device="cpu", seed=0, log=lambda *a: None, plot=False)
+    hrows = hetero["rows"]
+    _check_rows(hrows, "hetero_bandit")
+    assert hrows[1]["transform"].startswith("bon:t=") and len(hrows[0]["kl_per_prompt"]) == 4
+    assert hetero["diagnose"][0.5]["bon"]["num_prompts"] == 4
+    assert max(hetero["setup"]["scales"]) / min(hetero["setup"]["scales"]) > 5
+    all_rows = rows + hrows
+    assert "| hetero_bandit | ctrl_bon |" in aq.kl_table(all_rows)
+    assert "| bandit | identity |" in aq.win_table(all_rows)
+    summary = aq.acceptance(all_rows)
+    entry = summary["hetero_bandit"]["0.5"]
+    assert "ctrl_bon_minus_raw_bon4" in entry and "max_abs_deviation_diagnose_at_budget" in entry
+    assert set(summary["kl_within_tolerance"]) == {f"{r['task']}/{r['method']}@0.5" for r in all_rows}
+    fake_curves = {"bon": {"raw_reward": [[0.2, 0.6], [0.5, 0.7]], "best_t": [[0.2, 0.7], [0.5, 0.87]]},
+                   "won": {"raw_reward": [[0.2, 0.6], [0.5, 0.7]]}}
+    aq.plot_diagnose_task("hetero_bandit", hrows, fake_curves, tmp_path / "hetero.png")
+    assert (tmp_path / "hetero.png").stat().st_size > 1000

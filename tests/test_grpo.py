@@ -264,3 +264,27 @@ def test_two_process_grpo_calibrates_each_prompt_against_its_own_references(tmp_
     # every rank holds the same (gathered) KL measurement and β
     assert records[0]["sequence_kl"] == pytest.approx(records[1]["sequence_kl"])
     assert records[0]["beta"] == pytest.approx(records[1]["beta"])
+
+
+# --------------------------------------------------------------------------------------------------------- recipe
+def test_recipe_parses_grpo_from_the_yaml_or_the_flag():
+    import importlib.util
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    spec = importlib.util.spec_from_file_location("ctrl_hh_recipe_grpo", recipes / "ctrl_hh.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    spec.loader.exec_module(recipe)
+    common = ["--bf16", "false", "--use_cpu", "true", "--output_dir", "/tmp/unused-ctrl-grpo-out"]
+    script, args, _ = recipe.make_parser().parse_args_and_config(
+        args=["--config", str(recipes / "configs" / "ctrl_hh_helpful_bon_grpo.yaml"), *common])
+    assert isinstance(args, CTRLGRPOConfig) and script.trainer == "grpo"
+    assert (args.scale_rewards, args.loss_type, args.beta, args.num_generations) == ("none", "dr_grpo", 0.05, 8)
+    script, args, _ = recipe.make_parser().parse_args_and_config(
+        args=["--config", str(recipes / "configs" / "ctrl_hh_tiny_offline.yaml"), "--trainer", "grpo", "--use_vllm",
+              "true", "--vllm_mode", "colocate", *common])
+    assert isinstance(args, CTRLGRPOConfig) and (args.use_vllm, args.vllm_mode) == (True, "colocate")
+    with pytest.raises(ValueError, match="scale_rewards='group'"):
+        recipe.make_parser().parse_args_and_config(
+            args=["--config", str(recipes / "configs" / "ctrl_hh_tiny_offline.yaml"), "--trainer", "grpo",
+                  "--scale_rewards", "group", *common])
