@@ -1,7 +1,8 @@
-"""Step-time overhead of `CTRLTrainer` over plain `RLOOTrainer` (same tiny model, data, reward and seed).
+"""Step-time overhead of `CTRLTrainer` over plain `RLOOTrainer` (and of `CTRLGRPOTrainer` over plain `GRPOTrainer`).
 
-    python benchmarks/trainer_overhead.py --quick        # < 3 min on 2 CPU cores
-    python benchmarks/trainer_overhead.py                # more steps and repetitions
+    python benchmarks/trainer_overhead.py --quick                 # < 3 min on 2 CPU cores
+    python benchmarks/trainer_overhead.py                         # more steps and repetitions
+    python benchmarks/trainer_overhead.py --quick --pair grpo     # CTRL-GRPO vs GRPO (trainer_overhead_grpo.json)
 
 Both trainers get the same tiny Llama policy, the same tiny Llama reward model (plain RLOO trains on its raw reward;
 CTRL on the same reward calibrated against the dataset's `ref_rewards` column and transformed), the same prompts and
@@ -10,6 +11,11 @@ each run are dropped. Reported: median step time of each, their ratio (per repet
 a micro-measurement of CTRL's reward hand-off alone: `CTRLTrainer._calculate_rewards` (reward model + gather +
 calibrate + transform + metrics) against RLOO's `_calculate_rewards` on the same batch, interleaved, per call.
 Prints a table and writes `trainer_overhead.json` to `--output` (default benchmarks/results).
+
+`--pair grpo` does the same for GRPO: plain `GRPOTrainer` and `CTRLGRPOTrainer` with the same β, `scale_rewards="none"`
+and `loss_type="dr_grpo"` (CTRL-GRPO's required/default settings, so that both run the same loss), written to
+`trainer_overhead_grpo.json`. CTRL-GRPO adds no forward pass: its per-completion KL comes from the log-probs GRPO
+computes anyway.
 """
 
 from __future__ import annotations
@@ -61,13 +67,24 @@ def main(argv=None) -> int:
     parser.add_argument("--micro-calls", type=int, default=None, help="Calls per side in the hand-off micro-benchmark.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pair", choices=["rloo", "grpo"], default="rloo",
+                        help="Which TRL trainer CTRL is compared with (default rloo).")
     args = parser.parse_args(argv)
+    base = args.pair
 
     import torch
     from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from trl_infalign import CTRLConfig, CTRLTrainer
+    from trl_infalign.ctrl_grpo_config import CTRLGRPOConfig
+    from trl_infalign.ctrl_grpo_trainer import CTRLGRPOTrainer
+
+    plain_config, plain_trainer, ctrl_config, ctrl_trainer = {
+        "rloo": (RLOOConfig, RLOOTrainer, CTRLConfig, CTRLTrainer),
+        "grpo": (GRPOConfig, GRPOTrainer, CTRLGRPOConfig, CTRLGRPOTrainer),
+    }[base]
+    extra = {"scale_rewards": "none", "loss_type": "dr_grpo"} if base == "grpo" else {}
     from trl_infalign.tiny import SAMPLE_TEXTS, build_tiny_policy, build_tiny_reward_model, build_tokenizer
 
     if args.threads:
@@ -93,7 +110,7 @@ def main(argv=None) -> int:
             per_device_train_batch_size=args.batch_size, num_generations=args.num_generations,
             max_completion_length=args.max_completion_length, max_steps=steps, logging_steps=1000,
             save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=args.seed, beta=0.05,
-            disable_tqdm=True, learning_rate=1e-5,
+            disable_tqdm=True, learning_rate=1e-5, **extra,
         )
 
         def make(kind: str):
@@ -101,18 +118,18 @@ def main(argv=None) -> int:
 
             rm = AutoModelForSequenceClassification.from_pretrained(str(reward_model_path), num_labels=1)
             out = str(tmp / f"out-{kind}")
-            if kind == "rloo":
-                return RLOOTrainer(model=policy, reward_funcs=rm, args=RLOOConfig(output_dir=out, **common),
-                                   train_dataset=plain_data, processing_class=tokenizer,
-                                   reward_processing_classes=tokenizer)
-            config = CTRLConfig(output_dir=out, transform="bon:t=4", inference_n=4, min_reference_samples=2, **common)
-            return CTRLTrainer(model=policy, reward_funcs=rm, args=config, train_dataset=ctrl_data,
-                               processing_class=tokenizer, reward_processing_classes=tokenizer)
+            if kind == base:
+                return plain_trainer(model=policy, reward_funcs=rm, args=plain_config(output_dir=out, **common),
+                                     train_dataset=plain_data, processing_class=tokenizer,
+                                     reward_processing_classes=tokenizer)
+            config = ctrl_config(output_dir=out, transform="bon:t=4", inference_n=4, min_reference_samples=2, **common)
+            return ctrl_trainer(model=policy, reward_funcs=rm, args=config, train_dataset=ctrl_data,
+                                processing_class=tokenizer, reward_processing_classes=tokenizer)
 
-        step_times: dict[str, list[list[float]]] = {"rloo": [], "ctrl": []}
+        step_times: dict[str, list[list[float]]] = {base: [], "ctrl": []}
         started = time.perf_counter()
         for rep in range(reps):
-            for kind in ("rloo", "ctrl") if rep % 2 == 0 else ("ctrl", "rloo"):  # A B, B A, ...: no order bias
+            for kind in (base, "ctrl") if rep % 2 == 0 else ("ctrl", base):  # A B, B A, ...: no order bias
                 trainer = make(kind)
                 timer = _step_timer()
                 trainer.add_callback(timer)
@@ -132,32 +149,32 @@ def main(argv=None) -> int:
 
         def plain_call():
             with trainer._user_reward_names():
-                return RLOOTrainer._calculate_rewards(trainer, inputs, batch_prompts, completions, completion_ids)
+                return plain_trainer._calculate_rewards(trainer, inputs, batch_prompts, completions, completion_ids)
 
         def ctrl_call():
             return trainer._calculate_rewards(inputs, batch_prompts, completions, completion_ids)
 
         for _ in range(3):
             plain_call(), ctrl_call()
-        micro = {"rloo": [], "ctrl": []}
+        micro = {base: [], "ctrl": []}
         for i in range(micro_calls):
-            for kind, fn in ((("rloo", plain_call), ("ctrl", ctrl_call)) if i % 2 == 0 else (("ctrl", ctrl_call), ("rloo", plain_call))):
+            for kind, fn in (((base, plain_call), ("ctrl", ctrl_call)) if i % 2 == 0 else (("ctrl", ctrl_call), (base, plain_call))):
                 t0 = time.perf_counter()
                 fn()
                 micro[kind].append(time.perf_counter() - t0)
 
     med = {k: statistics.median([t for run in v for t in run]) for k, v in step_times.items()}
-    per_rep = [statistics.median(c) / statistics.median(r) for r, c in zip(step_times["rloo"], step_times["ctrl"])]
+    per_rep = [statistics.median(c) / statistics.median(r) for r, c in zip(step_times[base], step_times["ctrl"])]
     micro_med = {k: statistics.median(v) for k, v in micro.items()}
     results = {
         "median_step_s": med,
-        "ratio_ctrl_over_rloo": med["ctrl"] / med["rloo"],
+        f"ratio_ctrl_over_{base}": med["ctrl"] / med[base],
         "ratio_per_repetition": per_rep,
         "ratio_median_of_repetitions": statistics.median(per_rep),
         "step_times_s": step_times,
         "handoff_median_s": micro_med,
-        "handoff_overhead_s": micro_med["ctrl"] - micro_med["rloo"],
-        "handoff_overhead_fraction_of_step": (micro_med["ctrl"] - micro_med["rloo"]) / med["rloo"],
+        "handoff_overhead_s": micro_med["ctrl"] - micro_med[base],
+        "handoff_overhead_fraction_of_step": (micro_med["ctrl"] - micro_med[base]) / med[base],
         "train_seconds": train_seconds,
     }
     meta = {
@@ -168,21 +185,24 @@ def main(argv=None) -> int:
         "repetitions": reps, "steps": steps, "warmup": args.warmup, "batch_size": args.batch_size,
         "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
         "num_reference": args.num_reference, "hidden_size": args.hidden_size, "micro_calls": micro_calls,
+        "pair": base,
     }
 
+    name = base.upper()
     print()
-    print(f"{'':28s} {'RLOO':>10s} {'CTRL':>10s} {'CTRL/RLOO':>10s}")
-    print(f"{'median step time (ms)':28s} {med['rloo'] * 1e3:10.1f} {med['ctrl'] * 1e3:10.1f} {results['ratio_ctrl_over_rloo']:10.3f}")
+    print(f"{'':28s} {name:>10s} {'CTRL':>10s} {'CTRL/' + name:>10s}")
+    print(f"{'median step time (ms)':28s} {med[base] * 1e3:10.1f} {med['ctrl'] * 1e3:10.1f} {results[f'ratio_ctrl_over_{base}']:10.3f}")
     print(f"{'ratio per repetition':28s} " + " ".join(f"{r:.3f}" for r in per_rep)
           + f"  (median {results['ratio_median_of_repetitions']:.3f}; target <= 1.03)")
-    print(f"{'_calculate_rewards (ms)':28s} {micro_med['rloo'] * 1e3:10.2f} {micro_med['ctrl'] * 1e3:10.2f} "
-          f"{micro_med['ctrl'] / micro_med['rloo']:10.3f}")
+    print(f"{'_calculate_rewards (ms)':28s} {micro_med[base] * 1e3:10.2f} {micro_med['ctrl'] * 1e3:10.2f} "
+          f"{micro_med['ctrl'] / micro_med[base]:10.3f}")
     print(f"CTRL hand-off overhead: {results['handoff_overhead_s'] * 1e3:.2f} ms per batch of {args.batch_size} "
-          f"= {100 * results['handoff_overhead_fraction_of_step']:.2f}% of a RLOO step")
+          f"= {100 * results['handoff_overhead_fraction_of_step']:.2f}% of a {name} step")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "trainer_overhead.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"wrote {out / 'trainer_overhead.json'}")
+    target = out / ("trainer_overhead.json" if base == "rloo" else f"trainer_overhead_{base}.json")
+    target.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {target}")
     return 0
 
 
