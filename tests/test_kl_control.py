@@ -122,3 +122,19 @@ def test_adaptive_control_lands_on_the_budget_where_the_theory_misses(tmp_path):
     state = json.loads((tmp_path / "final" / "ctrl_calibration.json").read_text())
     assert state["final_beta"] == pytest.approx(final_beta) and state["kl_control"] == "adaptive"
     assert state["kl_controller"]["beta"] == pytest.approx(final_beta)
+
+
+def test_transform_family_mismatch_warns_with_the_cost(tmp_path):
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.warns(UserWarning, match=r"'bon:t=10' is the Best-of-4 family, but inference_procedure='won'") as record:
+        CTRLConfig(**common, inference_procedure="won", inference_n=4, transform="bon:t=10", kl_budget=0.5)
+    message = str(next(w.message for w in record if "family" in str(w.message)))
+    given = theory.policy("bon:t=10", theory.beta_for_kl("bon:t=10", 0.5)).win_rate("won", 4)
+    best = theory.best_t("won", 4, 0.5)
+    assert f"{given:.3f}" in message and f"{best.win_rate:.3f}" in message and given < best.win_rate - 0.1
+    with pytest.warns(UserWarning, match="'identity' gives"):
+        CTRLConfig(**common, inference_procedure="standard", inference_n=1, transform="won:t=5", beta=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CTRLConfig(**common, inference_procedure="won", inference_n=4, transform="won:t=5", beta=0.2)
+        CTRLConfig(**common, inference_procedure="won", inference_n=4, transform="identity", beta=0.2)
