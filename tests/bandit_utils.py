@@ -83,12 +83,13 @@ def bandit_config(output_dir, transform: str, beta: float, **overrides) -> CTRLC
 
 
 def grpo_bandit_config(output_dir, transform: str, beta: float, **overrides):
-    """`bandit_config`'s settings as a `CTRLGRPOConfig` (G = 4 by default: β and β·G/(G−1) are then far apart)."""
+    """`bandit_config`'s settings as a `CTRLGRPOConfig`, G = 4 (β and β·G/(G−1) are then far apart); 128 completions
+    per step: with only 3 other samples in its baseline, GRPO at G = 4 is noisier than RLOO at G = 16."""
     from trl_infalign.ctrl_grpo_config import CTRLGRPOConfig
 
     ctrl = dict(output_dir=str(output_dir), transform=transform, inference_procedure="bon", inference_n=4, beta=beta,
-                learning_rate=1e-2, per_device_train_batch_size=64, num_generations=4, max_completion_length=1,
-                temperature=1.0, top_k=0, top_p=1.0, mask_truncated_completions=False, max_steps=200,
+                learning_rate=1e-2, per_device_train_batch_size=128, num_generations=4, max_completion_length=1,
+                temperature=1.0, top_k=0, top_p=1.0, mask_truncated_completions=False, max_steps=150,
                 logging_steps=50, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
                 min_reference_samples=8, disable_dropout=True, disable_tqdm=True)
     ctrl.update(overrides)
