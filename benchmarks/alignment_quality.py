@@ -56,7 +56,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 N = 4  # N of the inference-time procedures
-TASKS = ("bandit", "hetero_bandit", "lm", "hetero_lm")
+TASKS = ("hetero_bandit", "hetero_lm", "bandit", "lm")
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,19 @@ LM_FAMILIES = ((0.2, 0.5), (1.0, 0.0), (5.0, -1.0))
 
 DEFAULTS = {
     "bandit": {
-        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("raw_reward", "identity", "ctrl_bon", "ctrl_won", "optimal"),
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("identity", "ctrl_bon", "ctrl_won", "optimal"),
                       num_actions=200, steps=150, lr=1e-2, num_reference=512),
         "full": dict(target_kls=(0.125, 0.25, 0.5, 0.75, 1.0), methods=tuple(METHODS), num_actions=500, steps=600,
                      lr=5e-3, num_reference=2048),
     },
     "hetero_bandit": {
         "quick": dict(target_kls=(0.5,), methods=tuple(METHODS), num_prompts=16, num_actions=100, num_reference=256,
-                      steps=150, lr=3e-2, num_generations=16),
+                      steps=220, lr=7e-3, num_generations=32),
         "full": dict(target_kls=(0.25, 0.5, 1.0), methods=tuple(METHODS), num_prompts=32, num_actions=200,
                      num_reference=512, steps=600, lr=1e-2, num_generations=32),
     },
     "lm": {
-        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("raw_reward", "identity", "ctrl_bon", "ctrl_won", "optimal"),
+        "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("identity", "ctrl_bon", "ctrl_won", "optimal"),
                       steps=100, lr=1e-3, pretrain_steps=250, num_reference=16, eval_samples=16, hidden_size=64,
                       num_layers=2, max_new_tokens=8, prompt_repeats=1),
         "full": dict(target_kls=(0.25, 0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
@@ -158,12 +158,19 @@ def make_config(spec: RunSpec, output_dir, **common):
                           inference_procedure=spec.procedure, inference_n=N, **extra, **common)
 
 
-def train(args, model_path, tokenizer, reward_func, dataset):
-    """Train one run; returns (model in eval mode, final β of the controller)."""
+def train(args, model_path, tokenizer, reward_func, dataset, numpy_references: bool = False):
+    """Train one run; returns (model in eval mode, final β of the controller).
+
+    `numpy_references`: serve the reference-rewards column as numpy arrays once the trainer has validated it. With
+    K = 256 references per row and ~500 completions per step, accelerate's `send_to_device` otherwise walks every
+    Python float of the column at every step, which doubled the bandit's step time (identical results either way)."""
     from trl_infalign import CTRLTrainer
 
     trainer = CTRLTrainer(model=str(model_path), reward_funcs=reward_func, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
+    if numpy_references:
+        trainer.train_dataset = trainer.train_dataset.with_format(
+            "numpy", columns=[args.reference_rewards_column], output_all_columns=True)
     trainer.train()
     model = trainer.model
     model.eval()
@@ -374,7 +381,7 @@ def run_bandit(workdir: Path, *, target_kls, methods, num_actions: int, steps: i
     for spec in plan_runs(target_kls, methods, {k: v["bon"]["methods"] for k, v in tables.items()}):
         start = time.time()
         args = make_config(spec, workdir / "bandit-run", **common)
-        model, final_beta = train(args, path, tokenizer, bandit_reward, dataset)
+        model, final_beta = train(args, path, tokenizer, bandit_reward, dataset, numpy_references=True)
         pi = bandit_next_token_probs(model, tokenizer)
         measured = exact_metrics(pi, pi_ref, rewards)
         optimum = bandit_optimum(pi_ref, rewards, ref_rewards, args.resolved_transform, final_beta)
@@ -422,7 +429,7 @@ def run_hetero_bandit(workdir: Path, *, target_kls, methods, num_prompts: int, n
     target, scales, offsets, action_rewards = hetero_bandit_problem(num_prompts, num_actions, seed)
     tokenizer = build_contextual_bandit_tokenizer(num_prompts, num_actions)
     path = build_contextual_bandit_policy(tokenizer, workdir / "hetero-bandit-reference", target,
-                                          hidden_size=max(32, 2 * num_prompts), seed=seed)
+                                          hidden_size=max(64, 2 * num_prompts), seed=seed)
     pi_ref = contextual_bandit_next_token_probs(AutoModelForCausalLM.from_pretrained(path), tokenizer, num_prompts)
     actions = bandit_action_ids(tokenizer, num_actions)
     rewards = (action_rewards.min(dim=1, keepdim=True).values - 1.0).expand(-1, len(tokenizer)).clone()
@@ -448,7 +455,7 @@ def run_hetero_bandit(workdir: Path, *, target_kls, methods, num_prompts: int, n
     for spec in plan_runs(target_kls, methods, {k: v["bon"]["methods"] for k, v in tables.items()}):
         start = time.time()
         args = make_config(spec, workdir / "hetero-bandit-run", **common)
-        model, final_beta = train(args, path, tokenizer, hetero_reward, dataset)
+        model, final_beta = train(args, path, tokenizer, hetero_reward, dataset, numpy_references=True)
         pi = contextual_bandit_next_token_probs(model, tokenizer, num_prompts)
         measured = mean_exact_metrics(pi, pi_ref, rewards)
         optimum = torch.stack([bandit_optimum(pi_ref[i], rewards[i], ref_rewards[i], args.resolved_transform, final_beta)
@@ -608,7 +615,7 @@ def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: in
         rows.append(row)
         log(row_line(row))
         del model
-    return {"rows": rows, "diagnose": tables,
+    return {"rows": rows, "diagnose": tables, "ref_rewards": ref_rewards,
             "setup": {"num_prompts": len(prompts), "num_reference": num_reference, "eval_samples": eval_samples,
                       "steps": steps, "lr": lr, "hidden_size": hidden_size, "num_layers": num_layers,
                       "max_new_tokens": max_new_tokens, "families": LM_FAMILIES if distort else None}}
@@ -887,11 +894,10 @@ def run_task(task: str, workdir: Path, output: Path, settings: dict, *, device: 
             plot_theory_task(task, rows, output / f"alignment_quality_{task}.png")
         else:
             kl_max = max([r["kl"] for r in rows] + [r["target_kl"] for r in rows]) * 1.6
-            ref = result.pop("ref_rewards", None) or result["diagnose_ref_rewards"]
+            ref = result.pop("ref_rewards")
             result["diagnose_curves"] = diagnose_curves(ref, kl_max)
             plot_diagnose_task(task, rows, result["diagnose_curves"], output / f"alignment_quality_{task}.png")
     result.pop("ref_rewards", None)
-    result.pop("diagnose_ref_rewards", None)
     return result
 
 
