@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from datasets import Dataset
 
 from trl_infalign import CTRLConfig, CTRLTrainer, theory
 from trl_infalign.kl_control import AdaptiveKLController
@@ -138,3 +139,44 @@ def test_transform_family_mismatch_warns_with_the_cost(tmp_path):
         warnings.simplefilter("error", UserWarning)
         CTRLConfig(**common, inference_procedure="won", inference_n=4, transform="won:t=5", beta=0.2)
         CTRLConfig(**common, inference_procedure="won", inference_n=4, transform="identity", beta=0.2)
+
+
+@pytest.mark.slow
+def test_sequence_kl_is_the_per_completion_kl_the_evaluator_measures(tmp_path, tiny):
+    """A policy held away from its reference (perturbed weights, learning rate 0): the trainer's `ctrl/sequence_kl`
+    matches the evaluator's k1 on fresh samples, while TRL's per-token `kl` is smaller by the mean completion length."""
+    from trl_infalign import evaluate_policy
+
+    from conftest import TINY_PROMPTS
+
+    path, tokenizer = tiny
+
+    def reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    data = Dataset.from_dict({"prompt": TINY_PROMPTS * 4, "ref_rewards": [[0.0, 1.0, 2.0, 3.0]] * 16})
+    args = CTRLConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=4, max_completion_length=6,
+        learning_rate=0.0, max_steps=12, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        bf16=False, transform="identity", beta=0.5, min_reference_samples=2, disable_tqdm=True, seed=0,
+        calibration_check="off", reference_provenance_check="off",
+    )
+    trainer = CTRLTrainer(model=path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "ctrl/sequence_kl" in entry]
+    sequence_kl = sum(entry["ctrl/sequence_kl"] for entry in logs) / len(logs)
+    per_token = sum(entry["kl"] for entry in logs) / len(logs)
+    length = sum(entry["completions/mean_length"] for entry in logs) / len(logs)
+    assert length > 2
+    for entry in logs:  # per completion = per token × tokens per completion, batch by batch
+        assert entry["ctrl/sequence_kl"] == pytest.approx(entry["kl"] * entry["completions/mean_length"], rel=1e-3)
+    result = evaluate_policy(trainer.model, path, reward, TINY_PROMPTS, tokenizer=tokenizer, num_samples=64,
+                             ns=(1,), procedures=("standard",), max_new_tokens=6, seed=1, progress=False)
+    low, high = result.kl_k1_ci
+    assert result.kl_k1 > 0.3
+    assert abs(sequence_kl - result.kl_k1) < max(0.2 * result.kl_k1, high - low), (sequence_kl, result.kl_k1)
+    assert per_token < 0.7 * result.kl_k1  # the per-token mean is not the budget's unit
