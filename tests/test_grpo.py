@@ -8,6 +8,7 @@ the bandit tests below tell a compensated trainer from an uncompensated one.
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -221,7 +222,9 @@ def test_adaptive_controller_state_is_checkpointed_and_restored(tmp_path, tiny):
     resumed._check_resumed_calibration(str(tmp_path / "out" / "checkpoint-4"))
     assert resumed.ctrl_kl_controller.state_dict() == saved["kl_controller"]
     assert resumed.current_beta == pytest.approx(saved["kl_controller"]["beta"])
-    assert resumed.beta == pytest.approx(saved["grpo_beta"])
+    # GRPO's loss coefficient is the controller's β mapped by (G−1)/G / scale (the saved `grpo_beta` is the one in
+    # effect at save time: the controller's latest β only applies from the next generation batch on)
+    assert resumed.beta == pytest.approx(saved["kl_controller"]["beta"] * (2 - 1) / 2 / resumed.ctrl_scale)
 
 
 # ----------------------------------------------------------------------------------------------------------- PEFT
@@ -249,7 +252,10 @@ def test_two_process_grpo_calibrates_each_prompt_against_its_own_references(tmp_
     script = Path(__file__).parent / "scripts" / "ctrl_grpo_two_process.py"
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561", str(script), str(tmp_path)],
+    with socket.socket() as probe:  # a free port: fixed ones collide with other runs on a shared machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script), str(tmp_path)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
