@@ -42,7 +42,8 @@ def dataset(k=4):
         ({"min_reference_samples": 0}, "min_reference_samples"),
         ({"nonfinite_rewards": "ignore"}, "nonfinite_rewards"),
         ({"reference_rewards_column": ""}, "reference_rewards_column"),
-        ({"transform": "lsc", "kl_budget": 0.5}, "kl_budget"),
+        ({"transform": "lsc", "kl_budget": 0.5, "kl_control": "fixed"}, "kl_budget"),
+        ({"kl_control": "adaptive"}, "kl_control"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, overrides, field):

@@ -180,3 +180,12 @@ def test_sequence_kl_is_the_per_completion_kl_the_evaluator_measures(tmp_path, t
     assert result.kl_k1 > 0.3
     assert abs(sequence_kl - result.kl_k1) < max(0.2 * result.kl_k1, high - low), (sequence_kl, result.kl_k1)
     assert per_token < 0.7 * result.kl_k1  # the per-token mean is not the budget's unit
+
+
+def test_raw_reward_transform_with_a_budget_starts_the_controller_from_beta(tmp_path):
+    """Raw-reward RLHF at a KL budget (transform `raw`, `lsc`, `par`): no calibrated-space β exists, so the controller
+    starts from the given β, saying so."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.warns(UserWarning, match=r"no calibrated-space prediction of beta .* starts from beta=0.3"):
+        config = CTRLConfig(**common, transform="raw", kl_budget=0.5, beta=0.3)
+    assert config.beta == 0.3 and config.kl_control == "adaptive"

@@ -181,12 +181,12 @@ def test_text_pair_reward_on_tiny_sequence_classifier(tiny_models):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "configs" / "*.yaml"))), ids=os.path.basename)
 def test_recipe_config_parses_into_ctrl_config(recipe, path):
-    from trl_infalign import CTRLConfig
+    from trl_infalign import CTRLArguments
 
     # GPU configs ask for bf16; on this CPU-only machine TrainingArguments refuses bf16 without use_cpu.
     script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
         args=["--config", path, "--bf16", "false", "--use_cpu", "true", "--output_dir", "/tmp/unused-ctrl-out"])
-    assert isinstance(training_args, CTRLConfig)
+    assert isinstance(training_args, CTRLArguments)  # CTRLConfig (RLOO) or CTRLGRPOConfig
     assert training_args.inference_procedure in ("bon", "won")
     assert training_args.resolved_transform.split(":")[0] == training_args.inference_procedure
     assert training_args.per_device_train_batch_size % training_args.num_generations == 0

@@ -18,8 +18,10 @@ _EXPORTS = {
         "CalibratedPolicy", "policy", "kl_divergence", "win_rate", "beta_for_kl", "best_t", "best_t_for_beta",
         "optimal_policy", "frontier", "plot_frontiers",
     ],
-    "ctrl_config": ["CTRLConfig"],
+    "ctrl_config": ["CTRLConfig", "CTRLArguments"],
     "ctrl_trainer": ["CTRLTrainer", "HubUploadError"],
+    "ctrl_grpo_config": ["CTRLGRPOConfig"],
+    "ctrl_grpo_trainer": ["CTRLGRPOTrainer"],
     "reference": ["build_reference_rewards", "validate_reference_rewards"],
     "evaluation": ["inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult"],
     "callbacks": ["InferenceWinRateCallback"],
@@ -49,6 +51,8 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .calibration import CalibrationError, calibrate, pad_reference_rewards
-    from .ctrl_config import CTRLConfig
+    from .ctrl_config import CTRLArguments, CTRLConfig
+    from .ctrl_grpo_config import CTRLGRPOConfig
+    from .ctrl_grpo_trainer import CTRLGRPOTrainer
     from .ctrl_trainer import CTRLTrainer, HubUploadError
     from .transforms import get_transform, register_transform
