@@ -294,3 +294,13 @@ def test_recipe_parses_grpo_from_the_yaml_or_the_flag():
         recipe.make_parser().parse_args_and_config(
             args=["--config", str(recipes / "configs" / "ctrl_hh_tiny_offline.yaml"), "--trainer", "grpo",
                   "--scale_rewards", "group", *common])
+
+
+def test_model_card_names_grpo_and_cites_it(tmp_path, tiny):
+    import trl
+
+    trainer = make_trainer(tmp_path, tiny)
+    trainer.create_model_card(output_dir=str(tmp_path / "card"))
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "TRL](https://github.com/huggingface/trl)'s GRPO trainer" in card and "Cite GRPO as" in card
+    assert trl.GRPOTrainer._paper["citation"].splitlines()[0] in card and "RLOO" not in card

@@ -105,8 +105,11 @@ def _kl_for_card(settings: dict) -> dict:
 
 
 def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> ModelCard:
-    """Render the card for `trainer` (a `CTRLTrainer`) without writing it."""
-    from trl import RLOOTrainer
+    """Render the card for `trainer` (a `CTRLTrainer` or `CTRLGRPOTrainer`) without writing it."""
+    import trl
+
+    base_trainer = getattr(trainer, "_ctrl_base_trainer", None) or "RLOO"
+    base_citation = getattr(trl, f"{base_trainer}Trainer")._paper["citation"]
 
     base_model = getattr(trainer.model.config, "_name_or_path", None) or None
     base_model_is_hub = bool(base_model) and not os.path.isdir(base_model) and not os.path.isabs(base_model)
@@ -143,7 +146,8 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         wandb_url=None,
         paper_id=trainer._paper["id"],
         trainer_citation=trainer._paper["citation"],
-        rloo_citation=RLOOTrainer._paper["citation"],
+        base_trainer=base_trainer,
+        base_trainer_citation=base_citation,
         infalign_version=_version("trl-infalign"),
         trl_version=_version("trl"),
         transformers_version=_version("transformers"),
