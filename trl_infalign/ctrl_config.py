@@ -311,58 +311,12 @@ class CTRLConfig(CTRLArguments, RLOOConfig):
     (`standard`: identity, exactly optimal for the win rate). The KL-regularised optimum is
     \\(\pi^*(y|x) \propto \pi_{\mathrm{ref}}(y|x)\, e^{\Phi(c(x,y))/\beta}\\).
 
-    The InfAlign fields come from [`CTRLArguments`] (shared with [`CTRLGRPOConfig`]):
-
-    Parameters:
-        inference_procedure (`str`, defaults to `"bon"`):
-            How the trained model will be used: `standard` (one sample), `bon` (best of `inference_n`), `won` (worst of
-            `inference_n`, e.g. a jailbreak attacker keeping the worst of N).
-        inference_n (`int`, defaults to `4`):
-            N of the inference-time procedure.
-        transform (`str`, defaults to `"auto"`):
-            Transform spec, e.g. `"bon:t=10"`, `"won:t=5"`, `"identity"`, `"lsc"`, `"optimal"`. `auto` picks the
-            procedure's exp family with t chosen by the theory module (identity for `standard`). `optimal` is the
-            numerically optimal transform for (`inference_procedure`, `inference_n`, `beta`).
-        kl_budget (`float` or `None`, defaults to `None`):
-            Target KL(π‖π_ref) **per completion** in nats (the sum over a completion's tokens of log π − log π_ref; the
-            unit of the theory, and of the `ctrl/sequence_kl` metric — TRL's `kl` metric is a per-token mean).
-            `beta` starts at the value where the calibrated-space theory predicts KL = `kl_budget` for the chosen
-            transform (with `auto`, t is the best of the family at that KL); `kl_control` says what happens next. A
-            `beta` given together with `kl_budget` is replaced (with a warning).
-        kl_control (`str` or `None`, defaults to `None` → `"adaptive"` with a `kl_budget`, else `"fixed"`):
-            `adaptive`: a closed-loop controller ([`~trl_infalign.kl_control.AdaptiveKLController`]) corrects β in
-            log space from the measured per-completion KL until the run sits on the budget; the optimum stays
-            π_ref·exp(Φ(c)/β)/Z (the Lagrangian of max E[Φ(c)] s.t. KL ≤ budget). Its state is checkpointed and the
-            final β is logged (`ctrl/beta`), saved in `ctrl_calibration.json` and shown on the model card. `fixed`:
-            β never changes.
-        reference_rewards_column (`str`, defaults to `"ref_rewards"`):
-            Dataset column holding, per prompt, the rewards of K reference-policy samples
-            (see [`build_reference_rewards`]).
-        num_reference_samples (`int`, defaults to `16`):
-            K used when building reference rewards with this config (recipes, `trl-infalign build-reference`).
-        min_reference_samples (`int`, defaults to `4`):
-            Rows with fewer valid reference rewards are refused: c has a resolution of 1/K.
-        normalize_transform (`bool`, defaults to `True`):
-            Train on (Φ − min Φ)/(max Φ − min Φ) with β/(max Φ − min Φ) (min/max over c ∈ [0, 1]). Φ and a·Φ + b at
-            a·β have the same optimum, so this changes nothing but the reward scale RLOO sees; `beta` keeps the units
-            of the unnormalised Φ that `trl-infalign theory` reports. Transforms of raw rewards (`lsc`) are not rescaled.
-        reference_provenance_check (`str`, defaults to `"raise"`):
-            Compare how the reference rewards were made (the provenance column `build_reference_rewards` writes:
-            reference model, reward functions and weights, prompt format, sampling settings) with this run, and list
-            every difference in one error with its fix. `warn` only warns; `off` skips the check.
-        calibration_check (`str`, defaults to `"raise"`):
-            Step-0 health check ([`~trl_infalign.health`]): while the policy is still the reference, its calibrated
-            rewards must be ≈ Uniform[0, 1]. Exact rank tests on the first batch (false-alarm rate ≤ 1e-4) catch
-            references made with another reward scale, reward model, weights, formatting or sampling before the
-            first optimizer step. `warn` only warns; `off` skips it. Skipped on a resumed run.
-        nonfinite_rewards (`str`, defaults to `"raise"`):
-            What to do with a ±inf reward from any reward function, or a NaN from a reward *model*: `raise` (names the
-            function, prompt and completion) or `skip` (the completion gets no advantage and is counted in
-            `ctrl/nonfinite_rewards`). A `None` (or NaN) from a reward *callable* means "no reward" and is always
-            skipped, as in TRL.
+    The InfAlign fields come from [`CTRLArguments`] (shared with [`CTRLGRPOConfig`]); their documentation follows.
     """
 
 
+# One parameter list for both configs: CTRLConfig's docstring ends with CTRLArguments' "Parameters:" section.
+CTRLConfig.__doc__ += CTRLArguments.__doc__[CTRLArguments.__doc__.index("    Parameters:"):]
 
 
 def theory_label(procedure: str, n: int) -> str:

@@ -177,25 +177,12 @@ class CTRLTrainerMixin:
     @staticmethod
     def _check_output_dir(args):
         """Fail now, not at the first checkpoint, if `output_dir` cannot be created or written (probe file)."""
-        output_dir = Path(args.output_dir)
-        probe = output_dir / f".ctrl-write-probe-{os.getpid()}"
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"ok")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as error:
-            raise OSError(
-                f"{type(args).__name__}.output_dir={str(args.output_dir)!r} is not writable ({type(error).__name__}: {error}). "
-                "Checkpoints, the model and its card are written there: choose a writable directory with free space "
-                "(nothing has been computed yet)."
-            ) from None
-        finally:
-            try:
-                probe.unlink()
-            except OSError:
-                pass
+        from .reference import probe_writable
+
+        probe_writable(
+            Path(args.output_dir), f"{type(args).__name__}.output_dir",
+            "checkpoints, the model and its card are written there: choose a writable directory with free space",
+        )
 
     def _check_disk_space(self):
         """Refuse to start if the output directory's disk cannot hold even the model weights; warn below one checkpoint.
