@@ -36,21 +36,15 @@ def main() -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from quickstart import SUBJECTS, VERBS, review_corpus, vader_sentiment
+    from quickstart import PROMPTS, build_sft_policy, vader_sentiment
     from trl_infalign.health import check_calibration_health
     from trl_infalign.sampling import generate_completions
-    from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    work = Path(args.output) / "calibration_health"
-    corpus = review_corpus(2000, 0)
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
-    build_tiny_policy(tokenizer, work / "sft", hidden_size=64, num_layers=2, seed=0)
-    policy = AutoModelForCausalLM.from_pretrained(work / "sft")
-    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=0)
-    policy.eval()
-    prompts = [f"{s} {v}" for s in SUBJECTS for v in VERBS]
+    sft_path, tokenizer = build_sft_policy(Path(args.output) / "calibration_health" / "sft", seed=0)
+    policy = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+    prompts = PROMPTS
     negative = {"boring", "bad", "terrible", "dull", "awful", "weak", "sad", "slow", "strange", "long"}
 
     def other_reward(batch_prompts, completions):  # a different "reward model": minus the count of negative words

@@ -41,6 +41,25 @@ def review_corpus(size: int, seed: int) -> list[str]:
     ]
 
 
+PROMPTS = [f"{s} {v}" for s in SUBJECTS for v in VERBS]
+
+
+def build_sft_policy(path: Path, seed: int):
+    """The tiny "SFT" policy: a byte-level BPE tokenizer and a 64×2 Llama pre-trained on generated review snippets,
+    saved to `path`. Returns (path, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
+
+    corpus = review_corpus(2000, seed)
+    tokenizer = build_tokenizer(corpus, vocab_size=400)
+    build_tiny_policy(tokenizer, path, hidden_size=64, num_layers=2, seed=seed)
+    policy = AutoModelForCausalLM.from_pretrained(path)
+    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=seed)
+    policy.save_pretrained(path)
+    return path, tokenizer
+
+
 def vader_sentiment(prompts, completions, **kwargs):
     """Reward: VADER compound sentiment of prompt + completion, in [-1, 1]."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -63,10 +82,8 @@ def main() -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
 
     from trl_infalign import CTRLConfig, CTRLTrainer, build_reference_rewards, evaluate_policy, theory
-    from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
 
     start = time.time()
     torch.manual_seed(args.seed)
@@ -74,15 +91,8 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     print("1/5  Building the tiny SFT policy (local tokenizer + small Llama, pre-trained on review snippets)")
-    corpus = review_corpus(2000, args.seed)
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
-    sft_path = output / "sft"
-    build_tiny_policy(tokenizer, sft_path, hidden_size=64, num_layers=2, seed=args.seed)
-    policy = AutoModelForCausalLM.from_pretrained(sft_path)
-    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=args.seed)
-    policy.save_pretrained(sft_path)
-
-    prompts = [f"{s} {v}" for s in SUBJECTS for v in VERBS]
+    sft_path, tokenizer = build_sft_policy(output / "sft", args.seed)
+    prompts = PROMPTS
     dataset = Dataset.from_dict({"prompt": prompts})
 
     print(f"2/5  Reference rewards: {args.num_reference_samples} samples per prompt from the SFT policy, VADER-scored")

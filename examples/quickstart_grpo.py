@@ -33,12 +33,10 @@ def main() -> None:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
 
     from trl_infalign import build_reference_rewards, evaluate_policy
     from trl_infalign.ctrl_grpo_config import CTRLGRPOConfig
     from trl_infalign.ctrl_grpo_trainer import CTRLGRPOTrainer
-    from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
 
     start = time.time()
     torch.manual_seed(args.seed)
@@ -46,14 +44,8 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     print("1/4  Tiny SFT policy (local tokenizer + small Llama, pre-trained on review snippets)")
-    corpus = quickstart.review_corpus(2000, args.seed)
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
-    sft_path = output / "sft"
-    build_tiny_policy(tokenizer, sft_path, hidden_size=64, num_layers=2, seed=args.seed)
-    policy = AutoModelForCausalLM.from_pretrained(sft_path)
-    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=args.seed)
-    policy.save_pretrained(sft_path)
-    prompts = [f"{s} {v}" for s in quickstart.SUBJECTS for v in quickstart.VERBS]
+    sft_path, tokenizer = quickstart.build_sft_policy(output / "sft", args.seed)
+    prompts = quickstart.PROMPTS
 
     print(f"2/4  Reference rewards: {args.num_reference_samples} samples per prompt, VADER-scored")
     dataset = build_reference_rewards(

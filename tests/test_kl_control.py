@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from trl_infalign import CTRLConfig, CTRLTrainer, theory
 from trl_infalign.kl_control import AdaptiveKLController
-from trl_infalign.tiny import bandit_action_ids, bandit_next_token_probs
+from trl_infalign.tiny import bandit_next_token_probs
 
 from bandit_utils import bandit_config, make_bandit, optimal_policy
 

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import warnings
-from typing import Any
 
 logger = logging.getLogger(__name__)
 

@@ -56,7 +56,6 @@ from .sampling import (
     generate_completions,
     is_conversational_prompt,
     load_reward_funcs,
-    model_name,
     resolve_process_state,
     resolve_tokenizer,
     reward_func_name,
