@@ -69,7 +69,6 @@ class CTRLTrainer(CTRLTrainerMixin, RLOOTrainer):
         "citation": INFALIGN_CITATION,
     }
 
-
     def _generate_and_score_completions(self, inputs):
         """RLOO's generation and scoring, plus the per-completion KL (`ctrl/sequence_kl`) and the KL controller."""
         output = super()._generate_and_score_completions(inputs)
