@@ -1,6 +1,6 @@
 """Alignment quality of CTRL vs raw-reward RLHF at matched per-completion KL, against the theory and `diagnose`.
 
-    python benchmarks/alignment_quality.py --quick --threads 1            # CPU, ~15 minutes, all four tasks
+    python benchmarks/alignment_quality.py --quick --threads 1            # CPU, all four tasks (23 min, loaded 2 cores)
     python benchmarks/alignment_quality.py --quick --task hetero_bandit   # one task
     python benchmarks/alignment_quality.py --device cuda                  # full sweep (GPU)
 
@@ -31,10 +31,12 @@ Tasks (reported separately):
 - ``hetero_lm``      the same with a documented per-family affine distortion of VADER (see ``LM_FAMILIES``), standing
   in for a reward model whose scale and offset differ across prompt families.
 
-Outputs in ``--output`` (default benchmarks/results/): ``alignment_quality.json`` ({"machine", "settings", "rows",
-"diagnose"}: one row per run with target and measured KL, final β, win rates, `diagnose`'s predictions at the budget
-and at the measured KL, continuum-theory predictions for calibrated transforms), ``alignment_quality_<task>.png`` and
-the printed tables.
+Outputs in ``--output`` (default benchmarks/results/): ``alignment_quality.json`` — {"machine", "mode", "seed",
+"device", "threads", "tasks": {task: {"settings", "setup", "diagnose" (full reports per budget), "diagnose_curves",
+"seconds"}}, "rows", "acceptance", "wall_seconds"}, one row per run with target and measured KL, start and final β,
+win rates, `diagnose`'s predictions at the budget and at the measured KL, and continuum-theory predictions for
+calibrated transforms — plus ``alignment_quality_<task>.png`` and the printed tables. The JSON is rewritten after
+each task.
 """
 
 from __future__ import annotations
@@ -904,7 +906,8 @@ def run_task(task: str, workdir: Path, output: Path, settings: dict, *, device: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results", help="Directory for the JSON and the plots.")
-    parser.add_argument("--quick", action="store_true", help="Small CPU settings (~15 minutes on a loaded 2-core VM).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Small CPU settings (all four tasks: 23 min wall on a 2-core VM at load 4-9).")
     parser.add_argument("--task", choices=(*TASKS, "all"), nargs="+", default=["all"])
     parser.add_argument("--target-kls", type=float, nargs="+", default=None,
                         help="KL budgets (per completion, nats) of every method. Default: per task/mode.")
