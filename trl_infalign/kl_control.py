@@ -16,13 +16,21 @@ The update (once per generation batch, on the KL gathered over all processes, so
 
     m_t     = EMA of the measured per-completion KL (bias-corrected; smoothing `alpha`)
     e_t     = log(m_t / B)                              (multiplicative error: the KL spans decades)
-    log β  += clip(gain · e_t, ±max_step)               (KL too high → larger β)
+    log β  += clip(gain · e_t, ±max_step)               (KL too high → larger β; gain 0.03, max_step 0.02)
 
 with one anti-windup rule against the start-up transient: while the KL is below the budget *and still rising*
 (m_t > (1 + `rise_tolerance`) m_{t−1}), the policy is still on its way to π_β and β is held.  Without it an
 integrator lowers β all through the ramp and the run overshoots (the classic adaptive controller of Ziegler et al.
 2019, used by TRL's former PPO, OpenRLHF and verl, multiplies β by 1 + clip(KL/B − 1, ±0.2)·n/horizon and has
 this windup; it also controls whatever KL unit it is fed).
+
+The gain is deliberately small. RLOO's KL overshoots its equilibrium mid-run (Adam momentum, then a decaying learning
+rate); an integrator that chases that transient leaves β too high when the policy can no longer follow. In a toy
+second-order plant (equilibrium KL off by ×0.6–×1.6, damping 0.3–1.2, 150 steps, 18 % measurement noise, linear
+learning-rate decay) gain 0.03 with steps clipped at ±0.02 ended within ±15 % of the budget in 98 % of cases, against
+64 % for gain 0.1 and 20 % for the open-loop β; on the one-token bandits it holds every method within ±11 %
+(`benchmarks/alignment_quality.py`). Runs much shorter than the policy's settling time are better served by the
+open-loop theory β (`kl_control="fixed"`).
 """
 
 from __future__ import annotations
@@ -46,8 +54,8 @@ class AdaptiveKLController:
 
     budget: float
     beta: float
-    gain: float = 0.1
-    max_step: float = 0.1
+    gain: float = 0.03
+    max_step: float = 0.02
     alpha: float = 0.2
     rise_tolerance: float = 0.01
     num_updates: int = 0
