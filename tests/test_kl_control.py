@@ -31,6 +31,15 @@ def test_controller_raises_beta_above_budget_and_holds_it_while_kl_still_rises()
     assert settled.update(float("nan")) == settled.beta  # a missing measurement changes nothing
 
 
+def test_after_the_ramp_a_rising_kl_below_budget_no_longer_holds_beta():
+    """Only the start-up ramp holds β: afterwards a hold that noise triggers only below the budget would bias β up."""
+    state = dict(budget=1.0, beta=2.0, num_updates=5, smoothed_kl=0.4 * (1 - 0.8**5), previous_kl=0.4)
+    ramp = AdaptiveKLController(**state)
+    assert ramp.update(0.6) == 2.0  # below budget, rising, budget never reached: held
+    settled = AdaptiveKLController(**state, reached_budget=True)
+    assert settled.update(0.6) < 2.0
+
+
 def test_controller_state_round_trips_exactly():
     controller = AdaptiveKLController(budget=0.5, beta=0.3)
     for kl in (0.2, 0.7, 0.55, 0.61):

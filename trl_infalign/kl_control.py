@@ -18,8 +18,9 @@ The update (once per generation batch, on the KL gathered over all processes, so
     e_t     = log(m_t / B)                              (multiplicative error: the KL spans decades)
     log β  += clip(gain · e_t, ±max_step)               (KL too high → larger β; gain 0.03, max_step 0.02)
 
-with one anti-windup rule against the start-up transient: while the KL is below the budget *and still rising*
-(m_t > (1 + `rise_tolerance`) m_{t−1}), the policy is still on its way to π_β and β is held.  Without it an
+with one anti-windup rule against the start-up transient: until the KL first reaches the budget, while it is still
+rising (m_t > (1 + `rise_tolerance`) m_{t−1}), the policy is still on its way to π_β and β is held. After that the
+control is symmetric (a hold that noise could trigger only below the budget would bias β upwards).  Without it an
 integrator lowers β all through the ramp and the run overshoots (the classic adaptive controller of Ziegler et al.
 2019, used by TRL's former PPO, OpenRLHF and verl, multiplies β by 1 + clip(KL/B − 1, ±0.2)·n/horizon and has
 this windup; it also controls whatever KL unit it is fed).
@@ -61,6 +62,7 @@ class AdaptiveKLController:
     num_updates: int = 0
     smoothed_kl: float = 0.0  # EMA before bias correction
     previous_kl: float | None = None
+    reached_budget: bool = False  # the start-up ramp is over once the KL has reached the budget
 
     def __post_init__(self):
         for name in ("budget", "beta", "gain", "max_step", "alpha"):
@@ -85,8 +87,9 @@ class AdaptiveKLController:
         self.smoothed_kl = (1.0 - self.alpha) * self.smoothed_kl + self.alpha * measured_kl
         kl = self.kl_estimate
         error = math.log(max(kl, 1e-3 * self.budget) / self.budget)
+        self.reached_budget = self.reached_budget or kl >= self.budget
         rising = self.previous_kl is None or kl > self.previous_kl * (1.0 + self.rise_tolerance)
-        if error > 0 or not rising:
+        if self.reached_budget or not rising:
             step = max(-self.max_step, min(self.max_step, self.gain * error))
             self.beta = float(self.beta * math.exp(step))
         self.previous_kl = kl
