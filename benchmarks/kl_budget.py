@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=["adaptive", "fixed"], choices=["adaptive", "fixed"])
     parser.add_argument("--kl-budget", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-samples", type=int, default=64,
                         help="Samples per prompt and model for the evaluation (the quickstart's 16 give a KL CI of ±10%%).")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))

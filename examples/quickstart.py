@@ -6,7 +6,7 @@
 4. CTRL for Best-of-4 (`transform="auto"` picks exp(t·c) with t from the calibrated-space theory).
 5. Before/after table of KL, standard win rate and BoN-4 win rate against the reference, and a plot.
 
-Run:  python examples/quickstart.py [--output outputs/quickstart] [--steps 150]
+Run:  python examples/quickstart.py [--output outputs/quickstart] [--steps 300]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def vader_sentiment(prompts, completions, **kwargs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/quickstart", help="Where models, tables and the plot go.")
-    parser.add_argument("--steps", type=int, default=150, help="CTRL training steps.")
+    parser.add_argument("--steps", type=int, default=300, help="CTRL training steps.")
     parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
     parser.add_argument("--eval-samples", type=int, default=64, help="Samples per prompt and model for the evaluation.")
     parser.add_argument("--seed", type=int, default=0)
