@@ -29,7 +29,7 @@ The gain is deliberately small. RLOO's KL overshoots its equilibrium mid-run (Ad
 rate); an integrator that chases that transient leaves β too high when the policy can no longer follow. In a toy
 second-order plant (equilibrium KL off by ×0.6–×1.6, damping 0.3–1.2, 150 steps, 18 % measurement noise, linear
 learning-rate decay) gain 0.03 with steps clipped at ±0.02 ended within ±15 % of the budget in 98 % of cases, against
-64 % for gain 0.1 and 20 % for the open-loop β; on the one-token bandits it holds every method within ±11 %
+64 % for gain 0.1 and 20 % for the open-loop β; on the one-token bandit it holds every method within ±9 %
 (`benchmarks/alignment_quality.py`). Runs much shorter than the policy's settling time are better served by the
 open-loop theory β (`kl_control="fixed"`).
 """
