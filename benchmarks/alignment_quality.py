@@ -103,15 +103,15 @@ DEFAULTS = {
     },
     "lm": {
         "quick": dict(target_kls=(0.25, 0.5, 0.75), methods=("identity", "ctrl_bon", "ctrl_won", "optimal"),
-                      steps=100, lr=1e-3, pretrain_steps=250, num_reference=16, eval_samples=16, hidden_size=64,
+                      steps=300, lr=1e-3, pretrain_steps=250, num_reference=16, eval_samples=64, hidden_size=64,
                       num_layers=2, max_new_tokens=8, prompt_repeats=1),
         "full": dict(target_kls=(0.25, 0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
                      num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
                      prompt_repeats=4),
     },
     "hetero_lm": {
-        "quick": dict(target_kls=(0.5,), methods=("raw_reward", "identity", "ctrl_bon"), steps=100, lr=1e-3,
-                      pretrain_steps=250, num_reference=16, eval_samples=16, hidden_size=64, num_layers=2,
+        "quick": dict(target_kls=(0.5,), methods=("raw_reward", "identity", "ctrl_bon"), steps=300, lr=1e-3,
+                      pretrain_steps=250, num_reference=16, eval_samples=64, hidden_size=64, num_layers=2,
                       max_new_tokens=8, prompt_repeats=1, distort=True),
         "full": dict(target_kls=(0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
                      num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
