@@ -249,13 +249,13 @@ def test_peft_construction_and_training(tmp_path, tiny):
 # -------------------------------------------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_two_process_grpo_calibrates_each_prompt_against_its_own_references(tmp_path):
-    script = Path(__file__).parent / "scripts" / "ctrl_grpo_two_process.py"
+    script = Path(__file__).parent / "scripts" / "ctrl_two_process.py"
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port: fixed ones collide with other runs on a shared machine
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script), str(tmp_path)],
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(script), str(tmp_path), "grpo"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
