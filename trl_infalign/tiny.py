@@ -152,12 +152,20 @@ def build_bandit_policy(tokenizer, output_dir, target_probs, steps: int = 300, l
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_config(tokenizer, 32, 1))
     prompt_ids = torch.tensor([tokenizer(BANDIT_PROMPT)["input_ids"]])
-    actions = torch.tensor(bandit_action_ids(tokenizer, len(target_probs)))
-    target = torch.as_tensor(target_probs, dtype=torch.float32)
+    target = torch.as_tensor(target_probs, dtype=torch.float32).unsqueeze(0)
+    return _fit_next_token_distribution(model, tokenizer, output_dir, prompt_ids, target, steps, lr)
+
+
+def _fit_next_token_distribution(model, tokenizer, output_dir, prompt_ids, target, steps: int, lr: float) -> str:
+    """Fit π(action | prompt p) to `target[p]` (a (P, V) tensor over `bandit_action_ids(tokenizer, V)`) by
+    cross-entropy with Adam, then save model and tokenizer to `output_dir`."""
+    import torch
+
+    actions = torch.tensor(bandit_action_ids(tokenizer, target.shape[1]))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
-        logp = torch.log_softmax(model(input_ids=prompt_ids).logits[0, -1], dim=-1)
-        loss = -(target * logp[actions]).sum()
+        logp = torch.log_softmax(model(input_ids=prompt_ids).logits[:, -1], dim=-1)
+        loss = -(target * logp[:, actions]).sum(dim=1).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -224,19 +232,7 @@ def build_contextual_bandit_policy(tokenizer, output_dir, target_probs, hidden_s
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_config(tokenizer, hidden_size, 1))
     prompt_ids = _prompt_id_batch(tokenizer, contextual_bandit_prompts(target.shape[0]))
-    actions = torch.tensor(bandit_action_ids(tokenizer, target.shape[1]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        logp = torch.log_softmax(model(input_ids=prompt_ids).logits[:, -1], dim=-1)
-        loss = -(target * logp[:, actions]).sum(dim=1).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return str(output_dir)
+    return _fit_next_token_distribution(model, tokenizer, output_dir, prompt_ids, target, steps, lr)
 
 
 def contextual_bandit_next_token_probs(model, tokenizer, num_prompts: int):
