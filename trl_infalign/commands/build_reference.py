@@ -19,6 +19,8 @@ import math
 import os
 from pathlib import Path
 
+from . import positive_float, top_k_value, top_p_value
+
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Reference policy (usually the SFT model): local path or hub id.")
@@ -39,9 +41,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32, help="Prompts per chunk (unit of seeding/caching/sharding).")
     parser.add_argument("--generation-batch-size", type=int, default=None, help="Completions per generate call.")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--top-p", type=top_p_value, default=1.0)
+    parser.add_argument("--top-k", type=top_k_value, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nonfinite", choices=["raise", "skip"], default="raise", help="NaN/inf reference rewards.")
     parser.add_argument("--keep-completions", action="store_true", help="Also store the reference completions.")

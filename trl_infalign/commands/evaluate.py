@@ -21,29 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import positive_float, positive_int
-
-
-def _top_p(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 = no nucleus truncation), got {text!r}")
-    return value
-
-
-def _top_k(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = no top-k truncation), got {text!r}")
-    return value
+from . import positive_float, positive_int, top_k_value, top_p_value
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +43,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--batch-size", type=positive_int, default=32, help="Completions per generate call.")
     src.add_argument("--temperature", type=positive_float, default=1.0,
                      help="Sampling temperature for both models (default 1: sample the policy itself; the KL assumes it).")
-    src.add_argument("--top-p", type=_top_p, default=1.0, help="Nucleus sampling for both models (default 1: off).")
-    src.add_argument("--top-k", type=_top_k, default=0, help="Top-k sampling for both models (default 0: off).")
+    src.add_argument("--top-p", type=top_p_value, default=1.0, help="Nucleus sampling for both models (default 1: off).")
+    src.add_argument("--top-k", type=top_k_value, default=0, help="Top-k sampling for both models (default 0: off).")
     parser.add_argument("--scored", metavar="FILE.json", help="Already-scored samples instead of models (see above).")
     parser.add_argument("--n", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32], dest="ns",
                         help="N values; N above the samples per prompt is dropped with a warning on stderr.")
