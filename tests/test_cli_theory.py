@@ -144,7 +144,7 @@ def test_best_t_large_n_on_cap_warns_on_stderr(capsys):
     result = json.loads(captured.out)
     assert result["t"] == 700.0 and result["on_bound"] is True and result["bound"] == "t_max"
     assert result["t_range"] == [0.01, 700.0]
-    assert "warning" in captured.err and "bon-10000" in captured.err and "KL 0.5" in captured.err
+    assert "warning" in captured.err and "Best-of-10000" in captured.err and "KL 0.5" in captured.err
 
 
 def test_best_t_at_beta_reports_floor(capsys):

@@ -9,6 +9,7 @@ import pytest
 
 from trl_infalign import theory
 from trl_infalign.theory import CalibratedPolicy
+from trl_infalign.procedures import get_procedure
 
 TOL = 1e-3
 
@@ -322,17 +323,28 @@ def test_identity_transform_large_n_against_closed_form_density(n, beta):
 @pytest.mark.parametrize("procedure", ["bon", "won"])
 @pytest.mark.parametrize("n", [100, 10_000])
 def test_optimal_policy_win_rate_large_n_matches_its_ode(procedure, n):
-    """The grid representation of optimal_policy against the shooting ODE's own CDF, integrated on u = 1 − c."""
+    """The grid representation of optimal_policy against the shooting ODE's own mass M = 1 − G, integrated on a
+    log scale from the end that decides the win rate (u = 1 − c for bon, c for won)."""
     from scipy.integrate import quad
 
-    opt = theory.optimal_policy(procedure, n, beta=0.1)
-    l1, sign, kl = theory._optimal_core(procedure, n, opt.beta)
-    _, sol = theory._shoot(l1, n, opt.beta, sign, dense=True)  # mirrored for won: G̃(c) = 1 − G(1 − c)
+    from trl_infalign import optimal
 
-    def integrand(s):  # c̃ = 1 − e^s
-        u = math.exp(s)
-        G = min(max(float(sol.sol(1.0 - u)[0]), 0.0), 1.0)
-        return u * n * math.exp((n - 1) * math.log1p(-u) + n * math.log(G)) if G > 0 else 0.0
+    opt = theory.optimal_policy(procedure, n, beta=0.1)
+    proc = get_procedure(procedure, n)
+    l1, kl = optimal._core(proc.spec, opt.beta)
+    _, sol = optimal._shoot(proc, l1, opt.beta, dense=True)
+
+    def mass_above(z):  # M = 1 − G from the ODE at z = logit(c)
+        return min(max(float(sol.sol(min(max(z, sol.t[-1]), sol.t[0]))[0]), 0.0), 1.0)
+
+    def integrand(s):
+        x = math.exp(s)  # distance from the deciding end
+        z = math.log1p(-x) - s  # logit(1 − x)
+        if procedure == "bon":  # N (1−u)^{N−1} G(1−u)^N
+            G = 1.0 - mass_above(z)
+            return x * n * math.exp((n - 1) * math.log1p(-x) + n * math.log(G)) if G > 0 else 0.0
+        M = mass_above(-z)  # won: N (1−c)^{N−1} (1 − G(c))^N at c = x
+        return x * n * math.exp((n - 1) * math.log1p(-x) + n * math.log(M)) if M > 0 else 0.0
 
     cuts = np.linspace(math.log(1e-14 / n), 0.0, 40)
     tail = sum(quad(integrand, a, b, epsabs=1e-13, epsrel=1e-10, limit=200)[0] for a, b in zip(cuts[:-1], cuts[1:]))
@@ -340,8 +352,28 @@ def test_optimal_policy_win_rate_large_n_matches_its_ode(procedure, n):
     assert opt.kl() == pytest.approx(kl, abs=2e-3)
 
 
+@pytest.mark.parametrize("procedure", ["bon", "won"])
+@pytest.mark.parametrize("n,beta", [(2, 0.3), (4, 0.1), (4, 0.03), (16, 0.05)])
+def test_general_solver_matches_the_0_1_ode_solver(procedure, n, beta):
+    """The general first-order-condition solver (any procedure, in logit c) against the 0.1 BoN/WoN-only ODE."""
+    from reference_optimal_ode import optimum
+
+    from trl_infalign._quadrature import _adaptive_grid
+
+    log_g_of, kl_old = optimum(procedure, n, beta)
+    c = np.linspace(0.0, 1.0, 2001)
+    log_g_old = log_g_of(c)
+    new = theory.optimal_policy(procedure, n, beta=beta)
+    phi_new = beta * np.interp(c, new.grid, new.log_density)
+    alive = log_g_old >= log_g_old.max() - 40  # where the policy has mass (e^-40); below, Φ is not resolved
+    assert np.max(np.abs(phi_new - beta * log_g_old)[alive]) <= 1e-4
+    assert new.kl() == pytest.approx(kl_old, abs=1e-4)
+    old = theory.CalibratedPolicy.from_log_density(*_adaptive_grid(log_g_of, n0=513, tol=0.05))
+    assert new.win_rate(procedure, n) == pytest.approx(old.win_rate(procedure, n), abs=1e-4)
+
+
 def test_best_t_large_n_searches_far_enough_and_warns():
-    with pytest.warns(UserWarning, match=r"bon-10000 at KL 0.5 sits on t = 700"):
+    with pytest.warns(UserWarning, match=r"Best-of-10000 at KL 0.5 sits on t = 700"):
         best = theory.best_t("bon", 10_000, 0.5)
     assert best.on_bound and best.bound == "t_max" and best.t_range == (0.01, 700.0) and best.t == 700.0
     assert best.kl == pytest.approx(0.5, abs=1e-6)
@@ -372,7 +404,7 @@ def test_best_t_lower_bound_warns_for_standard():
 
 
 def test_beta_floor_binds_for_won_and_costs_little():
-    with pytest.warns(UserWarning, match=r"won-4 at KL 0.75 is limited by the floor min_beta=0.01"):
+    with pytest.warns(UserWarning, match=r"Worst-of-4 at KL 0.75 is limited by the floor min_beta=0.01"):
         floored = theory.best_t("won", 4, 0.75)
     free = theory.best_t("won", 4, 0.75, min_beta=0)
     assert floored.bound == "min_beta" and floored.on_bound

@@ -295,18 +295,18 @@ def test_tabulated_interpolation_matches_numpy():
         TabulatedTransform([0.0, 1.0], [0.0])
 
 
-def test_optimal_uses_theory_table(monkeypatch):
-    import trl_infalign.theory as theory
+def test_optimal_uses_the_solver_table(monkeypatch):
+    import trl_infalign.optimal as optimal
 
     grid = np.linspace(0.0, 1.0, 11) ** 2
     log_density = np.sin(3 * grid) - 0.5
     calls = []
 
-    def fake_optimal_policy(procedure, n, beta=None, kl=None):
-        calls.append((procedure, n, beta))
-        return SimpleNamespace(grid=grid, log_density=log_density, beta=beta)
+    def fake_solve_optimal(procedure, beta):
+        calls.append((procedure.spec, beta))
+        return SimpleNamespace(grid=grid, transform_values=lambda: beta * log_density)
 
-    monkeypatch.setattr(theory, "optimal_policy", fake_optimal_policy)
+    monkeypatch.setattr(optimal, "solve_optimal", fake_solve_optimal)
     tr = get_transform("optimal", procedure="won", n=8, beta=0.25)
     assert calls == []  # lazy
     c = np.linspace(0, 1, 57)
@@ -314,7 +314,7 @@ def test_optimal_uses_theory_table(monkeypatch):
     np.testing.assert_allclose(tr(torch.tensor(c)).numpy(), expected, rtol=0, atol=1e-14)
     np.testing.assert_allclose(tr.phi(c), expected, rtol=0, atol=1e-14)
     tr(torch.tensor(c, dtype=torch.float32))
-    assert calls == [("won", 8, 0.25)]  # cached per instance
+    assert calls == [("won:n=8", 0.25)]  # cached per instance
     assert tr.spec == "optimal:procedure=won,n=8,beta=0.25"
 
 

@@ -34,6 +34,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from . import optimal as _optimal
+from ._quadrature import _BASE_POINTS, _Stats, _adaptive_grid, _segment_stats
+from .procedures import PROCEDURES, BestOfN, InferenceProcedure, WorstOfN, get_procedure
+
 if TYPE_CHECKING:  # pragma: no cover
     from .transforms import Transform
 
@@ -56,26 +60,18 @@ __all__ = [
     "clear_caches",
 ]
 
-PROCEDURES = ("standard", "bon", "won")
 #: Default KL grid of :func:`frontier`: 25 values in (0, 3].
 DEFAULT_KLS = tuple(float(k) for k in np.linspace(0.12, 3.0, 25))
 
-_TAIL = 40.0  # nats below the max of log g that still matter (e^-40 ≈ 4e-18)
-_TOL = 0.1  # max change of log g between neighbouring grid points (within the tail)
-_CURVATURE_TOL = 2e-4  # max |second difference| of log g (interpolation error ≈ 1/8 of it)
-_BASE_POINTS = 1025
-_MAX_POINTS = 300_000
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # validation helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _check_procedure(procedure: str, n: int) -> tuple[str, int]:
-    if procedure not in PROCEDURES:
-        raise ValueError(f"Unknown inference procedure {procedure!r}: expected one of {', '.join(PROCEDURES)}.")
-    if isinstance(n, bool) or int(n) != n or int(n) < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
-    return procedure, int(n)
+def _procedure(procedure: "str | InferenceProcedure", n: int | None = None) -> InferenceProcedure:
+    """The :class:`~trl_infalign.procedures.InferenceProcedure` of a spec ("bon:n=4", "mixture:…") or of the old
+    (name, n) pair ("bon", 4).  Raises ValueError for an unknown procedure or a bad n."""
+    return get_procedure(procedure, n)
 
 
 def _check_beta(beta: float) -> float:
@@ -93,208 +89,6 @@ def _resolve(transform: "str | Transform") -> "Transform":
 
 def _spec_of(transform: Any) -> str:
     return transform if isinstance(transform, str) else str(getattr(transform, "spec", transform))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# piecewise-exponential quadrature
-# ----------------------------------------------------------------------------------------------------------------
-def _psi(x: np.ndarray) -> np.ndarray:
-    """∫₀¹ e^{-x u} du = (1 − e^{−x})/x for x ≥ 0 (1 at 0, 0 at +inf)."""
-    out = np.empty_like(x)
-    small = x < 1e-6
-    xs = x[small]
-    out[small] = 1.0 - xs / 2.0 + xs * xs / 6.0
-    xl = x[~small]
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        out[~small] = -np.expm1(-xl) / xl
-    out[np.isinf(x)] = 0.0
-    return out
-
-
-def _chi(x: np.ndarray) -> np.ndarray:
-    """∫₀¹ u e^{−x u} du = (1 − e^{−x}(1 + x))/x² for x ≥ 0 (1/2 at 0, 0 at +inf)."""
-    out = np.empty_like(x)
-    small = x < 1e-3
-    xs = x[small]
-    out[small] = 0.5 - xs / 3.0 + xs * xs / 8.0 - xs**3 / 30.0
-    xl = x[~small]
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        out[~small] = (-np.expm1(-xl) - xl * np.exp(-xl)) / (xl * xl)
-    out[np.isinf(x)] = 0.0
-    return out
-
-
-@dataclass
-class _Stats:
-    shift: float  # max of the unnormalised log-density
-    log_total: float  # log ∫ exp(ell − shift): log-density = ell − shift − log_total
-    seg_mass: np.ndarray  # normalised mass of each segment
-    seg_mean: np.ndarray  # mean c within each segment
-    cdf: np.ndarray  # G at the grid points
-    kl: float
-    grid: np.ndarray
-    log_density: np.ndarray  # normalised
-
-
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(4)
-_PIECE_TOL = 0.25  # max drop of log[(1−u)^{N−1} (1−M)^N] across one quadrature piece (see _order_statistic_tail)
-_TAIL_CUT = 60.0  # pieces whose integrand is below e^{−60}·N everywhere are dropped (they add < N·e^{−60})
-
-
-def _order_statistic_tail(u: np.ndarray, ell: np.ndarray, n: int) -> float:
-    r"""T = ∫₀¹ N (1−u)^{N−1} (1 − M(u))^N du for the piecewise-exponential density exp(ell) on the grid `u`
-    (0 = u[0] < … < u[-1] = 1), M(u) = ∫₀^u exp(ell) its mass within u of the end u = 0.
-
-    With u = 1 − c and M = 1 − G this is the BoN-N tail (W_bon = 1 − T); with u = c and M = G it is WoN-N
-    (W_won = T).  The integrand e^L, L = log N + (N−1) log(1−u) + N log(1−M), is decreasing in u and, at large N,
-    lives on u ≲ 1/(N (1 + g(end))) — often far inside the first grid segment.  So the segments are cut into pieces,
-    repeatedly, until L drops by ≤ 0.25 across every piece where e^L > e^{−60}·N (dead pieces are dropped: they
-    add < N·e^{−60}); each piece gets 4 Gauss-Legendre nodes, with M exact inside the segment.  Cost: the grid plus
-    ≈ 4·(60 + 60)/0.25 nodes whatever N; accurate to ~1e-9 at every N (tests compare with adaptive ODE quadratures
-    up to N = 10⁶).
-    """
-    h_all, a_all = np.diff(u), ell[:-1]
-    with np.errstate(invalid="ignore"):
-        d_all = np.diff(ell)  # NaN where both ends are −inf (no mass)
-    mass = _mass_inside(h_all, a_all, d_all, np.ones_like(h_all))
-    total = float(mass.sum())
-    M = np.concatenate([[0.0], np.cumsum(mass)]) / total
-
-    def log_weight(seg, s):  # L − log N at fraction s of segment `seg`
-        inside = _mass_inside(h_all[seg], a_all[seg], d_all[seg], s) / total
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (n - 1) * np.log1p(-(u[seg] + h_all[seg] * s)) + n * np.log1p(-np.minimum(M[seg] + inside, 1.0))
-
-    seg = np.arange(h_all.size)
-    left, right = np.zeros(seg.size), np.ones(seg.size)  # pieces as fractions of their segment
-    for _ in range(60):
-        L_left, L_right = log_weight(seg, left), log_weight(seg, right)
-        live = (L_left > -_TAIL_CUT) & (h_all[seg] > 0)
-        seg, left, right, L_left, L_right = seg[live], left[live], right[live], L_left[live], L_right[live]
-        drop = L_left - np.maximum(np.nan_to_num(L_right, nan=-np.inf), -_TAIL_CUT)
-        split = drop > _PIECE_TOL
-        if not split.any():
-            break
-        k = np.where(split, np.clip(np.ceil(drop / _PIECE_TOL), 2, 64), 1).astype(np.int64)
-        first = np.repeat(np.cumsum(k) - k, k)
-        j = (np.arange(k.sum()) - first).astype(np.float64)
-        kk = np.repeat(k, k).astype(np.float64)
-        width = np.repeat(right - left, k) / kk
-        start = np.repeat(left, k) + j * width
-        seg, left, right = np.repeat(seg, k), start, np.minimum(start + width, np.repeat(right, k))
-    if seg.size == 0:
-        return 0.0
-    s = left[:, None] + (right - left)[:, None] * 0.5 * (_GL_NODES[None, :] + 1.0)
-    seg2 = np.broadcast_to(seg[:, None], s.shape)
-    with np.errstate(under="ignore"):
-        integrand = n * np.exp(log_weight(seg2, s))
-    weights = 0.5 * _GL_WEIGHTS[None, :] * (h_all[seg] * (right - left))[:, None]
-    return float(np.sum(weights * integrand))
-
-
-def _mass_inside(h, a, delta, s):
-    """∫₀^{s·h} exp(a + δ v/h) dv: mass of a piecewise-exponential segment (log-density a → a + δ) up to fraction s."""
-    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
-        top = np.maximum(a, a + delta * s)
-        xs = np.abs(delta) * s
-        xs = np.where(np.isnan(xs), np.inf, xs)
-        finite = np.isfinite(top)
-        return np.where(finite, h * s * np.exp(np.where(finite, top, 0.0)) * _psi(xs), 0.0)
-
-
-def _segment_stats(grid: np.ndarray, ell: np.ndarray) -> _Stats:
-    """Exact integrals of the piecewise-exponential density exp(ell) (ell linear between grid points)."""
-    finite_points = np.isfinite(ell)
-    if not finite_points.any():
-        raise ValueError("log-density is -inf everywhere.")
-    shift = float(ell[finite_points].max())
-    ell = ell - shift  # exact near the max even when |ell| ~ 1e29 (Φ = e^{60 c})
-    a, b = ell[:-1], ell[1:]
-    h = np.diff(grid)
-    hi = np.maximum(a, b)
-    finite = np.isfinite(hi)
-    left_high = a >= b
-    with np.errstate(invalid="ignore"):
-        x = np.abs(b - a)
-    x = np.where(finite, x, np.inf)
-    x = np.where(np.isnan(x), 0.0, x)
-    c_hi = np.where(left_high, grid[:-1], grid[1:])
-    c_lo = np.where(left_high, grid[1:], grid[:-1])
-    psi, chi = _psi(x), _chi(x)
-    with np.errstate(under="ignore"):
-        w = np.where(finite, h * np.exp(np.where(finite, hi, 0.0)), 0.0)
-    raw = w * psi
-    total = float(raw.sum())
-    if not (total > 0 and math.isfinite(total)):
-        raise ValueError("density is not normalisable.")
-    log_total = math.log(total)
-    mass = raw / total
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(psi > 0, c_hi + (c_lo - c_hi) * chi / np.where(psi > 0, psi, 1.0), 0.5 * (c_hi + c_lo))
-    # ∫ g log g over a segment: h e^{hi-L} [(hi-L) ψ(x) − x χ(x)]
-    hl = np.where(finite, hi - log_total, 0.0)
-    with np.errstate(invalid="ignore"):
-        xchi = np.where(np.isinf(x), 0.0, x * chi)
-    kl = float(np.sum(np.where(w > 0, (w / total) * (hl * psi - xchi), 0.0)))
-    cdf = np.concatenate([[0.0], np.cumsum(mass)])
-    cdf = np.clip(cdf / cdf[-1], 0.0, 1.0)
-    return _Stats(shift=shift, log_total=log_total, seg_mass=mass, seg_mean=mean, cdf=cdf, kl=max(kl, 0.0),
-                  grid=grid, log_density=ell - log_total)
-
-
-def _evaluate(logf, c: np.ndarray) -> np.ndarray:
-    f = np.asarray(logf(c), dtype=np.float64)
-    if f.shape != c.shape:
-        f = np.broadcast_to(f, c.shape).astype(np.float64)
-    if np.isnan(f).any() or np.isposinf(f).any():
-        raise ValueError("log-density is NaN or +inf on [0, 1] (Φ(c)/β overflows?).")
-    return f
-
-
-def _adaptive_grid(logf, n0: int = _BASE_POINTS, tol: float = _TOL, initial: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Grid of [0, 1] on which the vectorised `logf` changes by ≤ tol between neighbours (within _TAIL of its max)."""
-    c = np.linspace(0.0, 1.0, n0)
-    if initial is not None:
-        c = np.unique(np.clip(np.concatenate([c, np.asarray(initial, dtype=np.float64)]), 0.0, 1.0))
-    f = _evaluate(logf, c)
-    for _ in range(200):
-        finite = np.isfinite(f)
-        if not finite.any():
-            raise ValueError("log-density is -inf everywhere on [0, 1].")
-        top = float(f[finite].max())
-        a, b = f[:-1], f[1:]
-        hi = np.maximum(a, b)
-        with np.errstate(invalid="ignore"):
-            d = np.abs(b - a)
-        d = np.where(np.isnan(d), 0.0, d)
-        h = np.diff(c)
-        min_width = np.maximum(8.0 * np.spacing(c[1:]), 1e-13)
-        # also refine where log g bends: linear interpolation errs by ≈ |second difference| / 8
-        with np.errstate(invalid="ignore"):
-            d2 = np.abs(f[2:] - f[1:-1] - (f[1:-1] - f[:-2]) * (h[1:] / h[:-1]))
-        d2 = np.where(np.isfinite(d2), d2, 0.0)
-        bend = np.zeros_like(d)
-        bend[1:] = d2
-        bend[:-1] = np.maximum(bend[:-1], d2)
-        need = (hi >= top - _TAIL) & ((d > tol) | (bend > _CURVATURE_TOL)) & (h > min_width)
-        if not need.any() or c.size > _MAX_POINTS:
-            break
-        idx = np.nonzero(need)[0]
-        k = np.clip(np.maximum(np.ceil(np.minimum(d[idx], 1e6) / tol),
-                               np.ceil(np.sqrt(np.minimum(bend[idx], 1e6) / _CURVATURE_TOL))), 2, 16).astype(np.int64)
-        reps = k - 1
-        seg = np.repeat(idx, reps)
-        j = np.arange(reps.sum()) - np.repeat(np.cumsum(reps) - reps, reps) + 1
-        new_c = c[seg] + h[seg] * j / np.repeat(k, reps)
-        new_f = _evaluate(logf, new_c)
-        c = np.concatenate([c, new_c])
-        f = np.concatenate([f, new_f])
-        order = np.argsort(c, kind="stable")
-        c, f = c[order], f[order]
-        keep = np.concatenate([[True], np.diff(c) > 0])
-        c, f = c[keep], f[keep]
-    return c, f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,7 +139,7 @@ class CalibratedPolicy:
     @classmethod
     def bon_policy(cls, n: int) -> "CalibratedPolicy":
         """The exact Best-of-N policy: g(c) = N c^{N−1} (CDF c^N); KL = log N − (N−1)/N (Beirami et al. 2401.01879)."""
-        _, n = _check_procedure("bon", n)
+        n = BestOfN(n).n
         if n == 1:
             return cls.from_log_density(np.linspace(0.0, 1.0, 3), np.zeros(3), transform=None)
 
@@ -373,26 +167,22 @@ class CalibratedPolicy:
         s = self.stats
         return float(np.sum(s.seg_mass * s.seg_mean))
 
-    def win_rate(self, procedure: str = "standard", n: int = 1) -> float:
+    def win_rate(self, procedure: "str | InferenceProcedure" = "standard", n: int | None = None) -> float:
         """Inference-time win rate against π_ref run through the same procedure (notes §2, arXiv 2412.19792 §3):
+        W = ∫ f(c) d f(G(c)) for output-CDF map f (standard: ∫ g c; bon: ∫ c^N d(G^N); won: ∫ (1 − (1−c)^N)
+        d(1 − (1−G)^N)); a mixture's is Σ_j w_j W_j (:mod:`trl_infalign.procedures`).  `procedure` is a spec
+        ("bon:n=4", "mixture:0.5*standard+0.5*bon:n=8") or the old pair ("bon", 4)."""
+        return _procedure(procedure, n).calibrated_win_rate(self)
 
-        standard: ∫ g c;  bon: ∫ N G^{N−1} g c^N = ∫ c^N d(G^N);  won: ∫ (1 − (1−c)^N) d(1 − (1−G)^N).
-        """
-        procedure, n = _check_procedure(procedure, n)
-        if procedure == "standard" or n == 1:
-            return self.standard_win_rate()
-        # integrate by parts: W_bon = 1 − ∫ N c^{N−1} G^N dc;  W_won = ∫ N (1−c)^{N−1} (1−G)^N dc
-        if procedure == "bon":
-            return float(np.clip(1.0 - _order_statistic_tail(1.0 - self.grid[::-1], self.log_density[::-1], n), 0, 1))
-        return float(np.clip(_order_statistic_tail(self.grid, self.log_density, n), 0.0, 1.0))
-
-    def summary(self, procedure: str = "bon", n: int = 4) -> dict:
-        """KL and win rates as a dict (what the CLI prints)."""
-        out = {"beta": self.beta, "kl": self.kl(), "win_rate": self.win_rate(procedure, n),
+    def summary(self, procedure: "str | InferenceProcedure" = "bon", n: int | None = None) -> dict:
+        """KL and win rates as a dict (what the CLI prints): `win_rate` is the procedure's; `bon_win_rate` /
+        `won_win_rate` are Best-of-N / Worst-of-N at the procedure's N when N > 1."""
+        proc = _procedure(procedure, n)
+        out = {"procedure": proc.spec, "beta": self.beta, "kl": self.kl(), "win_rate": proc.calibrated_win_rate(self),
                "standard_win_rate": self.standard_win_rate()}
-        if n > 1:
-            out["bon_win_rate"] = self.win_rate("bon", n)
-            out["won_win_rate"] = self.win_rate("won", n)
+        if proc.n > 1:
+            out["bon_win_rate"] = BestOfN(proc.n).calibrated_win_rate(self)
+            out["won_win_rate"] = WorstOfN(proc.n).calibrated_win_rate(self)
         return out
 
 
@@ -433,8 +223,9 @@ def kl_divergence(transform: "str | Transform", beta: float) -> float:
     return policy(transform, beta).kl()
 
 
-def win_rate(transform: "str | Transform", beta: float, procedure: str = "standard", n: int = 1) -> float:
-    """Win rate of g ∝ exp(Φ/β) under `procedure` (standard ∫gc; bon ∫NG^{N−1}gc^N; won ∫N(1−G)^{N−1}g(1−(1−c)^N))."""
+def win_rate(transform: "str | Transform", beta: float, procedure: "str | InferenceProcedure" = "standard",
+             n: int | None = None) -> float:
+    """Win rate of g ∝ exp(Φ/β) under `procedure` (:meth:`CalibratedPolicy.win_rate`)."""
     return policy(transform, beta).win_rate(procedure, n)
 
 
@@ -549,12 +340,13 @@ def _family_span(family: str, t: float) -> float:
     return math.expm1(t) if family == "bon" else -math.expm1(-t)
 
 
-def _default_family(procedure: str, family: str | None) -> str:
+def _families(procedure: InferenceProcedure, family: str | None) -> tuple[str, ...]:
+    """The exp families to search: the one asked for, else the procedure's own (both for a BoN + WoN mixture)."""
     if family is not None:
         if family not in ("bon", "won"):
             raise ValueError(f"family must be 'bon' or 'won', got {family!r}.")
-        return family
-    return "won" if procedure == "won" else "bon"
+        return (family,)
+    return procedure.families
 
 
 def _check_min_beta(min_beta: float) -> float:
@@ -564,16 +356,16 @@ def _check_min_beta(min_beta: float) -> float:
     return value
 
 
-def t_range(procedure: str, n: int) -> tuple[float, float]:
+def t_range(procedure: "str | InferenceProcedure", n: int | None = None) -> tuple[float, float]:
     r"""The exp-family t interval :func:`best_t` and :func:`best_t_for_beta` search: [0.01, min(700, 60·max(1, N/4)²)].
 
     The best t grows faster than N (BoN-N at KL 0.5: t* ≈ 4.6, 12.6, 34, 104, 396, 2 250 for N = 2 … 64; WoN-N:
     t* ≈ 2.5 N), because at large N the win rate is decided within u = 1 − c ≲ 1/N of the top.  The range is capped
     at t = 700, the largest t the `bon`/`won` transforms accept (exp(t) must be finite), so for BoN beyond N ≈ 32
-    (KL 0.5) the answer sits on the cap and :func:`best_t` warns.  `standard` counts as N = 1.
+    (KL 0.5) the answer sits on the cap and :func:`best_t` warns.  `standard` counts as N = 1, a mixture as its
+    largest N.
     """
-    procedure, n = _check_procedure(procedure, n)
-    n_eff = 1 if procedure == "standard" else n
+    n_eff = _procedure(procedure, n).n
     return (T_RANGE[0], min(T_CAP, T_RANGE[1] * max(1.0, n_eff / 4.0) ** 2))
 
 
@@ -660,10 +452,10 @@ def _search_log_t(evaluate, t_lo: float, t_hi: float, min_beta: float
     return math.exp(best_lt), bound, better
 
 
-def _bound_advice(caller: str, bound: str, family: str, procedure: str, n: int, where: str, t: float,
+def _bound_advice(caller: str, bound: str, family: str, procedure: InferenceProcedure, where: str, t: float,
                   t_hi: float, min_beta: float, better: tuple[float, float] | None, what: str = "win rate") -> str:
     """The UserWarning text of :func:`best_t` / :func:`best_t_for_beta` when the answer sits on a limit."""
-    head = f"{caller}: the best {family} exp-family t for {procedure}-{n} at {where} "
+    head = f"{caller}: the best {family} exp-family t for {procedure.label} at {where} "
     if bound == "t_min":
         return head + (f"sits on the lower end of the t range (t = {t:.6g}); the t → 0 limit is the identity "
                        "transform: use transform='identity'.")
@@ -681,12 +473,13 @@ def _bound_advice(caller: str, bound: str, family: str, procedure: str, n: int, 
                    "disables the floor).")
 
 
-def best_t(procedure: str, n: int, kl: float, family: str | None = None, *,
-           min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None) -> BestT:
+def best_t(procedure: "str | InferenceProcedure", n: int | None = None, kl: float | None = None,
+           family: str | None = None, *, min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None) -> BestT:
     r"""Best exp-family transform at a KL budget (arXiv 2412.19792 §4: CTRL's BoN/WoN transforms).
 
+    `procedure` is a spec ("bon:n=4", "mixture:0.5*standard+0.5*bon:n=8", or the old pair ``"bon", 4``).
     family "bon": Φ_t(c) = exp(t·c); "won": Φ_t(c) = −exp(−t·c).  The default family is the procedure's own ("bon" for
-    bon, "won" for won) and "bon" for `standard` — where the identity transform is exactly optimal (the t → 0 limit
+    bon, "won" for won; a mixture of both searches both and keeps the better) and "bon" for `standard` — where the identity transform is exactly optimal (the t → 0 limit
     of the bon family, so the answer sits on the lower end of the range).  For each t, β_t is solved so that
     KL(g_t) = `kl` with g_t ∝ exp(Φ_t/β_t), and the procedure's win rate (:meth:`CalibratedPolicy.win_rate`) is
     maximised over log t ∈ [log 0.01, log t_max], t_max = min(700, 60·max(1, N/4)²) by default (:func:`t_range`)
@@ -702,27 +495,37 @@ def best_t(procedure: str, n: int, kl: float, family: str | None = None, *,
 
     When the answer sits on a limit (range end or floor), `on_bound` / `bound` say so and a UserWarning names the
     limit, N, the KL budget and what to do.  Raises ValueError (naming the argument) for bad input, and when no
-    member reaches the budget under the floor.  Cached on (procedure, n, kl, family, min_beta, t_max).
+    member reaches the budget under the floor.  Cached on (procedure, kl, family, min_beta, t_max).
     """
-    procedure, n = _check_procedure(procedure, n)
-    family = _default_family(procedure, family)
+    proc = _procedure(procedure, n)
+    if kl is None:
+        raise ValueError("best_t needs kl= (the KL budget).")
     kl_value = float(kl)
     if not (math.isfinite(kl_value) and kl_value > 0):
         raise ValueError(f"kl (the KL budget) must be a finite number > 0, got {kl!r}.")
     min_beta = _check_min_beta(min_beta)
-    t_hi = _check_t_max(t_max, procedure, n)
-    result = _best_t_cached(procedure, n, round(kl_value, 12), family, min_beta, t_hi)
+    t_hi = _check_t_max(t_max, proc)
+    results = []
+    for fam in _families(proc, family):
+        try:
+            results.append(_best_t_cached(proc.spec, round(kl_value, 12), fam, min_beta, t_hi))
+        except ValueError:
+            if len(_families(proc, family)) == 1:
+                raise
+    if not results:
+        raise ValueError(f"no exp-family member reaches the KL budget {kl_value:g} for {proc.label}.")
+    result = max(results, key=lambda r: r.win_rate)
     if result.on_bound:
         import warnings
 
-        warnings.warn(_bound_advice("best_t", result.bound, family, procedure, n, f"KL {kl_value:g}", result.t, t_hi,
+        warnings.warn(_bound_advice("best_t", result.bound, result.family, proc, f"KL {kl_value:g}", result.t, t_hi,
                                     min_beta, result.unconstrained), UserWarning, stacklevel=2)
     return result
 
 
-def _check_t_max(t_max: float | None, procedure: str, n: int) -> float:
+def _check_t_max(t_max: float | None, procedure: InferenceProcedure) -> float:
     if t_max is None:
-        return t_range(procedure, n)[1]
+        return t_range(procedure)[1]
     value = float(t_max)
     if not (math.isfinite(value) and T_RANGE[0] < value <= T_CAP):
         raise ValueError(f"t_max must be a number in ({T_RANGE[0]:g}, {T_CAP:g}], got {t_max!r}.")
@@ -730,27 +533,29 @@ def _check_t_max(t_max: float | None, procedure: str, n: int) -> float:
 
 
 @lru_cache(maxsize=256)
-def _best_t_cached(procedure: str, n: int, kl: float, family: str, min_beta: float, t_hi: float) -> BestT:
+def _best_t_cached(procedure: str, kl: float, family: str, min_beta: float, t_hi: float) -> BestT:
+    procedure = _procedure(procedure)
+
     def evaluate(lt: float) -> tuple[float, float]:
         t = math.exp(lt)
         spec = _family_spec(family, t)
         beta = beta_for_kl(spec, kl)
-        return policy(spec, beta).win_rate(procedure, n), beta / _family_span(family, t)
+        return policy(spec, beta).win_rate(procedure), beta / _family_span(family, t)
 
     t, bound, better = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
     spec = _family_spec(family, t)
     t = float(spec.split("=", 1)[1])
     beta = beta_for_kl(spec, kl)
     pol = policy(spec, beta)
-    return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure, n),
+    return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure),
                  standard_win_rate=pol.standard_win_rate(), family=family,
                  normalised_beta=beta / _family_span(family, t), on_bound=bound is not None, bound=bound,
                  t_range=(T_RANGE[0], t_hi), min_beta=min_beta,
                  unconstrained=None if better is None else (float(f"{better[1]:.6g}"), better[0]))
 
 
-def best_t_for_beta(procedure: str, n: int, beta: float, family: str | None = None, *,
-                    min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None,
+def best_t_for_beta(procedure: "str | InferenceProcedure", n: int | None = None, beta: float | None = None,
+                    family: str | None = None, *, min_beta: float = DEFAULT_MIN_BETA, t_max: float | None = None,
                     details: bool = False) -> "float | BestT":
     r"""Best exp-family t at a *fixed* KL coefficient β (when the trainer's β is given instead of a KL budget).
 
@@ -762,33 +567,40 @@ def best_t_for_beta(procedure: str, n: int, beta: float, family: str | None = No
     a better member.  Returns t, or with ``details=True`` a :class:`BestT` (its `kl` is the KL at this β; its
     `unconstrained` holds (t, objective) of the best member the floor excluded).
     """
-    procedure, n = _check_procedure(procedure, n)
+    proc = _procedure(procedure, n)
+    if beta is None:
+        raise ValueError("best_t_for_beta needs beta= (the KL coefficient).")
     beta = _check_beta(beta)
-    family = _default_family(procedure, family)
     min_beta = _check_min_beta(min_beta)
-    t_hi = _check_t_max(t_max, procedure, n)
-    t, bound, better = _best_t_for_beta_cached(procedure, n, float(f"{beta:.12g}"), family, min_beta, t_hi)
+    t_hi = _check_t_max(t_max, proc)
+    found = []
+    for fam in _families(proc, family):
+        t, bound, better = _best_t_for_beta_cached(proc.spec, float(f"{beta:.12g}"), fam, min_beta, t_hi)
+        pol = policy(_family_spec(fam, t), beta)
+        found.append((pol.win_rate(proc) - beta * pol.kl(), fam, t, bound, better, pol))
+    _, family, t, bound, better, pol = max(found, key=lambda item: item[0])
     if bound is not None:
         import warnings
 
-        warnings.warn(_bound_advice("best_t_for_beta", bound, family, procedure, n, f"beta {beta:g}", t, t_hi,
+        warnings.warn(_bound_advice("best_t_for_beta", bound, family, proc, f"beta {beta:g}", t, t_hi,
                                     min_beta, better, what="win rate − beta·KL"), UserWarning, stacklevel=2)
     if not details:
         return t
-    pol = policy(_family_spec(family, t), beta)
-    return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(procedure, n),
+    return BestT(t=t, beta=beta, kl=pol.kl(), win_rate=pol.win_rate(proc),
                  standard_win_rate=pol.standard_win_rate(), family=family,
                  normalised_beta=beta / _family_span(family, t), on_bound=bound is not None, bound=bound,
                  t_range=(T_RANGE[0], t_hi), min_beta=min_beta, unconstrained=better)
 
 
 @lru_cache(maxsize=256)
-def _best_t_for_beta_cached(procedure: str, n: int, beta: float, family: str, min_beta: float, t_hi: float
+def _best_t_for_beta_cached(procedure: str, beta: float, family: str, min_beta: float, t_hi: float
                             ) -> tuple[float, str | None, tuple[float, float] | None]:
+    procedure = _procedure(procedure)
+
     def evaluate(lt: float) -> tuple[float, float]:
         t = math.exp(lt)
         pol = policy(_family_spec(family, t), beta)
-        return pol.win_rate(procedure, n) - beta * pol.kl(), beta / _family_span(family, t)
+        return pol.win_rate(procedure) - beta * pol.kl(), beta / _family_span(family, t)
 
     t, bound, better = _search_log_t(evaluate, T_RANGE[0], t_hi, min_beta)
     return float(f"{t:.6g}"), bound, None if better is None else (float(f"{better[1]:.6g}"), better[0])
@@ -797,167 +609,67 @@ def _best_t_for_beta_cached(procedure: str, n: int, beta: float, family: str, mi
 # ----------------------------------------------------------------------------------------------------------------
 # the KL-regularised optimum over all densities
 # ----------------------------------------------------------------------------------------------------------------
-def _shoot(log_g1: float, n: int, beta: float, sign: float, dense: bool = False):
-    """Integrate the first-order conditions backwards from c = 1 (G = 1, ψ = 0):
-
-        G' = g = exp(log_g1 + sign·ψ/β),   ψ' = N² c^{N−1} G^{N−1},   K' = g log g.
-    Returns (residual, solution): residual = G(0) (≥ 0: too little mass) or −c₀ if G hits 0 at c₀ > 0.
-    """
-    from scipy.integrate import solve_ivp
-
-    nn = float(n * n)
-    p = n - 1
-    inv_beta = sign / beta
-
-    def rhs(c, y):
-        G = min(max(y[0], 0.0), 1.0)
-        ell = log_g1 + y[1] * inv_beta
-        g = math.exp(min(ell, 60.0))
-        return [g, nn * c**p * G**p, g * ell]
-
-    def hit_zero(c, y):
-        return y[0]
-
-    hit_zero.terminal = True
-    sol = solve_ivp(rhs, (1.0, 0.0), [1.0, 0.0, 0.0], method="DOP853", rtol=1e-9, atol=1e-12,
-                    events=hit_zero, dense_output=dense)
-    if sol.t_events[0].size:
-        return -float(sol.t_events[0][0]), sol
-    return float(sol.y[0, -1]), sol
-
-
-_LAST_ROOTS: dict[tuple[int, float], list[tuple[float, float]]] = {}
-
-
-def _root_log_g1(n: int, beta: float, sign: float) -> float:
-    """Solve the shooting residual G(0; log g(1)) = 0 (monotone decreasing in log g(1)) with Brent's method.
-
-    Bracket: BoN (sign +1): g increasing so 1 ≤ g(1) ≤ (N²/β)/(1 − e^{−N²/β}); mirrored WoN (sign −1): g decreasing
-    and Φ* has range ≤ N, so e^{−N/β} ≤ g(1) ≤ 1.  Warm-started from the nearest β already solved.
-    """
-    from scipy.optimize import brentq
-
-    if sign > 0:
-        lo = -0.1
-        hi = math.log(n * n / beta) - math.log(-math.expm1(-n * n / beta)) + 0.1
-    else:
-        lo, hi = -n / beta - 1.0, 0.1
-
-    def residual(l1):
-        return _shoot(l1, n, beta, sign)[0]
-
-    history = _LAST_ROOTS.setdefault((n, sign), [])
-    r_lo = r_hi = None
-    if history:
-        lb = math.log(beta)
-        prev_lb, prev_l1 = min(history, key=lambda item: abs(item[0] - lb))
-        guess = prev_l1 if sign > 0 else prev_l1 * math.exp(prev_lb - lb)
-        guess = min(max(guess, lo), hi)
-        step = 1e-3 * (1.0 + abs(guess)) + abs(lb - prev_lb)
-        r_g = residual(guess)
-        if r_g == 0:
-            return guess
-        direction = 1.0 if r_g > 0 else -1.0  # too little mass: raise log g(1)
-        a, r_a = guess, r_g
-        for _ in range(60):
-            b = min(max(a + direction * step, lo), hi)
-            r_b = residual(b)
-            if (r_b > 0) != (r_g > 0) or b in (lo, hi):
-                break
-            a, r_a = b, r_b
-            step *= 4.0
-        if (r_b > 0) != (r_g > 0) or r_b == 0:
-            lo, hi, r_lo, r_hi = (a, b, r_a, r_b) if direction > 0 else (b, a, r_b, r_a)
-    if r_lo is None:
-        r_lo, r_hi = residual(lo), residual(hi)
-    if not (r_lo >= 0 >= r_hi):
-        raise RuntimeError(f"optimal_policy: shooting bracket failed (n={n}, beta={beta}).")
-    root = brentq(residual, lo, hi, xtol=1e-7, rtol=1e-12, maxiter=300)
-    history.append((math.log(beta), root))
-    if len(history) > 256:
-        del history[: len(history) - 256]
-    return root
-
-
-@lru_cache(maxsize=1024)
-def _optimal_core(procedure: str, n: int, beta: float) -> tuple[float, float, float]:
-    """(log g1, sign, KL) of the optimum."""
-    if procedure == "standard" or n == 1:
-        return (float("nan"), 0.0, _identity_policy(beta).kl())
-    sign = 1.0 if procedure == "bon" else -1.0
-    l1 = _root_log_g1(n, beta, sign)
-    _, sol = _shoot(l1, n, beta, sign)
-    return (l1, sign, max(-float(sol.y[2, -1]), 0.0))
-
-
-def _identity_policy(beta: float) -> CalibratedPolicy:
-    return _policy_from_logf(lambda c: c / beta, beta, "identity")
-
-
-@lru_cache(maxsize=512)
-def _optimal_policy_cached(procedure: str, n: int, beta: float) -> CalibratedPolicy:
-    spec = f"optimal:procedure={procedure},n={n},beta={beta:.12g}"
-    if procedure == "standard" or n == 1:
-        pol = _identity_policy(beta)
-        return CalibratedPolicy.from_log_density(pol.grid, pol.log_density, beta=beta, transform=spec)
-    l1, sign, _ = _optimal_core(procedure, n, beta)
-    _, sol = _shoot(l1, n, beta, sign, dense=True)
-    # grid: the ODE steps, refined until log g changes by <= 0.1 between neighbours (c is the mirror for WoN)
-    if sign > 0:
-        def logf(c):
-            return l1 + sol.sol(c)[1] / beta
-
-        initial = sol.t
-    else:
-        def logf(c):
-            return l1 - sol.sol(1.0 - c)[1] / beta
-
-        initial = 1.0 - sol.t
-    c, ell = _adaptive_grid(logf, n0=513, tol=0.05, initial=initial)
-    return CalibratedPolicy.from_log_density(c, ell, beta=beta, transform=spec)
-
-
-def optimal_policy(procedure: str, n: int, beta: float | None = None, kl: float | None = None) -> CalibratedPolicy:
+def optimal_policy(procedure: "str | InferenceProcedure", n: int | None = None, beta: float | None = None,
+                   kl: float | None = None) -> CalibratedPolicy:
     r"""The KL-regularised optimum over all densities: argmax_g W_procedure(g) − β·KL(g) (notes §2; InfAlign,
-    arXiv 2412.19792 §3, "optimal transform").
+    arXiv 2412.19792 §3, "optimal transform"), for any inference procedure (a spec such as "bon:n=4" or
+    "mixture:0.5*standard+0.5*bon:n=16", or the old pair ``"bon", 4``).
 
-    The first-order condition gives g ∝ exp(Φ*(c)/β) with Φ* = δW/δg:
-      standard / N = 1: Φ*(c) = c (the identity transform, g ∝ e^{c/β});
-      BoN-N: Φ*(c) = ∫₀^c N² u^{N−1} G(u)^{N−1} du  (W = 1 − ∫ N c^{N−1} G^N dc is concave in g: unique optimum);
-      WoN-N: Φ*(c) = ∫₀^c N² (1−u)^{N−1} (1−G(u))^{N−1} du (the BoN problem for the mirror g̃(c) = g(1−c), minimised).
-    Together with G' = g this is a 2-state ODE boundary-value problem (G(0) = 0, G(1) = 1), solved by shooting on
-    log g(1) (DOP853, rtol 1e-9, Brent on the monotone residual G(0)).  Give exactly one of `beta` or `kl`; with
-    `kl` the β reaching that KL is root-found in log β.  The result has `beta` set and Φ* = β·log g, so
-    ``get_transform("optimal:procedure=bon,n=4,beta=0.1")`` reproduces it.  Cached on (procedure, n, β to 12 digits).
+    The first-order condition gives g ∝ exp(Φ*(c)/β) with dΦ*/dc = Σ_j w_j f_j'(G(c)) f_j'(c) (f_j the output-CDF
+    maps of the procedure's components: :meth:`~trl_infalign.procedures.InferenceProcedure.first_variation`):
+      standard: Φ*(c) = c (the identity transform, g ∝ e^{c/β});
+      BoN-N: Φ*(c) = ∫₀^c N² u^{N−1} G(u)^{N−1} du;  WoN-N: Φ*(c) = ∫₀^c N² (1−u)^{N−1} (1−G(u))^{N−1} du.
+    Together with G' = g this is a boundary-value problem, solved by shooting in z = logit(c) (accurate up to
+    N = 10⁶; :mod:`trl_infalign.optimal`).  Give exactly one of `beta` or `kl`; with `kl` the β reaching that KL is
+    root-found in log β.  The result has `beta` set and Φ* = β·log g, so ``get_transform(pol.transform)``
+    reproduces it.  Cached on (procedure, β to 12 digits).
     """
-    procedure, n = _check_procedure(procedure, n)
+    proc = _procedure(procedure, n)
     if (beta is None) == (kl is None):
         raise ValueError("optimal_policy: give exactly one of beta= or kl=.")
     if kl is not None:
-        beta = _beta_for_optimal_kl(procedure, n, round(float(kl), 12))
+        beta = _beta_for_optimal_kl(proc.spec, round(float(kl), 12))
     beta = float(f"{_check_beta(beta):.12g}")
-    return _optimal_policy_cached(procedure, n, beta)
+    return _optimal_policy_cached(proc.spec, beta)
 
 
-_OPTIMAL_KL_SOLVED: dict[tuple[str, int], list[tuple[float, float]]] = {}
+def _optimal_transform_spec(procedure: InferenceProcedure, beta: float) -> str:
+    from .transforms import OptimalTransform
+
+    return OptimalTransform.spec_for(procedure, beta)
 
 
 @lru_cache(maxsize=512)
-def _beta_for_optimal_kl(procedure: str, n: int, kl: float) -> float:
+def _optimal_policy_cached(procedure: str, beta: float) -> CalibratedPolicy:
+    solution = _optimal.solve_optimal(procedure, beta)
+    return CalibratedPolicy.from_log_density(solution.grid, solution.log_density, beta=beta,
+                                             transform=_optimal_transform_spec(_procedure(procedure), beta))
+
+
+def _optimal_kl(procedure: str, beta: float) -> float:
+    return _optimal.optimal_kl(procedure, float(f"{beta:.12g}"))
+
+
+_OPTIMAL_KL_SOLVED: dict[str, list[tuple[float, float]]] = {}
+
+
+@lru_cache(maxsize=512)
+def _beta_for_optimal_kl(procedure: str, kl: float) -> float:
     if not (math.isfinite(kl) and kl > 0):
         raise ValueError(f"KL budget must be a finite number > 0, got {kl!r}.")
-    if procedure == "standard" or n == 1:
+    proc = _procedure(procedure)
+    if proc.is_standard:
         return beta_for_kl(_IDENTITY, kl)
 
     def kl_at(log_beta: float) -> float:
-        return _optimal_core(procedure, n, float(f"{math.exp(log_beta):.12g}"))[2]
+        return _optimal_kl(procedure, math.exp(log_beta))
 
-    solved = _OPTIMAL_KL_SOLVED.setdefault((procedure, n), [])
-    if solved:  # warm start: log β of the nearest KL already solved, shifted by the local slope if known
+    solved = _OPTIMAL_KL_SOLVED.setdefault(procedure, [])
+    if solved:  # warm start: log β of the nearest KL already solved
         start, factor = min(solved, key=lambda item: abs(math.log(item[0]) - math.log(kl)))[1], 1.5
     else:
         start, factor = math.log(0.1), 10.0
-    beta = _solve_log_beta(kl_at, kl, start, f"the optimal {procedure}-{n} policy", math.log(1e-6), math.log(1e4),
+    beta = _solve_log_beta(kl_at, kl, start, f"the optimal {proc.label} policy", math.log(1e-6), math.log(1e4),
                            factor=factor, xtol=1e-8)
     solved.append((kl, math.log(beta)))
     return float(f"{beta:.12g}")
@@ -996,21 +708,21 @@ def _is_optimal(transform: Any) -> bool:
     return isinstance(transform, str) and transform.strip() == "optimal"
 
 
-def _optimal_sweep(procedure: str, n: int, kl_max: float, ratio: float = 0.6) -> tuple[list[float], list[float]]:
+def _optimal_sweep(procedure: str, kl_max: float, ratio: float = 0.6) -> tuple[list[float], list[float]]:
     """(β, KL) of the optimum on a geometric β grid from 30 down until KL exceeds `kl_max` (or β < 1e-6)."""
     betas, values = [], []
     beta = 30.0
     while beta >= 1e-6:
         b = float(f"{beta:.12g}")
         betas.append(b)
-        values.append(_optimal_core(procedure, n, b)[2])
+        values.append(_optimal_kl(procedure, b))
         if values[-1] > kl_max * 1.05:
             break
         beta *= ratio
     return betas, values
 
 
-def _optimal_at_kls(procedure: str, n: int, kls: Sequence[float]) -> list[CalibratedPolicy]:
+def _optimal_at_kls(procedure: InferenceProcedure, kls: Sequence[float]) -> list[CalibratedPolicy]:
     """Optimal policies near each requested KL, cheaply: a geometric β sweep (warm-started shooting) gives KL(β);
     log β is interpolated (monotone PCHIP) at each KL, corrected by one Newton step, and the optimum solved there.
     The returned policies' KLs match the requested ones to ~1e-5 (exact values reported); unreachable KLs are skipped."""
@@ -1019,9 +731,9 @@ def _optimal_at_kls(procedure: str, n: int, kls: Sequence[float]) -> list[Calibr
     kls = [float(k) for k in kls if k > 0]
     if not kls:
         return []
-    if procedure == "standard" or n == 1:
-        return [optimal_policy(procedure, n, kl=k) for k in kls]
-    betas, values = _optimal_sweep(procedure, n, max(kls))
+    if procedure.is_standard:
+        return [optimal_policy(procedure, kl=k) for k in kls]
+    betas, values = _optimal_sweep(procedure.spec, max(kls))
     order = np.argsort(values)
     kl_sorted = np.asarray(values)[order]
     keep = np.concatenate([[True], np.diff(kl_sorted) > 0])
@@ -1030,20 +742,21 @@ def _optimal_at_kls(procedure: str, n: int, kls: Sequence[float]) -> list[Calibr
     for k in kls:
         if not (kl_sorted[0] <= k <= kl_sorted[-1]):
             try:  # outside the sweep: fall back on the exact KL solve (raises if unreachable)
-                out.append(optimal_policy(procedure, n, kl=k))
+                out.append(optimal_policy(procedure, kl=k))
             except ValueError:
                 pass
             continue
         lb = float(log_beta(k))  # one Newton step on KL(log β) with the interpolant's slope
-        kl_here = _optimal_core(procedure, n, float(f"{math.exp(lb):.12g}"))[2]
+        kl_here = _optimal_kl(procedure.spec, math.exp(lb))
         slope = float(log_beta.derivative()(k))
         lb = min(max(lb + slope * (k - kl_here), math.log(1e-6)), math.log(1e4))
-        out.append(optimal_policy(procedure, n, beta=math.exp(lb)))
+        out.append(optimal_policy(procedure, beta=math.exp(lb)))
     return out
 
 
 def frontier(
-    transforms: "str | Transform | Iterable[str | Transform]", procedure: str = "bon", n: int = 4,
+    transforms: "str | Transform | Iterable[str | Transform]", procedure: "str | InferenceProcedure" = "bon",
+    n: int | None = None,
     kls: Sequence[float] | None = None, betas: Sequence[float] | None = None,
 ) -> list[FrontierPoint]:
     r"""Win rate vs KL curves: for each transform and each KL budget (or β), the policy g ∝ exp(Φ/β) and its
@@ -1053,7 +766,7 @@ def frontier(
     sweep and interpolation, so its points' KLs match `kls` to ~1e-5; the exact KL is reported).  KL budgets a
     transform cannot reach are skipped.  Default `kls`: 25 values in (0, 3] (:data:`DEFAULT_KLS`).
     """
-    procedure, n = _check_procedure(procedure, n)
+    procedure = _procedure(procedure, n)
     if isinstance(transforms, str) or not isinstance(transforms, Iterable):
         transforms = [transforms]
     if kls is not None and betas is not None:
@@ -1065,9 +778,9 @@ def frontier(
         if _is_optimal(tr):
             label = "optimal"
             if betas is not None:
-                pols = [optimal_policy(procedure, n, beta=b) for b in betas]
+                pols = [optimal_policy(procedure, beta=b) for b in betas]
             else:
-                pols = _optimal_at_kls(procedure, n, kls)
+                pols = _optimal_at_kls(procedure, kls)
         else:
             resolved = _resolve(tr)
             label = resolved.spec
@@ -1083,19 +796,20 @@ def frontier(
                         continue
         for p in pols:
             points.append(FrontierPoint(transform=label, beta=float(p.beta), kl=p.kl(),
-                                        win_rate=p.win_rate(procedure, n), standard_win_rate=p.standard_win_rate()))
+                                        win_rate=p.win_rate(procedure), standard_win_rate=p.standard_win_rate()))
     return points
 
 
 def plot_frontiers(
-    procedure: str, n: int, transforms: "Iterable[str | Transform]", kls: Sequence[float] | None = None,
+    procedure: "str | InferenceProcedure", n: int | None, transforms: "Iterable[str | Transform]",
+    kls: Sequence[float] | None = None,
     path: str | None = None, ax=None,
 ):
     """Plot win rate vs KL(π‖π_ref) for each transform (and "optimal") with :func:`frontier`; returns the Axes.
 
     Saves to `path` when given.  Needs matplotlib (``pip install trl-infalign[plot]``).
     """
-    procedure, n = _check_procedure(procedure, n)
+    procedure = _procedure(procedure, n)
     try:
         import matplotlib
 
@@ -1113,23 +827,22 @@ def plot_frontiers(
         fig = ax.figure
     kl_grid = list(DEFAULT_KLS if kls is None else kls)
     for tr in transforms:
-        if _is_optimal(tr) and procedure != "standard" and n > 1:
+        if _is_optimal(tr) and not procedure.is_standard:
             # the optimal curve is drawn at the points of a β sweep (no per-KL β solve: much faster)
-            betas, values = _optimal_sweep(procedure, n, max(kl_grid), ratio=0.7)
+            betas, values = _optimal_sweep(procedure.spec, max(kl_grid), ratio=0.7)
             lo, hi = min(kl_grid), max(kl_grid)
             chosen = [b for b, k in zip(betas, values) if 0.8 * lo <= k <= 1.05 * hi]
-            pts = sorted(frontier([tr], procedure, n, betas=chosen), key=lambda p: p.kl)
+            pts = sorted(frontier([tr], procedure, betas=chosen), key=lambda p: p.kl)
         else:
-            pts = frontier([tr], procedure, n, kls=kl_grid)
+            pts = frontier([tr], procedure, kls=kl_grid)
         if not pts:
             continue
         style = {"color": "black", "linestyle": "--", "linewidth": 2} if pts[0].transform == "optimal" else {}
         ax.plot([p.kl for p in pts], [p.win_rate for p in pts], marker="o", markersize=2.5, label=pts[0].transform,
                 **style)
-    name = {"standard": "standard win rate", "bon": f"Best-of-{n} win rate", "won": f"Worst-of-{n} win rate"}
     ax.set_xlabel("KL(π ‖ π_ref) [nats]")
-    ax.set_ylabel(name[procedure] + " vs π_ref")
-    ax.set_title(f"Calibrated-space frontiers: procedure={procedure}, N={n}")
+    ax.set_ylabel(f"{procedure.label} win rate vs π_ref")
+    ax.set_title(f"Calibrated-space frontiers: {procedure.spec}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if path is not None:
@@ -1143,8 +856,8 @@ def plot_frontiers(
 def clear_caches() -> None:
     """Forget every cached policy, β solve and shooting warm start (for benchmarks and memory)."""
     _POLICY_CACHE.clear()
-    _LAST_ROOTS.clear()
+    _optimal.clear_caches()
     _OPTIMAL_KL_SOLVED.clear()
-    for cached in (_best_t_cached, _best_t_for_beta_cached, _optimal_core, _optimal_policy_cached,
+    for cached in (_best_t_cached, _best_t_for_beta_cached, _optimal_policy_cached,
                    _beta_for_optimal_kl):
         cached.cache_clear()

@@ -13,7 +13,7 @@ won           −exp(−t·c)                                  t ∈ (0, 700], d
 lsc           log σ(r − r_ref(x))  (raw rewards!)         centre ∈ {mean, median} or a quantile level in [0, 1]
 par           mean_k σ(r − r_ref,k(x))  (raw rewards!)    —  (PAR, Fu et al. 2025)
 raw           r  (raw rewards!)                           —  (standard RLHF baseline)
-optimal       β·log g*(c) (tabulated, from theory)        procedure ∈ {standard, bon, won}, n ≥ 1, beta > 0
+optimal       β·log g*(c) (tabulated, solved)             procedure (any spec), n ≥ 1, beta > 0
 ============  ==========================================  ======================================================
 
 Spec strings: ``"name"`` or ``"name:k=v,k2=v2"`` (values parsed as int, then float, else string), e.g. ``"bon:t=10"``,
@@ -625,41 +625,62 @@ class TabulatedTransform(Transform):
         return f"TabulatedTransform({self.grid.size} points on [{self.grid[0]:g}, {self.grid[-1]:g}])"
 
 
-_PROCEDURES = ("standard", "bon", "won")
-
-
 @register_transform("optimal")
 class OptimalTransform(TabulatedTransform):
     r"""Φ*(c) = β·log g*(c): the exactly optimal transform for an inference procedure at KL coefficient β.
 
     g* maximises (inference win rate − β·KL) over all calibrated-space densities (InfAlign, arXiv 2412.19792, §3;
-    notes §2); it is computed by :func:`trl_infalign.theory.optimal_policy` (lazily, on first use, then cached in
-    this instance) and interpolated linearly.  Parameters: `procedure` ∈ {standard, bon, won} (default bon),
-    `n` ≥ 1 (default 4), `beta` > 0 (default 0.1) — use the same β as the trainer's KL coefficient.  With
-    procedure=standard (or n=1) Φ* is the identity.
+    notes §2); it is computed by :func:`trl_infalign.optimal.solve_optimal` (lazily, on first use, then cached in
+    this instance) and interpolated linearly.  Parameters: `procedure`, any procedure spec (default bon; see
+    :mod:`trl_infalign.procedures`: "standard", "bon", "won", a mixture "mixture:0.5*standard+0.5*bon:n=16", or an
+    :class:`~trl_infalign.procedures.InferenceProcedure`), `n` ≥ 1 (default 4: the N of a bare "bon" / "won"),
+    `beta` > 0 (default 0.1) — use the same β as the trainer's KL coefficient.  For plain sampling Φ* is the
+    identity.  Spec: ``"optimal:procedure=bon,n=4,beta=0.1"``, ``"optimal:procedure=mixture:0.5*standard+0.5*bon:n=4,beta=0.1"``.
     """
 
     parameters = {
-        "procedure": TransformParam(str, "bon", choices=_PROCEDURES, valid="one of standard, bon, won"),
+        "procedure": TransformParam(str, "bon", valid="a procedure spec: standard, bon, won, mixture:w*spec+..."),
         "n": TransformParam(int, 4, check=lambda v: v >= 1, valid="an integer >= 1"),
         "beta": TransformParam(float, 0.1, check=lambda v: v > 0, valid="a finite number > 0"),
     }
 
     def __init__(self, **params: Any):
+        from .procedures import InferenceProcedure, ProcedureError, get_procedure
+
+        raw = params.pop("procedure", "bon")
         Transform.__init__(self, **params)
+        try:
+            if isinstance(raw, InferenceProcedure) or ":" in str(raw):
+                procedure = get_procedure(raw)
+                if "n" in params and "n" in procedure.params and procedure.params["n"] != self.params["n"]:
+                    raise ProcedureError(f"procedure {procedure.spec!r} has n={procedure.n}, but n={self.params['n']}.")
+            else:
+                procedure = get_procedure(str(raw), self.params["n"])  # n is the N of a bare "bon" / "won"
+        except ValueError as error:
+            raise TransformError(f"Invalid parameter procedure={raw!r} for transform 'optimal': {error}") from None
+        self.procedure = procedure
+        if set(procedure.params) <= {"n"}:  # the round-trippable (procedure, n) form
+            self.params = {"procedure": procedure.name, "n": procedure.params.get("n", self.params["n"]),
+                           "beta": self.params["beta"]}
+        else:
+            self.params = {"procedure": procedure.spec.replace(",", ";"), "beta": self.params["beta"]}
         self.grid = self.values = None
         self._torch_tables = {}
 
+    @classmethod
+    def spec_for(cls, procedure, beta: float) -> str:
+        """Canonical spec of the optimal transform of `procedure` at `beta` (β to 12 significant digits)."""
+        return cls(procedure=procedure, beta=float(f"{float(beta):.12g}")).spec
+
     def _ensure_table(self) -> None:
         if self.grid is None:
-            from . import theory
+            from .optimal import solve_optimal
 
-            p = self.params
-            pol = theory.optimal_policy(p["procedure"], p["n"], p["beta"])
-            grid = np.asarray(pol.grid, dtype=np.float64)
-            values = p["beta"] * np.asarray(pol.log_density, dtype=np.float64)
+            solution = solve_optimal(self.procedure, self.params["beta"])
+            grid = np.asarray(solution.grid, dtype=np.float64)
+            values = np.asarray(solution.transform_values(), dtype=np.float64)
             if grid.ndim != 1 or grid.shape != values.shape or grid.size < 2 or np.any(np.diff(grid) <= 0):
-                raise TransformError(f"theory.optimal_policy returned an invalid table for {self.spec!r}.")
+                raise TransformError(f"the optimal solver returned an invalid table for {self.spec!r}.")
             self._set_table(grid, values)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
