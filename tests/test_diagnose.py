@@ -294,7 +294,7 @@ def test_cli_parquet_table_and_plot(tmp_path, capsys):
                  "--n", "2", "--kl", "0.3", "--methods", "raw_reward", "identity", "won:t=5", "--plot", str(plot)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "| won:t=5 |" in out and "WoN-2 win" in out and plot.stat().st_size > 1000
+    assert "| won:t=5 |" in out and "Worst-of-2 win" in out and plot.stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

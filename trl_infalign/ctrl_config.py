@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import RLOOConfig
 
-PROCEDURES = ("standard", "bon", "won")
+from .procedures import InferenceProcedure, get_procedure
 
 
 @dataclass
@@ -27,14 +27,16 @@ class CTRLArguments:
 
     Parameters:
         inference_procedure (`str`, defaults to `"bon"`):
-            How the trained model will be used: `standard` (one sample), `bon` (best of `inference_n`), `won` (worst of
-            `inference_n`, e.g. a jailbreak attacker keeping the worst of N).
+            How the trained model will be used (see [`~trl_infalign.procedures`]): `standard` (one sample), `bon` (best
+            of `inference_n`), `won` (worst of `inference_n`, e.g. a jailbreak attacker keeping the worst of N), a spec
+            with its own N (`bon:n=8`), a request-level mixture (`mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32`),
+            a registered user procedure, or an `InferenceProcedure`. The resolved object is `config.procedure`.
         inference_n (`int`, defaults to `4`):
-            N of the inference-time procedure.
+            N of a bare `bon` / `won`. A spec with its own N sets it (to the largest N of a mixture).
         transform (`str`, defaults to `"auto"`):
             Transform spec, e.g. `"bon:t=10"`, `"won:t=5"`, `"identity"`, `"lsc"`, `"optimal"`. `auto` picks the
             procedure's exp family with t chosen by the theory module (identity for `standard`). `optimal` is the
-            numerically optimal transform for (`inference_procedure`, `inference_n`, `beta`).
+            numerically optimal transform for the procedure at `beta` (any procedure, mixtures included).
         kl_budget (`float` or `None`, defaults to `None`):
             Target KL(π‖π_ref) **per completion** in nats (the sum over a completion's tokens of log π − log π_ref; the
             unit of the theory, and of the `ctrl/sequence_kl` metric — TRL's `kl` metric is a per-token mean).
@@ -76,9 +78,14 @@ class CTRLArguments:
 
     inference_procedure: str = field(
         default="bon",
-        metadata={"help": "Inference-time procedure to align for.", "choices": list(PROCEDURES)},
+        metadata={
+            "help": "Inference-time procedure to align for: standard, bon, won (N from inference_n), a spec such as "
+            "bon:n=8, or a mixture such as mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32."
+        },
     )
-    inference_n: int = field(default=4, metadata={"help": "N of Best-of-N / Worst-of-N at inference."})
+    inference_n: int = field(
+        default=4, metadata={"help": "N of a bare bon / won (a spec with its own N, or a mixture, sets it)."}
+    )
     transform: str = field(
         default="auto",
         metadata={
@@ -159,17 +166,36 @@ class CTRLArguments:
     def _validate_trainer_fields(self) -> None:
         """Hook: checks of the underlying TRL trainer's own fields (none for RLOO; see `CTRLGRPOConfig`)."""
 
+    @property
+    def procedure(self) -> InferenceProcedure:
+        """The inference procedure this run aligns for (:mod:`trl_infalign.procedures`)."""
+        spec = self.inference_procedure
+        bare = isinstance(spec, str) and ":" not in spec
+        return get_procedure(spec, self.inference_n if bare else None)
+
     def _validate_ctrl_fields(self):
-        if self.inference_procedure not in PROCEDURES:
-            raise ValueError(
-                f"{self._ctrl_name}.inference_procedure={self.inference_procedure!r} is not one of {list(PROCEDURES)}."
-            )
         if isinstance(self.inference_n, bool) or not isinstance(self.inference_n, int) or self.inference_n < 1:
             raise ValueError(f"{self._ctrl_name}.inference_n must be an integer >= 1, got {self.inference_n!r}.")
-        if self.inference_procedure == "standard" and self.inference_n != 1:
+        try:
+            procedure = self.procedure
+        except ValueError as error:
+            raise ValueError(f"{self._ctrl_name}.inference_procedure={self.inference_procedure!r}: {error}") from None
+        bare = isinstance(self.inference_procedure, str) and ":" not in self.inference_procedure
+        if bare and procedure.is_standard and self.inference_n != 1:
             raise ValueError(
                 f"{self._ctrl_name}.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
             )
+        if not bare:
+            default_n = next(f.default for f in fields(self) if f.name == "inference_n")
+            if self.inference_n not in (default_n, procedure.n):
+                warnings.warn(
+                    f"{self._ctrl_name}: inference_n={self.inference_n} is overridden by inference_procedure="
+                    f"{procedure.spec!r}, which draws up to {procedure.n} samples per request: inference_n is set to "
+                    f"{procedure.n}. Drop inference_n to silence this.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            self.inference_procedure, self.inference_n = procedure.spec, procedure.n
         if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
             raise ValueError(f"{self._ctrl_name}.kl_budget must be a finite number > 0 (or None), got {self.kl_budget!r}.")
         if self.kl_control is None:
@@ -212,22 +238,22 @@ class CTRLArguments:
         from . import theory
         from .transforms import TransformError, get_transform
 
-        procedure, n, budget = self.inference_procedure, self.inference_n, self.kl_budget
+        procedure, budget = self.procedure, self.kl_budget
         given_beta, beta_given = self.beta, self.beta != self._default_beta()
         spec = self.transform.strip()
         try:
             if spec == "auto":
-                if procedure == "standard":
+                if procedure.is_standard:
                     spec = "identity"
                 elif budget is not None:
-                    best = theory.best_t(procedure, n, budget)
-                    spec, self.beta = f"{procedure}:t={best.t:.6g}", best.beta
+                    best = theory.best_t(procedure, kl=budget)
+                    spec, self.beta = best.transform, best.beta
                 else:
-                    spec = f"{procedure}:t={theory.best_t_for_beta(procedure, n, self.beta):.6g}"
+                    spec = theory.best_t_for_beta(procedure, beta=self.beta, details=True).transform
             elif spec.split(":", 1)[0] == "optimal":
                 if budget is not None:
-                    self.beta = theory.optimal_policy(procedure, n, kl=budget).beta
-                spec = f"optimal:procedure={procedure},n={n},beta={self.beta:.6g}"
+                    self.beta = theory.optimal_policy(procedure, kl=budget).beta
+                spec = get_transform("optimal", procedure=procedure, beta=float(f"{self.beta:.6g}")).spec
             transform = get_transform(spec)
             if budget is not None and transform.requires_raw_rewards:
                 if self.kl_control != "adaptive":
@@ -244,7 +270,7 @@ class CTRLArguments:
                     stacklevel=3,
                 )
                 beta_given = False  # `beta` is the controller's start here, not overridden
-            elif budget is not None and not (self.transform.strip() == "auto" and procedure != "standard") and (
+            elif budget is not None and not (self.transform.strip() == "auto" and not procedure.is_standard) and (
                 transform.name != "optimal"
             ):
                 self.beta = theory.beta_for_kl(transform, budget)
@@ -272,29 +298,30 @@ class CTRLArguments:
         the wrong procedure: say what it costs at the run's KL, by the calibrated-space theory."""
         from . import theory
 
-        procedure, n = self.inference_procedure, self.inference_n
-        if transform.name not in ("bon", "won") or transform.name == procedure:
+        procedure = self.procedure
+        if transform.name not in ("bon", "won") or (not procedure.is_standard and transform.name in procedure.families):
             return
         try:
             given = theory.policy(transform.spec, self.beta)
             kl = given.kl()
-            if procedure == "standard":
+            if procedure.is_standard:
                 better, better_win = "identity", theory.policy("identity", theory.beta_for_kl("identity", kl)).win_rate()
             else:
-                best = theory.best_t(procedure, n, kl)
+                best = theory.best_t(procedure, kl=kl)
                 better, better_win = best.transform, best.win_rate
         except ValueError:  # e.g. an unreachable KL: no numbers to give, the mismatch itself is still worth saying
             given, better = None, "auto"
-        label = theory_label(procedure, n)
+        label = procedure.label
         numbers = (
-            f" At its KL {kl:.3g} the theory gives a {label} win rate of {given.win_rate(procedure, n):.3f}; "
+            f" At its KL {kl:.3g} the theory gives a {label} win rate of {given.win_rate(procedure):.3f}; "
             f"{better!r} gives {better_win:.3f} at the same KL."
             if given is not None
             else ""
         )
+        family_label = get_procedure(transform.name, max(procedure.n, 2)).label  # the deployment the family is for
         warnings.warn(
-            f"{self._ctrl_name}: transform={transform.spec!r} is the {theory_label(transform.name, n)} family, but "
-            f"inference_procedure={procedure!r}.{numbers} Use transform='auto' to align for {label}.",
+            f"{self._ctrl_name}: transform={transform.spec!r} is the {family_label} family, but "
+            f"inference_procedure={self.inference_procedure!r}.{numbers} Use transform='auto' to align for {label}.",
             UserWarning,
             stacklevel=4,
         )
@@ -318,6 +345,3 @@ class CTRLConfig(CTRLArguments, RLOOConfig):
 # One parameter list for both configs: CTRLConfig's docstring ends with CTRLArguments' "Parameters:" section.
 CTRLConfig.__doc__ += CTRLArguments.__doc__[CTRLArguments.__doc__.index("    Parameters:"):]
 
-
-def theory_label(procedure: str, n: int) -> str:
-    return {"standard": "standard", "bon": f"Best-of-{n}", "won": f"Worst-of-{n}"}[procedure]

@@ -38,6 +38,7 @@ from accelerate.utils import gather_object
 from .calibration import calibrate, pad_reference_rewards
 from .health import CalibrationHealth, calibration_check_message, check_calibration_health
 from .kl_control import AdaptiveKLController
+from .procedures import get_procedure
 from .sampling import combine_rewards
 from .transforms import get_transform
 
@@ -60,25 +61,16 @@ class HubUploadError(RuntimeError):
     """The Hub could not be reached or refused the upload; the local output directory is complete."""
 
 
-def pooled_inference_win_rate(calibrated: torch.Tensor, n: int, procedure: str) -> float:
-    """Win rate of the policy's BoN-n (WoN-n) against the reference's, from the batch's calibrated rewards.
+def pooled_inference_win_rate(calibrated: torch.Tensor, n: int | None = None, procedure="bon") -> float:
+    """Win rate of the policy under the inference procedure against the reference's, from the batch's calibrated
+    rewards (the trainer's running `ctrl/<procedure>_win_rate` metric).
 
-    Pools c over prompts (under π_ref, c is Uniform[0,1] for every prompt): the max (min) of a random n-subset of the
-    m sorted values is the j-th smallest with the all-subsets weights of `evaluation.order_statistic_weights`; the
-    reference's BoN-n calibrated value has CDF c^n, its WoN-n 1 − (1 − c)^n. Needs m ≥ n; NaN otherwise.
+    Pools c over prompts (under π_ref, c is Uniform[0,1] for every prompt), so the reference's output has the exact
+    CDF f(c); the policy's output is weighted over the sorted batch by the procedure's all-subsets rank weights
+    (:meth:`~trl_infalign.procedures.InferenceProcedure.pooled_calibrated_win_rate`). `procedure` is a spec or the
+    old pair (n, "bon"); NaN when the batch has fewer values than the procedure draws.
     """
-    from .evaluation import order_statistic_weights
-
-    c = calibrated[torch.isfinite(calibrated)].double().sort().values.cpu()
-    m = c.numel()
-    if m < max(n, 1):
-        return math.nan
-    if procedure == "standard":
-        return c.mean().item()
-    weights = order_statistic_weights(torch.tensor([m]), m, n, procedure)[0]
-    reference_cdf = c**n if procedure == "bon" else 1 - (1 - c) ** n
-    return (weights * reference_cdf).sum().item()
-
+    return get_procedure(procedure, n).pooled_calibrated_win_rate(calibrated)
 
 
 class CTRLTrainerMixin:
@@ -492,10 +484,9 @@ class CTRLTrainerMixin:
         metrics["ctrl/calibrated_reward"].append(torch.nanmean(calibrated).item())
         metrics["ctrl/transformed_reward"].append(torch.nanmean(transformed).item())
         metrics["ctrl/nonfinite_rewards"].append(float(infinite.sum().item()))
-        procedure, n = self.args.inference_procedure, self.args.inference_n
-        if procedure != "standard":
-            win = pooled_inference_win_rate(calibrated, n, procedure)
-            metrics[f"ctrl/{procedure}@{n}_win_rate"].append(win)
+        procedure = self.args.procedure
+        if not procedure.is_standard:  # the standard win rate is ctrl/calibrated_reward itself
+            metrics[f"ctrl/{procedure.metric_key}"].append(procedure.pooled_calibrated_win_rate(calibrated))
         self._logs["rewards"]["ctrl_calibrated"].extend(calibrated.tolist())
         return transformed.unsqueeze(1)
 

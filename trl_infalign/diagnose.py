@@ -17,6 +17,8 @@ discrete π_ref — no sampling, no quadrature:
                       c_k = (#{j: r_j < r_k} + ½ #{j: r_j = r_k}) / K   (the calibrated reward, mid-rank)
     BoN-N win_x     = Σ_v [F(v)^N − F(v⁻)^N] · ½ [H(v⁻)^N + H(v)^N]        (best of N vs best of N)
     WoN-N win_x     = the same with the CDFs of the minimum, 1 − (1 − F)^N   (worst of N vs worst of N)
+    any procedure   = Σ_v [f(F(v)) − f(F(v⁻))] · ½ [f(H(v⁻)) + f(H(v))] for its output-CDF map f
+                      (:mod:`trl_infalign.procedures`); a mixture's is Σ_j w_j of its components'
 
 where v runs over prompt x's distinct reward values, F is π*_x's CDF and H the reference's (F(v⁻) = mass below v;
 ties count ½).  The prediction is the average over prompts.  Every method uses **one global β**, as the trainer does,
@@ -51,9 +53,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .procedures import BestOfN, InferenceProcedure, Standard, WorstOfN, get_procedure
+
 __all__ = ["METHODS", "DiagnosisResult", "diagnose", "load_reference_rewards"]
 
-PROCEDURES = ("standard", "bon", "won")
 #: Built-in method names, in report order.  Any transform spec ("bon:t=10", "log", "lsc:centre=median") also works.
 METHODS = ("raw_reward", "identity", "best_t", "optimal", "lsc", "par", "vbon")
 #: exp-family t search: [T_MIN, min(700, 60·max(1, N/4))] on a log grid (the best t grows with N, notes §8).
@@ -248,16 +251,15 @@ class _Atoms:
         atoms = _Atoms.from_matrix(np.where(mask, unique, 0.0), mask, counts.astype(np.float64))
         return atoms, inverse.reshape(-1)
 
-    def reference_side(self, procedure: str, n: int) -> np.ndarray:
-        """½ [H(v⁻) + H(v)] per position: the reference's tie-split CDF of its best (worst) of n at each value."""
-        key = (procedure, n)
+    def reference_side(self, procedure: InferenceProcedure) -> np.ndarray:
+        """½ [f(H(v⁻)) + f(H(v))] per position: the reference's tie-split CDF of a primitive procedure's output at
+        each value (f its output-CDF map; H(v⁻) = #below/K and H(v) = #at-or-below/K, complements exact)."""
+        key = procedure.spec
         if key not in self._reference_side:
-            lt = self.first / self.count[:, None]
-            le = (self.last + 1) / self.count[:, None]
-            if procedure == "won":
-                mid = 1.0 - 0.5 * ((1.0 - lt) ** n + (1.0 - le) ** n)
-            else:
-                mid = 0.5 * (lt**n + le**n)
+            count = self.count[:, None].astype(np.float64)
+            lt, le = self.first / count, (self.last + 1) / count
+            mid = 0.5 * (procedure.output_cdf(lt, (count - self.first) / count)
+                         + procedure.output_cdf(le, (count - self.last - 1) / count))
             self._reference_side[key] = np.where(self.is_last, mid, 0.0)
         return self._reference_side[key]
 
@@ -349,26 +351,24 @@ def _solve_lambda(phi: np.ndarray, atoms: _Atoms, kl: float, what: str) -> float
     return math.exp(u)
 
 
-def _win_rates(p: np.ndarray, atoms: _Atoms, procedure: str, n: int) -> np.ndarray:
-    """Per-row exact win rate of the reweighted atoms `p` against the reference (module docstring)."""
-    if procedure == "standard" or n == 1:
-        return np.sum(p * atoms.c, axis=1)
-    with np.errstate(divide="ignore", under="ignore"):
-        if procedure == "bon":  # tails from the top: accurate where the best of N lives
-            tail_incl = np.minimum(np.cumsum(p[:, ::-1], axis=1)[:, ::-1], 1.0)  # mass ≥ v_k
-            tail_excl = np.zeros_like(tail_incl)
-            tail_excl[:, :-1] = tail_incl[:, 1:]  # mass > v_k
-            above_last = np.take_along_axis(tail_excl, atoms.last, axis=1)  # 1 − F(v)
-            above_first = np.take_along_axis(tail_incl, atoms.first, axis=1)  # 1 − F(v⁻)
-            mass = np.exp(n * np.log1p(-above_last)) - np.exp(n * np.log1p(-above_first))
-        else:
-            head_incl = np.minimum(np.cumsum(p, axis=1), 1.0)
-            head_excl = np.zeros_like(head_incl)
-            head_excl[:, 1:] = head_incl[:, :-1]
-            below_first = np.take_along_axis(head_excl, atoms.first, axis=1)  # F(v⁻)
-            below_last = np.take_along_axis(head_incl, atoms.last, axis=1)  # F(v)
-            mass = np.exp(n * np.log1p(-below_first)) - np.exp(n * np.log1p(-below_last))
-    return np.sum(np.where(atoms.is_last, mass, 0.0) * atoms.reference_side(procedure, n), axis=1)
+def _win_rates(p: np.ndarray, atoms: _Atoms, procedure: InferenceProcedure) -> np.ndarray:
+    """Per-row exact win rate of the reweighted atoms `p` against the reference (module docstring): per primitive
+    component, Σ_v [f(F(v)) − f(F(v⁻))] · ½ [f(H(v⁻)) + f(H(v))], with F and 1 − F both from cumulative sums (the
+    tail from the top, so BoN at large N keeps its precision); weighted over a mixture's components."""
+    head_incl = np.minimum(np.cumsum(p, axis=1), 1.0)  # mass ≤ v_k
+    head_excl = np.zeros_like(head_incl)
+    head_excl[:, 1:] = head_incl[:, :-1]  # mass < v_k
+    tail_incl = np.minimum(np.cumsum(p[:, ::-1], axis=1)[:, ::-1], 1.0)  # mass ≥ v_k
+    tail_excl = np.zeros_like(tail_incl)
+    tail_excl[:, :-1] = tail_incl[:, 1:]  # mass > v_k
+    at_v = (np.take_along_axis(head_incl, atoms.last, axis=1), np.take_along_axis(tail_excl, atoms.last, axis=1))
+    below_v = (np.take_along_axis(head_excl, atoms.first, axis=1), np.take_along_axis(tail_incl, atoms.first, axis=1))
+    total = 0.0
+    with np.errstate(divide="ignore", under="ignore", invalid="ignore"):
+        for weight, part in procedure.components():
+            mass = part.output_cdf(*at_v) - part.output_cdf(*below_v)
+            total = total + weight * np.sum(np.where(atoms.is_last, mass, 0.0) * atoms.reference_side(part), axis=1)
+    return total
 
 
 @dataclass
@@ -381,18 +381,18 @@ class _Fit:
     won: np.ndarray | None
 
 
-def _fit(phi: np.ndarray, atoms: _Atoms, kl: float, procedure: str, n: int, what: str, all_procedures: bool = True,
-         lam: float | None = None) -> _Fit:
+def _fit(phi: np.ndarray, atoms: _Atoms, kl: float, procedure: InferenceProcedure, what: str,
+         all_procedures: bool = True, lam: float | None = None) -> _Fit:
     phi = _shift(phi, atoms)
     if lam is None:
         lam = _solve_lambda(phi, atoms, kl, what)
     p, kl_x, _, _ = _tilt(phi, atoms, lam)
-    win = _win_rates(p, atoms, procedure, n)
-    standard = win if (procedure == "standard" or n == 1) else _win_rates(p, atoms, "standard", 1)
+    win = _win_rates(p, atoms, procedure)
+    standard = win if procedure.is_standard else _win_rates(p, atoms, Standard())
     bon = won = None
-    if all_procedures and n > 1:
-        bon = win if procedure == "bon" else _win_rates(p, atoms, "bon", n)
-        won = win if procedure == "won" else _win_rates(p, atoms, "won", n)
+    if all_procedures and procedure.n > 1:  # BoN-N and WoN-N at the procedure's N, whatever it is
+        bon = win if procedure == BestOfN(procedure.n) else _win_rates(p, atoms, BestOfN(procedure.n))
+        won = win if procedure == WorstOfN(procedure.n) else _win_rates(p, atoms, WorstOfN(procedure.n))
     return _Fit(lam, kl_x, win, standard, bon, won)
 
 
@@ -404,13 +404,12 @@ class _Data:
     atoms: _Atoms  # per prompt, sorted by reward
     patterns: _Atoms  # per distinct tie pattern, on c
     inverse: np.ndarray  # prompt -> pattern
-    procedure: str
-    n: int
+    procedure: InferenceProcedure
     lsc_centre: Any
 
     @property
-    def family(self) -> str:
-        return "won" if self.procedure == "won" else "bon"
+    def n(self) -> int:
+        return self.procedure.n
 
     def t_max(self) -> float:
         return float(min(700.0, 60.0 * max(1.0, self.n / 4.0)))
@@ -432,16 +431,25 @@ def _summary(fit: _Fit, atoms: _Atoms, beta: float, transform: str) -> dict:
 
 
 def _best_t(data: _Data, kl: float, notes: list[str], all_procedures: bool = True) -> tuple[dict, _Fit]:
+    """The best member of the procedure's exp family (of each, for a mixture of BoN and WoN: the better one)."""
+    found = [_best_t_of_family(data, family, kl, all_procedures) for family in data.procedure.families]
+    out, fit, note = max(found, key=lambda item: item[0]["win_rate"])
+    if note:
+        notes.append(note)
+    return out, fit
+
+
+def _best_t_of_family(data: _Data, family: str, kl: float, all_procedures: bool) -> tuple[dict, _Fit, str | None]:
     from scipy.optimize import minimize_scalar
 
-    atoms, family, procedure, n = data.patterns, data.family, data.procedure, data.n
+    atoms, procedure = data.patterns, data.procedure
     t_max = data.t_max()
     cache: dict[float, float] = {}
 
     def objective(log_t: float) -> float:
         if log_t not in cache:
             phi = _exp_family(atoms.c, family, math.exp(log_t))
-            fit = _fit(phi, atoms, kl, procedure, n, f"{family}:t={math.exp(log_t):.6g}", all_procedures=False)
+            fit = _fit(phi, atoms, kl, procedure, f"{family}:t={math.exp(log_t):.6g}", all_procedures=False)
             cache[log_t] = _mean(fit.win, atoms.weight)
         return cache[log_t]
 
@@ -455,19 +463,19 @@ def _best_t(data: _Data, kl: float, notes: list[str], all_procedures: bool = Tru
     log_t = float(res.x) if -res.fun >= values[i] else float(log_ts[i])
     t = float(f"{math.exp(log_t):.6g}")
     spec = f"{family}:t={t:.6g}"
-    on_bound = None
-    if math.log(t) - math.log(T_MIN) < 0.05 and procedure != "standard":  # standard: identity (t → 0) is optimal
+    on_bound = note = None
+    if math.log(t) - math.log(T_MIN) < 0.05 and not procedure.is_standard:  # standard: identity (t → 0) is optimal
         on_bound = "lower"
     elif math.log(t_max) - math.log(t) < 0.05:
         on_bound = "upper"
     if on_bound:
-        notes.append(f"best_t: t = {t:g} is on the {on_bound} bound of the search range [{T_MIN:g}, {t_max:g}]; the "
-                     "best exp-family member may lie beyond it.")
-    fit = _fit(_exp_family(atoms.c, family, t), atoms, kl, procedure, n, spec, all_procedures)
+        note = (f"best_t: t = {t:g} is on the {on_bound} bound of the search range [{T_MIN:g}, {t_max:g}]; the "
+                "best exp-family member may lie beyond it.")
+    fit = _fit(_exp_family(atoms.c, family, t), atoms, kl, procedure, spec, all_procedures)
     beta = (math.exp(t) if family == "bon" else 1.0) / fit.lam  # β of Φ = exp(t c) itself
     out = _summary(fit, atoms, beta, spec)
     out.update({"t": t, "family": family})
-    return out, fit
+    return out, fit, note
 
 
 def _vbon_spec(atoms: _Atoms) -> str:
@@ -508,14 +516,11 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
     if name == "optimal":
         from . import theory
 
-        if n == 1:  # Φ* is the identity; theory.optimal_policy(kl=) fails here (its internal Φ = c isn't a spec)
-            pol = theory.optimal_policy(procedure, n, beta=theory.beta_for_kl("identity", kl))
-        else:
-            pol = theory.optimal_policy(procedure, n, kl=kl)
-        transform = get_transform("optimal", procedure=procedure, n=n, beta=float(pol.beta))
-        fit = _fit(transform.phi(data.patterns.c), data.patterns, kl, procedure, n, transform.spec, all_procedures)
+        pol = theory.optimal_policy(procedure, kl=kl)
+        transform = get_transform("optimal", procedure=procedure, beta=float(pol.beta))
+        fit = _fit(transform.phi(data.patterns.c), data.patterns, kl, procedure, transform.spec, all_procedures)
         out = _summary(fit, data.patterns, 1.0 / fit.lam, transform.spec)
-        out.update({"theory_beta": float(pol.beta), "continuum_win_rate": pol.win_rate(procedure, n)})
+        out.update({"theory_beta": float(pol.beta), "continuum_win_rate": pol.win_rate(procedure)})
         return out, fit
     if name == "raw_reward":
         spec, kind = "raw", "raw"
@@ -533,11 +538,11 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
         atoms, phi = data.patterns, transform.phi(data.patterns.c)
     else:
         atoms, phi = data.atoms, _raw_phi(transform.name, spec, data)
-    fit = _fit(phi, atoms, kl, procedure, n, f"transform {spec!r}", all_procedures)
+    fit = _fit(phi, atoms, kl, procedure, f"transform {spec!r}", all_procedures)
     out = _summary(fit, atoms, 1.0 / fit.lam, spec)
     if name == "vbon" and n > 1:
         paper_beta = 1.0 / (n - 1)
-        paper = _fit(phi, atoms, kl, procedure, n, spec, False, lam=1.0 / paper_beta)
+        paper = _fit(phi, atoms, kl, procedure, spec, False, lam=1.0 / paper_beta)
         out.update({"paper_beta": paper_beta, "paper_kl": _mean(paper.kl, atoms.weight),
                     "paper_win_rate": _mean(paper.win, atoms.weight)})
     return out, fit
@@ -596,6 +601,7 @@ class DiagnosisResult:
     n: int
     kl: float
     num_prompts: int
+    spec: str
     K: int
     K_min: int
     max_kl: float
@@ -607,13 +613,14 @@ class DiagnosisResult:
     def to_dict(self) -> dict:
         """JSON-ready dict (non-finite numbers become None)."""
         return _finite_or_none({
-            "procedure": self.procedure, "n": self.n, "kl": self.kl, "num_prompts": self.num_prompts, "K": self.K,
+            "procedure": self.procedure, "spec": self.spec, "n": self.n, "kl": self.kl, "num_prompts": self.num_prompts,
+            "K": self.K,
             "K_min": self.K_min, "max_kl": self.max_kl, "methods": self.methods,
             "heterogeneity": self.heterogeneity, "warnings": list(self.warnings),
         })
 
     def _win_name(self) -> str:
-        return {"standard": "standard win", "bon": f"BoN-{self.n} win", "won": f"WoN-{self.n} win"}[self.procedure]
+        return f"{get_procedure(self.spec).label} win"
 
     def to_markdown(self) -> str:
         """A Markdown report: the methods table, then heterogeneity and warnings."""
@@ -621,7 +628,7 @@ class DiagnosisResult:
         k_text = str(self.K) if self.K == self.K_min else f"{self.K_min}–{self.K}"
         lines = [
             f"Predicted at KL {self.kl:g} nats (one global β per method) from {self.num_prompts} prompts × K = "
-            f"{k_text} reference rewards; procedure {self.procedure}, N = {self.n}.", "",
+            f"{k_text} reference rewards; procedure {self.spec}, N = {self.n}.", "",
             f"| method | transform | β | KL | {self._win_name()} | standard win |" + (" Δ vs raw |" if raw else ""),
             "|---|---|---:|---:|---:|---:|" + ("---:|" if raw else ""),
         ]
@@ -705,8 +712,8 @@ class DiagnosisResult:
 
 def diagnose(
     data: Any,
-    procedure: str = "bon",
-    n: int = 4,
+    procedure: "str | InferenceProcedure" = "bon",
+    n: int | None = 4,
     kl: float = 0.5,
     methods: Sequence[str] | None = None,
     column: str = "ref_rewards",
@@ -720,7 +727,8 @@ def diagnose(
         data: per-prompt reference rewards — a (ragged) list of K-lists, a 2-D array/tensor, a `datasets.Dataset`
             (or `DatasetDict` with `split`), or a path (.jsonl/.json/.parquet, a `save_to_disk` directory such as
             `trl-infalign build-reference`'s output).  K ≥ 2 finite rewards per prompt.
-        procedure, n: inference procedure ("standard", "bon", "won") and its N (forced to 1 for "standard").
+        procedure, n: inference procedure — "standard", "bon", "won" with N = `n` (forced to 1 for "standard"), or
+            a spec with its own N ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=16", :mod:`trl_infalign.procedures`).
         kl: KL budget in nats, the prompt-averaged KL(π*‖π_ref) every method is given (< the discrete limit
             mean_x log(K_x / #top ties) ≤ log K).
         methods: names from :data:`METHODS` (default: all) and/or transform specs ("bon:t=10", "log", "par").
@@ -730,11 +738,9 @@ def diagnose(
     π*_x ∝ π_ref,x·exp(Φ_x/β) on the K reference atoms, one global β per method root-found to the budget; KL and
     win rates are exact for the discrete reference (module docstring; InfAlign, arXiv 2412.19792; notes §8).
     """
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be one of {', '.join(PROCEDURES)}, got {procedure!r}.")
-    if isinstance(n, bool) or int(n) != n or int(n) < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
-    n = 1 if procedure == "standard" else int(n)
+    bare = isinstance(procedure, str) and ":" not in procedure
+    procedure = get_procedure(procedure, n if bare else None)
+    n = procedure.n
     kl = float(kl)
     if not (math.isfinite(kl) and kl > 0):
         raise ValueError(f"KL budget must be a finite number > 0, got {kl!r}.")
@@ -759,7 +765,7 @@ def diagnose(
     values, mask = _reference_matrix(load_reference_rewards(data, column, split), column)
     atoms = _Atoms.from_matrix(values, mask)
     patterns, inverse = atoms.patterns()
-    prepared = _Data(atoms, patterns, inverse, procedure, n, lsc_centre)
+    prepared = _Data(atoms, patterns, inverse, procedure, lsc_centre)
     max_kl = _mean(atoms.max_kl(), atoms.weight)
     if not kl < max_kl * (1.0 - 1e-9):
         raise _unreachable(kl, max_kl, int(atoms.count.max()))
@@ -769,8 +775,8 @@ def diagnose(
         if float(np.mean(top)) > 0.5:
             notes.append(
                 f"N = {n} is large for K = {int(np.median(atoms.count))} reference rewards per prompt: the reference's "
-                f"{'best' if procedure == 'bon' else 'worst'} of N is its {'top' if procedure == 'bon' else 'bottom'} "
-                f"sample with probability {np.mean(top):.0%} (1 − (1 − 1/K)^N), so every method's win rate is "
+                f"best (worst) of N is its top (bottom) sample with probability {np.mean(top):.0%} (1 − (1 − 1/K)^N), "
+                "so every method's win rate is "
                 "near ½ on this discrete reference. Use K well above N (≥ 4N) reference samples.")
     constant = int(np.sum(atoms.max_kl() == 0))
     if constant:
@@ -797,7 +803,8 @@ def diagnose(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return DiagnosisResult(
-        procedure=procedure, n=n, kl=kl, num_prompts=int(values.shape[0]), K=int(atoms.count.max()),
+        procedure=procedure.name if set(procedure.params) <= {"n"} else procedure.spec, spec=procedure.spec, n=n,
+        kl=kl, num_prompts=int(values.shape[0]), K=int(atoms.count.max()),
         K_min=int(atoms.count.min()), max_kl=max_kl, methods=results,
         heterogeneity=_heterogeneity(prepared, raw_fit), warnings=notes, _data=prepared,
     )

@@ -10,11 +10,6 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).parent / "templates" / "ctrl_model_card.md"
-PROCEDURE_TEXT = {
-    "standard": "plain sampling (one sample; the standard win rate against the reference)",
-    "bon": "Best-of-{n} sampling (keep the highest-reward of {n} samples)",
-    "won": "Worst-of-{n} robustness (e.g. a jailbreak attacker keeping the worst of {n} samples)",
-}
 
 
 def _version(name: str) -> str:
@@ -124,7 +119,7 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         model_name=model_name,
         tags=["generated_from_trainer", *sorted(all_tags)],
     )
-    procedure = settings["inference_procedure"]
+    procedure = trainer.args.procedure
     # keep the card's final-metrics table readable: numbers only, in a stable order (headline KL first)
     metrics = dict(settings.get("final_training_metrics") or {})
     order = [k for k in ("ctrl/sequence_kl", "kl", "ctrl/beta") if k in metrics]
@@ -139,7 +134,8 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         dataset_name=dataset_name,
         dataset_is_hub=dataset_is_hub,
         settings=settings,
-        procedure_text=PROCEDURE_TEXT[procedure].format(n=settings["inference_n"]),
+        procedure_text=procedure.description,
+        quick_start=procedure.quick_start,
         evaluation=_evaluation_for_card(getattr(trainer, "ctrl_evaluation", None)),
         kl=_kl_for_card(settings),
         metric_descriptions=METRIC_DESCRIPTIONS,

@@ -37,6 +37,7 @@ import numpy as np
 from . import optimal as _optimal
 from ._quadrature import _BASE_POINTS, _Stats, _adaptive_grid, _segment_stats
 from .procedures import PROCEDURES, BestOfN, InferenceProcedure, WorstOfN, get_procedure
+from .transforms import OptimalTransform, get_transform
 
 if TYPE_CHECKING:  # pragma: no cover
     from .transforms import Transform
@@ -82,8 +83,6 @@ def _check_beta(beta: float) -> float:
 
 
 def _resolve(transform: "str | Transform") -> "Transform":
-    from .transforms import get_transform
-
     return get_transform(transform)
 
 
@@ -634,8 +633,6 @@ def optimal_policy(procedure: "str | InferenceProcedure", n: int | None = None, 
 
 
 def _optimal_transform_spec(procedure: InferenceProcedure, beta: float) -> str:
-    from .transforms import OptimalTransform
-
     return OptimalTransform.spec_for(procedure, beta)
 
 
@@ -659,7 +656,7 @@ def _beta_for_optimal_kl(procedure: str, kl: float) -> float:
         raise ValueError(f"KL budget must be a finite number > 0, got {kl!r}.")
     proc = _procedure(procedure)
     if proc.is_standard:
-        return beta_for_kl(_IDENTITY, kl)
+        return beta_for_kl("identity", kl)
 
     def kl_at(log_beta: float) -> float:
         return _optimal_kl(procedure, math.exp(log_beta))
@@ -673,21 +670,6 @@ def _beta_for_optimal_kl(procedure: str, kl: float) -> float:
                            factor=factor, xtol=1e-8)
     solved.append((kl, math.log(beta)))
     return float(f"{beta:.12g}")
-
-
-class _Identity:
-    """Internal Φ(c) = c, so the standard optimum does not depend on the transforms registry."""
-
-    name = "identity"
-    spec = "identity"
-    params: dict = {}
-
-    @staticmethod
-    def phi(c):
-        return np.asarray(c, dtype=np.float64)
-
-
-_IDENTITY = _Identity()
 
 
 # ----------------------------------------------------------------------------------------------------------------

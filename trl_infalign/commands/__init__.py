@@ -46,3 +46,27 @@ def top_k_value(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = no top-k truncation), got {text!r}")
     return value
+
+
+def procedure_spec(text: str) -> str:
+    """argparse type: an inference-procedure spec (standard, bon, won, bon:n=8, mixture:0.5*standard+0.5*bon:n=4,
+    or a registered name), checked here so a typo fails at parse time."""
+    from ..procedures import get_procedure
+
+    try:
+        get_procedure(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def resolve_procedure(spec: str, n: int | None):
+    """The procedure of `--procedure SPEC [--n N]`: a bare bon / won takes N from --n (default 4), standard is one
+    sample, a spec with its own N (bon:n=8, a mixture) must not get a different --n."""
+    from ..procedures import get_procedure
+
+    bare = ":" not in spec
+    procedure = get_procedure(spec, (4 if n is None else n) if bare else None)
+    if not bare and n is not None and n != procedure.n:
+        raise ValueError(f"--n {n} conflicts with --procedure {spec!r}, which draws {procedure.n} samples: drop --n.")
+    return procedure

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import positive_float, positive_int
-
-PROCEDURES = ("standard", "bon", "won")
+from . import positive_float, positive_int, procedure_spec, resolve_procedure
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +25,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         "`trl-infalign build-reference`) with one list of reference rewards per prompt.")
     parser.add_argument("--column", default="ref_rewards", help="Reference-rewards column (default: ref_rewards).")
     parser.add_argument("--split", default=None, help="Split of a saved DatasetDict.")
-    parser.add_argument("--procedure", choices=PROCEDURES, default="bon", help="Inference procedure (default: bon).")
-    parser.add_argument("--n", type=positive_int, default=4, help="N of Best-/Worst-of-N (default: 4).")
+    parser.add_argument("--procedure", type=procedure_spec, default="bon",
+                        help="Inference procedure: standard, bon, won (N from --n), a spec such as bon:n=8, or a "
+                        "mixture such as 'mixture:0.5*standard+0.5*bon:n=16' (default: bon).")
+    parser.add_argument("--n", type=positive_int, default=None, help="N of a bare bon / won (default: 4).")
     parser.add_argument("--kl", type=positive_float, default=0.5,
                         help="KL budget in nats, averaged over prompts (default: 0.5; below log K).")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True):  # the notes are in the result (and printed below)
         warnings.simplefilter("always")
-        result = diagnose(args.dataset, procedure=args.procedure, n=args.n, kl=args.kl, methods=args.methods,
+        result = diagnose(args.dataset, procedure=resolve_procedure(args.procedure, args.n), kl=args.kl,
+                          methods=args.methods,
                           column=args.column, split=args.split, lsc_centre=_centre(args.lsc_centre))
     out = result.to_dict()
     out["dataset"] = str(args.dataset)

@@ -1,4 +1,4 @@
-"""`trl-infalign theory`: calibrated-space predictions of KL and standard / BoN-N / WoN-N win rates (notes §2).
+"""`trl-infalign theory`: calibrated-space predictions of KL and win rates for any inference procedure (notes §2).
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     trl-infalign theory --transform optimal --procedure won --n 4 --beta 0.1
     trl-infalign theory --best-t --procedure bon --n 4 --kl 0.5 --json
     trl-infalign theory --transform bon:t=10 --procedure bon --n 4 --kl 0.5 --plot frontier.png
+    trl-infalign theory --transform optimal --procedure "mixture:0.5*standard+0.25*bon:n=4+0.25*bon:n=16" --kl 0.5
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import argparse
 import json
 import sys
 
-from . import positive_float, positive_int
-
-PROCEDURES = ("standard", "bon", "won")
+from . import positive_float, positive_int, procedure_spec, resolve_procedure
 
 
 def nonnegative_float(text: str) -> float:
@@ -33,8 +32,10 @@ def nonnegative_float(text: str) -> float:
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transform", default=None,
                         help="Transform spec (bon:t=10, won:t=5, identity, log, optimal, ...). Required unless --best-t.")
-    parser.add_argument("--procedure", choices=PROCEDURES, default="bon", help="Inference procedure (default: bon).")
-    parser.add_argument("--n", type=positive_int, default=4, help="N of Best-/Worst-of-N (default: 4).")
+    parser.add_argument("--procedure", type=procedure_spec, default="bon",
+                        help="Inference procedure: standard, bon, won (N from --n), a spec such as bon:n=8, or a "
+                        "mixture such as 'mixture:0.5*standard+0.5*bon:n=16' (default: bon).")
+    parser.add_argument("--n", type=positive_int, default=None, help="N of a bare bon / won (default: 4).")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--kl", type=positive_float, default=None, help="KL budget KL(pi || pi_ref) in nats.")
     budget.add_argument("--beta", type=positive_float, default=None, help="KL coefficient beta.")
@@ -62,7 +63,8 @@ def _fail(message: str, code: int) -> int:
 def _compute(args) -> dict:
     from .. import theory
 
-    procedure, n = args.procedure, (1 if args.procedure == "standard" else args.n)
+    procedure = resolve_procedure(args.procedure, args.n)
+    n = procedure.n
     if args.best_t:
         import warnings
 
@@ -71,9 +73,9 @@ def _compute(args) -> dict:
         with warnings.catch_warnings(record=True) as caught:  # printed as one line each, JSON stays on stdout
             warnings.simplefilter("always", UserWarning)
             if args.kl is not None:
-                best = theory.best_t(procedure, n, args.kl, family=args.family, **limits)
+                best = theory.best_t(procedure, kl=args.kl, family=args.family, **limits)
             else:
-                best = theory.best_t_for_beta(procedure, n, args.beta, family=args.family, details=True, **limits)
+                best = theory.best_t_for_beta(procedure, beta=args.beta, family=args.family, details=True, **limits)
         for warning in caught:
             print(f"trl-infalign theory: warning: {warning.message}", file=sys.stderr)
         pol = theory.policy(best.transform, best.beta)
@@ -83,8 +85,10 @@ def _compute(args) -> dict:
                "unconstrained": None if best.unconstrained is None else dict(
                    zip(("t", "win_rate" if args.kl is not None else "objective"), best.unconstrained))}
     elif args.transform.strip() == "optimal":
-        pol = theory.optimal_policy(procedure, n, beta=args.beta, kl=args.kl)
-        out = {"transform": f"optimal:procedure={procedure},n={n},beta={pol.beta:.6g}"}
+        from ..transforms import get_transform
+
+        pol = theory.optimal_policy(procedure, beta=args.beta, kl=args.kl)
+        out = {"transform": get_transform("optimal", procedure=procedure, beta=float(f"{pol.beta:.6g}")).spec}
     else:
         from ..transforms import get_transform
 
@@ -92,35 +96,32 @@ def _compute(args) -> dict:
         beta = args.beta if args.kl is None else theory.beta_for_kl(transform, args.kl)
         pol = theory.policy(transform.spec, beta)
         out = {"transform": transform.spec}
-    out.update({"procedure": procedure, "n": n, "beta": float(pol.beta), "kl": pol.kl(),
-                "win_rate": pol.win_rate(procedure, n), "standard_win_rate": pol.standard_win_rate()})
-    if n > 1:
-        out["bon_win_rate"] = pol.win_rate("bon", n)
-        out["won_win_rate"] = pol.win_rate("won", n)
+    summary = pol.summary(procedure)
+    out.update({"procedure": procedure.name if set(procedure.params) <= {"n"} else procedure.spec,
+                "spec": summary.pop("procedure"), "n": n, **summary})
     return out
 
 
 def _plot(args, result: dict) -> str:
     from .. import theory
 
-    procedure, n = args.procedure, (1 if args.procedure == "standard" else args.n)
+    procedure = resolve_procedure(args.procedure, args.n)
     transforms = []
     if args.transform and args.transform.strip() != "optimal":
         transforms.append(result["transform"])
     if "identity" not in transforms:
         transforms.append("identity")
-    if procedure != "standard":
+    if not procedure.is_standard:
         try:
-            family = args.family or ("won" if procedure == "won" else "bon")
             spec = (result["transform"] if args.best_t
-                    else theory.best_t(procedure, n, result["kl"], family=family).transform)
+                    else theory.best_t(procedure, kl=result["kl"], family=args.family).transform)
             if spec not in transforms:
                 transforms.append(spec)
         except ValueError:
             pass
     transforms.append("optimal")
     kls = [k for k in theory.DEFAULT_KLS]
-    theory.plot_frontiers(procedure, n, transforms, kls=kls, path=args.plot)
+    theory.plot_frontiers(procedure, None, transforms, kls=kls, path=args.plot)
     return args.plot
 
 
