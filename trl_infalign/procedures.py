@@ -173,6 +173,11 @@ class InferenceProcedure:
         return f"the inference procedure {self.spec}"
 
     @property
+    def quick_start(self) -> tuple[int, str] | None:
+        """(num_return_sequences, comment) for a model card's usage snippet when serving needs several samples."""
+        return None
+
+    @property
     def metric_key(self) -> str:
         """Key of its win rate in flat metric dicts: ``standard_win_rate``, ``bon@4_win_rate``, ..."""
         return f"{self.spec.replace(':', '@').replace(',', ';')}_win_rate"
@@ -441,6 +446,13 @@ class BestOfN(_OrderStatistic):
     def description(self) -> str:
         return f"Best-of-{self._n} sampling (keep the highest-reward of {self._n} samples)"
 
+    @property
+    def quick_start(self):
+        if self._n == 1:
+            return None
+        return self._n, (f"Aligned for Best-of-{self._n}: sample {self._n} completions and keep the one your reward "
+                         "model prefers.")
+
     def output_cdf(self, G, one_minus_G=None):
         base, _ = self._powers(G, one_minus_G)
         with np.errstate(under="ignore"):
@@ -624,6 +636,15 @@ class Mixture(InferenceProcedure):
     def description(self) -> str:
         return "a request-level mixture: " + "; ".join(
             f"{100 * w:.3g}% of requests served by {p.description}" for w, p in self._components)
+
+    @property
+    def quick_start(self):
+        starts = [p.quick_start for _, p in self._components if p.quick_start is not None]
+        if not starts:
+            return None
+        n = max(k for k, _ in starts)
+        return n, (f"Aligned for {self.label}: serve each request with its procedure, e.g. sample {n} completions "
+                   "and keep the one your reward model prefers.")
 
     @property
     def metric_key(self) -> str:
