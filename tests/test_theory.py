@@ -331,19 +331,21 @@ def test_optimal_policy_win_rate_large_n_matches_its_ode(procedure, n):
 
     opt = theory.optimal_policy(procedure, n, beta=0.1)
     proc = get_procedure(procedure, n)
+    orientation = optimal._orientation(proc.spec)
+    assert orientation.mirrored == (procedure == "bon")  # shot from the end the kernel does not live at
     l1, kl = optimal._core(proc.spec, opt.beta)
-    _, sol = optimal._shoot(proc, l1, opt.beta, dense=True)
+    _, sol = optimal._shoot(orientation, l1, opt.beta, dense=True)
 
-    def mass_above(z):  # M = 1 − G from the ODE at z = logit(c)
+    def state_mass(z):  # the ODE's M at z of the problem it solved (the mirror's z = −z)
         return min(max(float(sol.sol(min(max(z, sol.t[-1]), sol.t[0]))[0]), 0.0), 1.0)
 
     def integrand(s):
         x = math.exp(s)  # distance from the deciding end
         z = math.log1p(-x) - s  # logit(1 − x)
-        if procedure == "bon":  # N (1−u)^{N−1} G(1−u)^N
-            G = 1.0 - mass_above(z)
+        if procedure == "bon":  # N (1−u)^{N−1} G(1−u)^N; the mirror's mass above 1 − (1 − x) = x is G(1 − x)
+            G = state_mass(-z)
             return x * n * math.exp((n - 1) * math.log1p(-x) + n * math.log(G)) if G > 0 else 0.0
-        M = mass_above(-z)  # won: N (1−c)^{N−1} (1 − G(c))^N at c = x
+        M = state_mass(-z)  # won: N (1−c)^{N−1} (1 − G(c))^N at c = x, M(c) = mass above c
         return x * n * math.exp((n - 1) * math.log1p(-x) + n * math.log(M)) if M > 0 else 0.0
 
     cuts = np.linspace(math.log(1e-14 / n), 0.0, 40)

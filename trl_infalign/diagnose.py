@@ -803,7 +803,7 @@ def diagnose(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return DiagnosisResult(
-        procedure=procedure.name if set(procedure.params) <= {"n"} else procedure.spec, spec=procedure.spec, n=n,
+        procedure=procedure.short_name or procedure.spec, spec=procedure.spec, n=n,
         kl=kl, num_prompts=int(values.shape[0]), K=int(atoms.count.max()),
         K_min=int(atoms.count.min()), max_kl=max_kl, methods=results,
         heterogeneity=_heterogeneity(prepared, raw_fit), warnings=notes, _data=prepared,

@@ -42,7 +42,7 @@ class OptimalSolution:
     grid: np.ndarray
     log_density: np.ndarray
     kl: float
-    log_g1: float
+    log_g_end: float  # log g where the shooting started: c = 1, or c = 0 for a mirrored (top-heavy) procedure
 
     def transform_values(self) -> np.ndarray:
         """Φ*(c) = β·log g(c) at `grid` (the ``optimal`` transform's table)."""
@@ -58,24 +58,52 @@ def _expit_pair(z):
     return e / (1.0 + e), 1.0 / (1.0 + e)
 
 
-def _shoot(procedure: InferenceProcedure, log_g1: float, beta: float, dense: bool = False):
-    """Integrate (M, ψ, K = ∫_c^1 g log g) from c = 1 down to c = 0 in z = logit(c).
+class _Orientation:
+    """The shooting problem of a procedure, started from the end where its kernel is *not* concentrated.
+
+    Shooting from c = 1 fixes log g(1); where the kernel lives within 1/N of c = 1 (BoN at large N) the residual
+    then depends on log g(1) through a cancellation of two ~log N terms and is ill-conditioned (10⁶ per nat at
+    N = 10⁶).  So such procedures are solved for the mirror g̃(c) = g(1 − c) instead — the same equations with
+    c ↔ 1 − c, G ↔ 1 − G and Φ* decreasing (`sign` = +1), which shoots from c = 0 of the original."""
+
+    def __init__(self, procedure: InferenceProcedure):
+        self.procedure = procedure
+        z = np.linspace(-_Z_END, _Z_END, 4001)
+        c, omc = 1.0 / (1.0 + np.exp(-z)), 1.0 / (1.0 + np.exp(z))
+        weight = procedure.first_variation(c, omc, c, omc) * c * omc  # the kernel at the reference, per unit z
+        self.mirrored = bool(weight[z > 0].sum() > weight[z < 0].sum())
+        self.sign = 1.0 if self.mirrored else -1.0
+        slope = procedure.first_variation_at
+        self.kernel = (lambda c, omc, G, M: slope(omc, c, M, G)) if self.mirrored else slope
+        self.key = procedure.spec + (":mirrored" if self.mirrored else "")
+
+    def bracket(self, beta: float) -> tuple[float, float]:
+        """log g at the starting end: g increases (decreases, mirrored) with range ≤ R = :meth:`max_slope`, so
+        g(1) ∈ [1, (R/β)/(1 − e^{−R/β})], resp. g̃(1) ∈ [e^{−R/β}·(R/β)/(e^{R/β}... ) ≥ e^{−R/β}/…, 1]."""
+        span = self.procedure.max_slope() / beta
+        if not self.mirrored:
+            return -0.1, (math.log(span) - math.log(-math.expm1(-span)) + 0.1 if span > 1e-12 else 0.1)
+        return -span - 1.0, 0.1
+
+
+def _shoot(orientation: _Orientation, log_g_end: float, beta: float, dense: bool = False):
+    """Integrate (M, ψ, K = ∫_c^1 g log g) from c = 1 down to c = 0 in z = logit(c), with log g = log g(1) +
+    sign·ψ/β and ψ' = −k (of the mirrored problem when `orientation.mirrored`).
 
     Returns (residual, solution): residual = 1 − M(0) ≥ 0 (too little mass), or −c₀ < 0 when M reaches 1 at c₀ > 0
-    (too much); it decreases in log g(1) for every procedure (the kernel is ≥ 0)."""
+    (too much)."""
     from scipy.integrate import solve_ivp
 
-    inv_beta = 1.0 / beta
-    slope = procedure.first_variation_at
+    scale = orientation.sign / beta
+    kernel = orientation.kernel
 
     def rhs(z, y):
         c, omc = _expit_pair(z)
         M = min(max(y[0], 0.0), 1.0)
-        ell = min(log_g1 - y[1] * inv_beta, _LOG_G_CAP)
+        ell = min(log_g_end + y[1] * scale, _LOG_G_CAP)
         g = math.exp(ell)
         w = c * omc  # dc/dz
-        k = slope(c, omc, 1.0 - M, M)
-        return [-g * w, -k * w, -g * ell * w]
+        return [-g * w, -kernel(c, omc, 1.0 - M, M) * w, -g * ell * w]
 
     def full_mass(z, y):
         return y[0] - 1.0
@@ -91,29 +119,27 @@ def _shoot(procedure: InferenceProcedure, log_g1: float, beta: float, dense: boo
 _LAST_ROOTS: dict[str, list[tuple[float, float]]] = {}
 
 
-def _root_log_g1(procedure: InferenceProcedure, beta: float) -> float:
-    """Brent on the shooting residual in log g(1) ∈ [0, log(R/β) − log(1 − e^{−R/β})], R = range bound of Φ*
-    (g increases, so g(1) ≥ 1; with range ≤ R it is at most that of e^{Rc/β}).  Warm-started from the nearest β."""
+def _root_log_g_end(orientation: _Orientation, beta: float) -> float:
+    """Brent on the shooting residual in log g at the starting end (:meth:`_Orientation.bracket`), warm-started
+    from the nearest β solved before."""
     from scipy.optimize import brentq
 
-    span = procedure.max_slope() / beta
-    lo = -0.1
-    hi = math.log(span) - math.log(-math.expm1(-span)) + 0.1 if span > 1e-12 else 0.1
+    lo, hi = orientation.bracket(beta)
 
     def residual(l1):
-        return _shoot(procedure, l1, beta)[0]
+        return _shoot(orientation, l1, beta)[0]
 
-    history = _LAST_ROOTS.setdefault(procedure.spec, [])
+    history = _LAST_ROOTS.setdefault(orientation.key, [])
     r_lo = r_hi = None
     if history:
         lb = math.log(beta)
         prev_lb, prev_l1 = min(history, key=lambda item: abs(item[0] - lb))
-        guess = min(max(prev_l1, lo), hi)
+        guess = min(max(prev_l1 if not orientation.mirrored else prev_l1 * math.exp(prev_lb - lb), lo), hi)
         step = 1e-3 * (1.0 + abs(guess)) + 0.5 * abs(lb - prev_lb) * (1.0 + abs(guess))
         r_g = residual(guess)
         if r_g == 0:
             return guess
-        direction = 1.0 if r_g > 0 else -1.0  # too little mass: raise log g(1)
+        direction = 1.0 if r_g > 0 else -1.0  # too little mass: raise log g at the end
         a, r_a = guess, r_g
         for _ in range(60):
             b = min(max(a + direction * step, lo), hi)
@@ -127,20 +153,25 @@ def _root_log_g1(procedure: InferenceProcedure, beta: float) -> float:
     if r_lo is None:
         r_lo, r_hi = residual(lo), residual(hi)
     if not (r_lo >= 0 >= r_hi):
-        raise RuntimeError(f"optimal transform: shooting bracket failed ({procedure.spec}, beta={beta}).")
-    root = brentq(residual, lo, hi, xtol=1e-9, rtol=1e-13, maxiter=300)
+        raise RuntimeError(f"optimal transform: shooting bracket failed ({orientation.procedure.spec}, beta={beta}).")
+    root = brentq(residual, lo, hi, xtol=1e-12, rtol=1e-15, maxiter=300)
     history.append((math.log(beta), root))
     if len(history) > 256:
         del history[: len(history) - 256]
     return root
 
 
+@lru_cache(maxsize=256)
+def _orientation(spec: str) -> _Orientation:
+    return _Orientation(get_procedure(spec))
+
+
 @lru_cache(maxsize=1024)
 def _core(spec: str, beta: float) -> tuple[float, float]:
-    """(log g(1), KL) of the optimum."""
-    procedure = get_procedure(spec)
-    l1 = _root_log_g1(procedure, beta)
-    _, sol = _shoot(procedure, l1, beta)
+    """(log g at the shooting end, KL) of the optimum."""
+    orientation = _orientation(spec)
+    l1 = _root_log_g_end(orientation, beta)
+    _, sol = _shoot(orientation, l1, beta)
     return l1, max(float(sol.y[2, -1]), 0.0)
 
 
@@ -164,22 +195,24 @@ def _solve_cached(spec: str, beta: float) -> OptimalSolution:
     if procedure.is_standard:  # Φ* = c exactly
         return _identity_solution(beta, spec)
     l1, kl = _core(spec, beta)
-    _, sol = _shoot(procedure, l1, beta, dense=True)
+    orientation = _orientation(spec)
+    _, sol = _shoot(orientation, l1, beta, dense=True)
     z_lo, z_hi = float(sol.t[-1]), float(sol.t[0])
-    psi_end = float(sol.y[1, -1])
+    psi_end, scale = float(sol.y[1, -1]), orientation.sign / beta
+    flip = -1.0 if orientation.mirrored else 1.0  # the mirror's z is −z
 
     def logf(c):
         c = np.asarray(c, dtype=np.float64)
         with np.errstate(divide="ignore"):
-            z = np.log(c) - np.log1p(-c)
+            z = flip * (np.log(c) - np.log1p(-c))
         out = np.empty_like(c)
         inside = (z >= z_lo) & (z <= z_hi)
-        out[inside] = l1 - sol.sol(z[inside])[1] / beta
+        out[inside] = l1 + sol.sol(z[inside])[1] * scale
         out[z > z_hi] = l1
-        out[z < z_lo] = l1 - psi_end / beta  # below the last step (an early stop leaves g ≈ 0 there)
+        out[z < z_lo] = l1 + psi_end * scale  # past the last step (an early stop leaves g ≈ 0 there)
         return out
 
-    initial = 1.0 / (1.0 + np.exp(-np.clip(sol.t, -_Z_END, _Z_END)))
+    initial = 1.0 / (1.0 + np.exp(-flip * np.clip(sol.t, -_Z_END, _Z_END)))
     grid, ell = _adaptive_grid(logf, n0=513, tol=0.05, initial=initial)
     stats = _segment_stats(grid, ell)
     return OptimalSolution(spec, beta, grid, stats.log_density, kl, l1)
@@ -199,4 +232,5 @@ def clear_caches() -> None:
     """Forget every cached solution and shooting warm start."""
     _LAST_ROOTS.clear()
     _core.cache_clear()
+    _orientation.cache_clear()
     _solve_cached.cache_clear()

@@ -163,6 +163,12 @@ class InferenceProcedure:
         return 1
 
     @property
+    def short_name(self) -> str | None:
+        """The registry name when (name, n) alone rebuilds the procedure (``get_procedure(name, n)``: standard,
+        bon, won), else None — the old (inference_procedure, inference_n) form used in configs and JSON."""
+        return self.name if self.spec in (self.name, f"{self.name}:n={self.n}") else None
+
+    @property
     def label(self) -> str:
         """Human-readable name, e.g. "Best-of-4"."""
         return self.spec

@@ -666,8 +666,19 @@ def _beta_for_optimal_kl(procedure: str, kl: float) -> float:
         start, factor = min(solved, key=lambda item: abs(math.log(item[0]) - math.log(kl)))[1], 1.5
     else:
         start, factor = math.log(0.1), 10.0
-    beta = _solve_log_beta(kl_at, kl, start, f"the optimal {proc.label} policy", math.log(1e-6), math.log(1e4),
-                           factor=factor, xtol=1e-8)
+    try:
+        beta = _solve_log_beta(kl_at, kl, start, f"the optimal {proc.label} policy", math.log(1e-6), math.log(1e4),
+                               factor=factor, xtol=1e-8)
+    except ValueError as error:
+        if "unreachable" not in str(error):
+            raise
+        reach = kl_at(math.log(1e-6))
+        raise ValueError(
+            f"KL budget {kl:g} is unreachable for the optimal {proc.label} policy: the optimum never spends that "
+            f"much KL (at beta = 1e-6 it uses {reach:.4g} nats and already wins with probability "
+            f"{optimal_policy(proc, beta=1e-6).win_rate(proc):.6f}; more KL buys nothing). Give beta= instead, or "
+            "a smaller KL budget."
+        ) from None
     solved.append((kl, math.log(beta)))
     return float(f"{beta:.12g}")
 

@@ -659,7 +659,7 @@ class OptimalTransform(TabulatedTransform):
         except ValueError as error:
             raise TransformError(f"Invalid parameter procedure={raw!r} for transform 'optimal': {error}") from None
         self.procedure = procedure
-        if set(procedure.params) <= {"n"}:  # the round-trippable (procedure, n) form
+        if procedure.short_name is not None:  # the round-trippable (procedure, n) form
             self.params = {"procedure": procedure.name, "n": procedure.params.get("n", self.params["n"]),
                            "beta": self.params["beta"]}
         else:

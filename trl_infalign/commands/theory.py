@@ -97,7 +97,7 @@ def _compute(args) -> dict:
         pol = theory.policy(transform.spec, beta)
         out = {"transform": transform.spec}
     summary = pol.summary(procedure)
-    out.update({"procedure": procedure.name if set(procedure.params) <= {"n"} else procedure.spec,
+    out.update({"procedure": procedure.short_name or procedure.spec,
                 "spec": summary.pop("procedure"), "n": n, **summary})
     return out
 
