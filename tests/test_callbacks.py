@@ -130,3 +130,29 @@ def test_tiny_rloo_run_logs_metrics(tiny, tmp_path):
     # TRL's own training metrics are still logged at every step (our log does not consume them)
     train_logs = [h for h in history if "reward" in h]
     assert [h["step"] for h in train_logs] == [1, 2, 3, 4]
+
+
+def test_callback_with_a_mixture_spec(tiny, tmp_path):
+    path, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    mix = "mixture:0.5*standard+0.5*bon:n=4"
+    cb = InferenceWinRateCallback(
+        PROMPTS[:2], [CountingReward()], tokenizer=tokenizer, reference_model=path, ns=(4,),
+        procedures=("standard", "bon", mix), num_samples=4, every_n_steps=1, max_new_tokens=3, num_bootstrap=20,
+    )
+    assert [p.spec for p in cb.inference_procedures] == ["standard", "bon:n=4", mix]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1
+    cb.on_step_end(args, state, control, model=model, processing_class=tokenizer)
+    logged = state.log_history[-1]
+    key = "eval_infalign/mixture(0.5*standard+0.5*bon@4)_win_rate"
+    assert key in logged and key + "_ci_low" in logged and math.isfinite(logged[key])
+    assert logged[key] == pytest.approx(
+        0.5 * logged["eval_infalign/standard_win_rate"] + 0.5 * logged["eval_infalign/bon@4_win_rate"], abs=1e-12)
+    row = cb.history[-1][1].win_rate(mix)
+    assert (row["procedure"], row["n"], row["spec"], row["unbiased"]) == ("mixture", 4, mix, True)
+    # a spec whose N exceeds num_samples is refused up front, naming it
+    with pytest.raises(ValueError, match=r"mixture:0\.5\*standard\+0\.5\*bon:n=8 \(needs 8\).*num_samples = 4"):
+        InferenceWinRateCallback(PROMPTS, [CountingReward()], ns=(2,), num_samples=4,
+                                 procedures=("bon", "mixture:0.5*standard+0.5*bon:n=8"))

@@ -469,7 +469,11 @@ class _FakeCTRLTrainer:
         from types import SimpleNamespace
 
         self.model = SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path / "sft")))
-        self.args = SimpleNamespace(output_dir=str(tmp_path / "out"))
+        from trl_infalign.procedures import get_procedure
+
+        # CTRLConfig.procedure: the InferenceProcedure of inference_procedure / inference_n
+        procedure = get_procedure(settings["inference_procedure"], settings.get("inference_n"))
+        self.args = SimpleNamespace(output_dir=str(tmp_path / "out"), procedure=procedure)
         self.ctrl_evaluation = evaluation
         self._settings = settings
 
@@ -511,3 +515,221 @@ def test_model_card_reports_per_completion_kl_and_labels_per_token_kl(tmp_path):
     assert "TRL's `kl` (0.1234) is the **per-token** mean" in card
     assert "| β (KL coefficient) | 0.5 |" in card and "| KL control | – |" in card
     assert "**KL per completion (k1, nats): 0.1200**; k3: 0.1100" in card
+
+
+# ------------------------------------------------------------------------------------------------ procedures: specs, mixtures
+MIX = "mixture:0.5*standard+0.3*bon:n=3+0.2*won:n=2"
+PRIMITIVES = {"standard": ("standard", 1), "bon:n=3": ("bon", 3), "won:n=2": ("won", 2)}
+
+
+def _tied_rows(seed, P=25, m_a=6, m_b=5, missing=True):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 5, size=(P, m_a)).astype(float)  # few distinct values: ties within and across sides
+    b = rng.integers(0, 5, size=(P, m_b)).astype(float)
+    if missing:
+        a[rng.random((P, m_a)) < 0.15] = np.nan
+        a[:, :3] = rng.integers(0, 5, size=(P, 3))  # at least 3 valid per row
+        b[rng.random((P, m_b)) < 0.15] = np.nan
+        b[:, :3] = rng.integers(0, 5, size=(P, 3))
+    return a, b
+
+
+def test_mixture_per_prompt_estimate_is_the_weighted_sum_of_its_components():
+    a, b = _tied_rows(20)
+    got = per_prompt_win_rates(a, b, procedure=MIX)
+    parts = {spec: per_prompt_win_rates(a, b, n, name) for spec, (name, n) in PRIMITIVES.items()}  # old (name, n) form
+    want = 0.5 * parts["standard"] + 0.3 * parts["bon:n=3"] + 0.2 * parts["won:n=2"]
+    np.testing.assert_allclose(got, want, atol=1e-13)
+    assert not np.allclose(got, parts["bon:n=3"])  # the weights matter
+    res = inference_win_rate(a, b, procedure=MIX, num_bootstrap=0)
+    assert (res.procedure, res.n, res.spec, res.unbiased) == ("mixture", 3, MIX, True)
+    assert res.name == "mixture(0.5*standard+0.3*bon@3+0.2*won@2)_win_rate"
+    assert res.estimate == pytest.approx(float(want.mean()), abs=1e-13)
+
+
+@pytest.mark.parametrize("spec,name,n", [("bon:n=3", "bon", 3), ("won:n=2", "won", 2), ("standard", "standard", 1)])
+def test_one_component_mixture_equals_its_component(spec, name, n):
+    a, b = _tied_rows(21)
+    one = inference_win_rate(a, b, procedure=f"mixture:1*{spec}", num_bootstrap=30, seed=4)
+    component = inference_win_rate(a, b, n, name, num_bootstrap=30, seed=4)
+    np.testing.assert_allclose(one.per_prompt, component.per_prompt, atol=1e-14)
+    assert (one.estimate, one.ci_low, one.ci_high) == pytest.approx((component.estimate, component.ci_low, component.ci_high))
+    assert one.procedure == "mixture" and component.spec == spec and one.n == component.n == n
+
+
+def test_mixture_estimator_is_the_exact_average_over_all_subsets_of_both_sides():
+    """Brute force, m = 5 (and 4 on the reference side): a request-level mixture of BoN-2 and WoN-3 given the samples
+    is Σ_j w_j (the average over every N_j-subset of the policy samples and every N_j-subset of the reference's)."""
+    rng = np.random.default_rng(22)
+    spec, weights = "mixture:0.6*bon:n=2+0.4*won:n=3", {("bon", 2): 0.6, ("won", 3): 0.4}
+    checked = 0
+    for _ in range(30):
+        a = rng.integers(0, 4, size=5).astype(float)
+        b = rng.integers(0, 4, size=rng.integers(4, 6)).astype(float)
+        want = sum(w * brute_force(a, b, n, name) for (name, n), w in weights.items())
+        # written out for the mixture itself: enumerate both sides' subsets of each component
+        direct = 0.0
+        for (name, n), w in weights.items():
+            pick = max if name == "bon" else min
+            pairs = [(pick(sa), pick(sb)) for sa in itertools.combinations(a, n) for sb in itertools.combinations(b, n)]
+            direct += w * np.mean([(x > y) + 0.5 * (x == y) for x, y in pairs])
+        assert want == pytest.approx(direct, abs=1e-12)
+        got = per_prompt_win_rates(a[None], b[None], procedure=spec)[0]
+        assert got == pytest.approx(want, abs=1e-12), (a, b)
+        checked += 1
+    assert checked == 30
+
+
+def _enumerate_discrete(values, probs, m):
+    """Every m-tuple of i.i.d. draws from a discrete distribution, with its probability: ((K^m, m), (K^m,))."""
+    tuples = np.array(list(itertools.product(values, repeat=m)), dtype=np.float64)
+    weights = np.array([np.prod(t) for t in itertools.product(probs, repeat=m)])
+    return tuples, weights
+
+
+def _population_win_rate(values, p, q, f):
+    """Exact P(X > Y) + ½ P(X = Y) where X (Y) is the procedure's output for the policy (reference): output CDF f(F)."""
+    F_p, F_q = np.cumsum(p), np.cumsum(q)
+    out_p = np.diff(np.concatenate([[0.0], f(F_p)]))  # pmf of the policy's output on `values`
+    cdf_q = f(F_q)
+    below_q = np.concatenate([[0.0], cdf_q[:-1]])
+    return float(np.sum(out_p * (below_q + 0.5 * (cdf_q - below_q))))
+
+
+SOFT_BON = "evaltest_soft_bon"  # non-polynomial user map: plug-in estimator, biased
+HALF_BON2 = "evaltest_half_bon2"  # polynomial user map f = ½G + ½G²: unbiased
+
+
+def _register_user_procedures():
+    from trl_infalign.procedures import available_procedures, register_procedure
+
+    if SOFT_BON not in available_procedures():
+        register_procedure(SOFT_BON, lambda G, n=2.5: G ** n, label="Best-of-2.5")
+    if HALF_BON2 not in available_procedures():
+        register_procedure(HALF_BON2, polynomial=[0.0, 0.5, 0.5], label="½ standard + ½ Best-of-2 (polynomial)")
+
+
+def test_all_subsets_expectation_is_the_population_win_rate_for_a_discrete_distribution():
+    """Average the estimator over every possible sample (m = 4 per side, 3 values with ties) weighted by its
+    probability: unbiased procedures (bon, won, standard, mixtures of them, polynomial user maps) give exactly the
+    population win rate; the plug-in estimator of a non-polynomial map does not (its bias is stated: unbiased=False)."""
+    _register_user_procedures()
+    values, p, q, m = [0.0, 1.0, 2.0], np.array([0.2, 0.3, 0.5]), np.array([0.45, 0.35, 0.2]), 4
+    pol, w_pol = _enumerate_discrete(values, p, m)
+    ref, w_ref = _enumerate_discrete(values, q, m)
+    A = np.repeat(pol, len(ref), axis=0)  # every (policy sample, reference sample) pair as one "prompt"
+    B = np.tile(ref, (len(pol), 1))
+    weight = np.repeat(w_pol, len(ref)) * np.tile(w_ref, len(pol))
+    assert weight.sum() == pytest.approx(1.0, abs=1e-12)
+    maps = {
+        "standard": lambda G: G, "bon:n=2": lambda G: G**2, "bon:n=3": lambda G: G**3, "won:n=3": lambda G: 1 - (1 - G) ** 3,
+        "won:n=4": lambda G: 1 - (1 - G) ** 4,
+    }
+    cases = {spec: _population_win_rate(values, p, q, f) for spec, f in maps.items()}
+    cases["mixture:0.5*standard+0.3*bon:n=3+0.2*won:n=4"] = (
+        0.5 * cases["standard"] + 0.3 * cases["bon:n=3"] + 0.2 * cases["won:n=4"])
+    cases["mixture:0.7*bon:n=2+0.3*won:n=3"] = 0.7 * cases["bon:n=2"] + 0.3 * cases["won:n=3"]
+    cases[HALF_BON2] = _population_win_rate(values, p, q, lambda G: 0.5 * G + 0.5 * G**2)
+    for spec, truth in cases.items():
+        expectation = float(np.sum(weight * per_prompt_win_rates(A, B, procedure=spec)))
+        assert expectation == pytest.approx(truth, abs=1e-12), spec
+    assert cases["bon:n=3"] > cases["standard"] > 0.5  # a non-trivial comparison
+    soft_truth = _population_win_rate(values, p, q, lambda G: G**2.5)
+    soft = inference_win_rate(A, B, procedure=SOFT_BON, num_bootstrap=0)
+    assert soft.unbiased is False and soft.spec == SOFT_BON
+    assert abs(float(np.sum(weight * soft.per_prompt)) - soft_truth) > 1e-3  # the plug-in estimator's O(1/m) bias
+
+
+def test_evaluate_scored_with_specs_mixtures_user_procedures_and_instances(tmp_path):
+    from trl_infalign.procedures import BestOfN
+
+    _register_user_procedures()
+    rng = np.random.default_rng(23)
+    a, b = rng.beta(2, 1, size=(40, 8)), rng.uniform(size=(40, 8))
+    mix = "mixture:0.5*standard+0.5*bon:n=4"
+    res = evaluate_scored(a, b, ns=(2, 4), procedures=("standard", "bon", mix, "won:n=8", BestOfN(4), SOFT_BON),
+                          num_bootstrap=50)
+    # a spec with its own N is evaluated once; bon:n=4 given twice (bare "bon" at N = 4 and the instance) is one row
+    assert [r["spec"] for r in res.win_rates] == ["standard", "bon:n=2", "bon:n=4", mix, "won:n=8", SOFT_BON]
+    assert [(r["procedure"], r["n"]) for r in res.win_rates] == [
+        ("standard", 1), ("bon", 2), ("bon", 4), ("mixture", 4), ("won", 8), (SOFT_BON, 1)]
+    assert [r["unbiased"] for r in res.win_rates] == [True] * 5 + [False]
+    row = res.win_rate(mix)
+    assert row["estimate"] == pytest.approx(
+        0.5 * res.win_rate("standard")["estimate"] + 0.5 * res.win_rate("bon", 4)["estimate"], abs=1e-13)
+    assert res.win_rate("bon:n=4") is res.win_rate("bon", 4) is res.win_rate(BestOfN(4))
+    metrics = res.metrics("e/")
+    assert metrics["e/mixture(0.5*standard+0.5*bon@4)_win_rate"] == row["estimate"]
+    assert {"e/standard_win_rate", "e/bon@2_win_rate", "e/won@8_win_rate", f"e/{SOFT_BON}_win_rate"} <= set(metrics)
+    data = json.loads(res.to_json(per_prompt=True))
+    assert data["win_rates"][3] == {**row, "ci_low": pytest.approx(row["ci_low"]), "ci_high": pytest.approx(row["ci_high"])}
+    assert len(data["per_prompt"]["mixture(0.5*standard+0.5*bon@4)_win_rate"]) == 40
+    md = res.to_markdown()
+    assert "| bon | 4 |" in md and f"| `{mix}` | 4 |" in md and "| won | 8 |" in md
+    assert "†" in md and "plug-in estimator" in md  # the biased row is marked
+    fig = res.plot(tmp_path / "plot.png")
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels[0] == "Best-of-N" and "standard" in labels and "Worst-of-8" in labels
+    assert "0.5·standard + 0.5·Best-of-4" in labels and "Best-of-2.5 (plug-in)" in labels
+    # a single spec string works as `procedures`; a spec needing more samples than there are is skipped, named
+    single = evaluate_scored(a, b, procedures=mix, num_bootstrap=0)
+    assert [r["spec"] for r in single.win_rates] == [mix]
+    with pytest.warns(SkippedNWarning, match=r"mixture:0\.5\*standard\+0\.5\*bon:n=16 \(needs 16\).*m >= N"):
+        skipped = evaluate_scored(a, b, ns=(4,), procedures=("bon", "mixture:0.5*standard+0.5*bon:n=16"),
+                                  num_bootstrap=0)
+    assert [r["spec"] for r in skipped.win_rates] == ["bon:n=4"]
+    with pytest.raises(ValueError, match="Unknown inference procedure 'median'"):
+        evaluate_scored(a, b, procedures=("median",))
+    with pytest.raises(ValueError, match="sum to 1"):
+        evaluate_scored(a, b, procedures=("mixture:0.5*standard+0.4*bon:n=4",))
+
+
+def test_old_forms_keep_working():
+    """(name, n) pairs, metric names, order-statistic weights and WinRateResult built by hand."""
+    from trl_infalign.evaluation import WinRateResult, metric_name, order_statistic_weights
+
+    assert metric_name("standard", 4) == "standard_win_rate" and metric_name("bon", 4) == "bon@4_win_rate"
+    assert metric_name("won", 8) == "won@8_win_rate" and metric_name("bon:n=2") == "bon@2_win_rate"
+    k, width, n = torch.tensor([5, 3]), 5, 2
+    for procedure in ("bon", "won", "standard"):
+        got = order_statistic_weights(k, width, n, procedure)
+        nn = 1 if procedure == "standard" else n
+        for row, kk in enumerate(k.tolist()):
+            for j in range(1, width + 1):
+                top = (j - 1) if procedure != "won" else (kk - j)
+                want = math.comb(top, nn - 1) / math.comb(kk, nn) if j <= kk and top >= nn - 1 else 0.0
+                assert float(got[row, j - 1]) == pytest.approx(want, abs=1e-12)
+    by_hand = WinRateResult(0.6, 0.5, 0.7, np.array([0.6]), 4, "bon", 1)
+    assert by_hand.name == "bon@4_win_rate" and by_hand.to_dict()["spec"] == "bon:n=4" and by_hand.unbiased is True
+    with pytest.raises(ValueError, match="needs its N"):
+        inference_win_rate(np.zeros((2, 3)), np.zeros((2, 3)), procedure="bon")
+    with pytest.raises(ValueError, match="n=8, but n=4"):
+        inference_win_rate(np.zeros((2, 8)), np.zeros((2, 8)), 4, "bon:n=8")
+
+
+def test_cli_scored_with_a_mixture_spec(tmp_path, capsys):
+    rng = np.random.default_rng(24)
+    scored = {"policy_rewards": rng.beta(2, 1, size=(20, 8)).tolist(), "reference_rewards": rng.uniform(size=(20, 8)).tolist()}
+    path = tmp_path / "scored.json"
+    path.write_text(json.dumps(scored))
+    out = tmp_path / "out"
+    mix = "mixture:0.5*standard+0.5*bon:n=4"
+    assert cli_main(["evaluate", "--scored", str(path), "--procedures", "standard", "bon", mix,
+                     "mixture:0.5*standard+0.5*bon:n=16", "--n", "4", "--num-bootstrap", "50", "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"| `{mix}` | 4 |" in captured.out and "| bon | 4 |" in captured.out
+    assert "warning: Skipping mixture:0.5*standard+0.5*bon:n=16 (needs 16)" in captured.err
+    data = json.loads((out / "evaluation.json").read_text())
+    rows = {r["spec"]: r for r in data["win_rates"]}
+    assert set(rows) == {"standard", "bon:n=4", mix} and rows[mix]["procedure"] == "mixture" and rows[mix]["n"] == 4
+    assert rows[mix]["unbiased"] is True
+    assert rows[mix]["estimate"] == pytest.approx(0.5 * rows["standard"]["estimate"] + 0.5 * rows["bon:n=4"]["estimate"])
+    assert (out / "win_rate_vs_n.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--scored", str(path), "--procedures", "median:n=4", "--output", str(out)])
+    assert "Unknown inference procedure 'median'" in capsys.readouterr().err
+    # sampling path: a spec needing more samples than --num-samples is refused up front, in CLI terms
+    common = ["evaluate", "--model", "m", "--ref-model", "r", "--reward-model", "rm", "--dataset", "d.jsonl",
+              "--output", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"--procedures mixture:0\.5\*standard\+0\.5\*bon:n=16.*--num-samples 16"):
+        cli_main(common + ["--num-samples", "4", "--procedures", "mixture:0.5*standard+0.5*bon:n=16"])

@@ -1,4 +1,5 @@
-"""Training-time monitoring of inference-time win rates (BoN-N / WoN-N) and KL against the reference.
+"""Training-time monitoring of inference-time win rates (BoN-N / WoN-N / mixtures / any procedure) and KL against
+the reference.
 
     from trl_infalign import InferenceWinRateCallback
     trainer = CTRLTrainer(...)          # or any TRL / transformers Trainer
@@ -8,7 +9,9 @@
 Every `every_n_steps` optimizer steps the callback samples `num_samples` completions per prompt from the current
 policy, scores them with the reward functions, and logs `eval_infalign/bon@4_win_rate` (+ `_ci_low` / `_ci_high`),
 `eval_infalign/won@4_win_rate`, `eval_infalign/kl_k1` (KL per completion, k1, nats, with `_ci_low` / `_ci_high`) and
-`eval_infalign/kl_k3` next to the trainer's other metrics. The reference samples and their rewards are computed once,
+`eval_infalign/kl_k3` next to the trainer's other metrics. `procedures` also takes full specs evaluated at their own N,
+e.g. `procedures=("mixture:0.5*standard+0.5*bon:n=4",)` logs `eval_infalign/mixture(0.5*standard+0.5*bon@4)_win_rate`
+(each key is the procedure's `metric_key`). The reference samples and their rewards are computed once,
 on first use, and cached. Each `EvaluationResult` in `callback.history` names what was evaluated in its `metadata`
 (`policy` = "<output_dir> (step <k>)", `global_step`, `reference`, sampling settings).
 """
@@ -27,6 +30,7 @@ from .evaluation import (
     EvaluationResult,
     _check_sampling,
     _completion_lengths,
+    _describe_needs,
     _gather_rows,
     _is_default_sampling,
     _kl_sampling_note,
@@ -37,12 +41,15 @@ from .evaluation import (
     _sample_and_score,
     _split_prompts,
     evaluate_scored,
+    plan_procedures,
+    split_by_samples,
 )
 from .sampling import model_name
 
 
 class InferenceWinRateCallback(TrainerCallback):
-    """Log BoN-N / WoN-N / standard win rates and KL(π‖π_ref) of the policy being trained, every `every_n_steps` steps.
+    """Log inference-time win rates (standard / BoN-N / WoN-N / mixtures / user procedures) and KL(π‖π_ref) of the
+    policy being trained, every `every_n_steps` steps.
 
     Args:
         prompts: evaluation prompts (strings or conversational), or a `datasets.Dataset` with a `prompt` column.
@@ -52,7 +59,9 @@ class InferenceWinRateCallback(TrainerCallback):
             trainers with beta > 0), else the policy's `config._name_or_path` at the start of training (the initial
             checkpoint). It must share the policy's tokenizer.
         tokenizer: policy tokenizer (default: the trainer's `processing_class`).
-        ns, procedures: which win rates to log; `num_samples` (m) samples per prompt, N <= m (a ValueError otherwise).
+        ns, procedures: which win rates to log: "standard" once, "bon" / "won" at every N of `ns`, full specs
+            ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=4", registered names, `InferenceProcedure` instances) once at
+            their own N. `num_samples` (m) samples per prompt; every procedure needs N <= m (a ValueError otherwise).
         every_n_steps: evaluate when `state.global_step % every_n_steps == 0`.
         temperature, top_p, top_k: sampling settings for the reference and the policy samples (defaults 1, 1, 0:
             sample the models themselves). Other settings compare the models as deployed with them, but the KL
@@ -76,7 +85,7 @@ class InferenceWinRateCallback(TrainerCallback):
         reward_processing_classes=None,
         reward_weights=None,
         ns: Sequence[int] = (4,),
-        procedures: Sequence[str] = ("bon", "won"),
+        procedures: Sequence = ("bon", "won"),
         num_samples: int = 8,
         every_n_steps: int = 50,
         max_new_tokens: int = 64,
@@ -98,11 +107,15 @@ class InferenceWinRateCallback(TrainerCallback):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         self.prompts, self.columns = _split_prompts(prompts)
         self.ns = [int(n) for n in ns]
-        self.procedures = list(procedures)
-        too_big = [n for n in self.ns if n > num_samples]
-        if too_big and any(p != "standard" for p in self.procedures):
-            raise ValueError(f"ns contains N = {too_big} > num_samples = {num_samples}: N must be <= num_samples.")
-        _resolve_ns(self.ns, self.procedures, num_samples)
+        self.procedures = [procedures] if isinstance(procedures, str) else list(procedures)
+        too_big = split_by_samples(plan_procedures(self.procedures, self.ns), num_samples)[1]
+        if too_big:
+            raise ValueError(
+                f"{_describe_needs(too_big)} need more than num_samples = {num_samples} samples per prompt: every "
+                "procedure's N must be <= num_samples (raise num_samples or lower N)."
+            )
+        #: the procedure objects evaluated, in order (bare names expanded over `ns`)
+        self.inference_procedures = [p.procedure for p in _resolve_ns(self.ns, self.procedures, num_samples)]
         self.temperature, self.top_p, self.top_k = _check_sampling(temperature, top_p, top_k)
         self._kl_note = None
         if not _is_default_sampling(self.temperature, self.top_p, self.top_k):
@@ -246,7 +259,7 @@ class InferenceWinRateCallback(TrainerCallback):
             if cuda_state is not None:
                 torch.cuda.set_rng_state_all(cuda_state)
         pr, rr, lp, lr, lengths = _gather_rows(dist, self._local, pr, self._reference_rewards, lp, lr, lengths)
-        return evaluate_scored(pr, rr, self.ns, self.procedures, lp, lr, num_bootstrap=self.num_bootstrap,
+        return evaluate_scored(pr, rr, self.ns, self.inference_procedures, lp, lr, num_bootstrap=self.num_bootstrap,
                                seed=self.seed, metadata=self._metadata(args, step, lengths))
 
     def _metadata(self, args, step, lengths) -> dict:

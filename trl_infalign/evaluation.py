@@ -1,4 +1,5 @@
-"""Inference-time win rates (standard, Best-of-N, Worst-of-N) and KL of a policy against its reference (notes §3).
+"""Inference-time win rates (standard, Best-of-N, Worst-of-N, mixtures, user procedures) and KL of a policy against
+its reference (notes §3).
 
 Two entry points:
 
@@ -7,13 +8,21 @@ Two entry points:
   of the policy samples under both models for the KL estimators;
 - :func:`evaluate_scored` does the statistics only, for samples generated and scored elsewhere (vLLM, an API, ...).
 
+Which win rates: `procedures` are :mod:`trl_infalign.procedures` specs or objects. A bare name whose procedure is
+parameterised by N (``"bon"``, ``"won"``) is evaluated at every N of `ns`; ``"standard"`` once; a full spec with its
+own parameters (``"bon:n=8"``, ``"mixture:0.5*standard+0.5*bon:n=4"``, a registered user procedure, an
+:class:`~trl_infalign.procedures.InferenceProcedure` instance) once, as given. The procedure object computes the win
+rate (:meth:`~trl_infalign.procedures.InferenceProcedure.per_prompt_win_rates`) and names it (`metric_key`, `label`).
+
 Win rates use the exact *all-subsets* estimator: for a prompt with scores `a_1..a_m` (policy) and `b_1..b_m'`
 (reference), the BoN-N win probability is the average, over every N-subset of the policy samples and every N-subset of
 the reference samples, of `1[max A > max B] + ½·1[max A = max B]`. It is computed in O(m log m) per prompt from the
 order statistics: the max of a uniformly random N-subset of m sorted values is the j-th smallest with probability
 C(j−1, N−1)/C(m, N) (the min: C(m−j, N−1)/C(m, N)). It is unbiased for the BoN-N win rate of the two policies and has
-far lower variance than drawing one random BoN pair per prompt. Confidence intervals are percentile bootstraps over
-prompts (prompts are the independent units; samples within a prompt are not resampled).
+far lower variance than drawing one random BoN pair per prompt. A request-level mixture's estimate is Σ_j w_j (component
+j's estimate), unbiased when every component's is; a user procedure given by a non-polynomial output-CDF map f uses the
+plug-in estimator (the empirical CDF through f), biased by O(1/m) — rows say which (`unbiased`). Confidence intervals
+are percentile bootstraps over prompts (prompts are the independent units; samples within a prompt are not resampled).
 
 KL is reported **per completion, in nats** — the unit of `CTRLConfig.kl_budget`, of RLOO's penalty and of the
 calibrated-space theory: for a policy sample y, log π(y) − log π_ref(y) summed over the completion's tokens (TRL's
@@ -22,30 +31,137 @@ logged `kl` is instead the per-token mean, smaller by the completion length). Th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
 
+from .procedures import PROCEDURES, InferenceProcedure, ProcedureError, get_procedure
 from .sampling import model_name, resolve_process_state, resolve_tokenizer
 
-PROCEDURES = ("standard", "bon", "won")
 DEFAULT_NS = (1, 2, 4, 8, 16, 32)
 
+#: What a `procedures` entry may be: a spec string ("bon", "bon:n=8", "mixture:...", a registered name) or an object.
+ProcedureLike = Union[str, InferenceProcedure]
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# helpers
+# procedures: resolution and expansion over N
 # ---------------------------------------------------------------------------------------------------------------------
-def metric_name(procedure: str, n: int) -> str:
-    """Key of a win rate in flat metric dicts: `standard_win_rate`, `bon@4_win_rate`, `won@8_win_rate`."""
-    return "standard_win_rate" if procedure == "standard" else f"{procedure}@{n}_win_rate"
+def _check_n_value(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
+    return int(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _name_takes_n(name: str) -> bool:
+    """Whether the bare spec `name` is a family parameterised by N (``get_procedure(name, n)`` depends on n)."""
+    return get_procedure(name, 1) != get_procedure(name, 2)
+
+
+def _expands_over_n(procedure: ProcedureLike) -> bool:
+    """True for a bare name of a procedure family parameterised by N ("bon", "won"): it is evaluated at every N of
+    `ns`. Specs with their own parameters, "standard" and instances are evaluated once."""
+    if not isinstance(procedure, str) or ":" in procedure:
+        return False
+    try:
+        return _name_takes_n(procedure.strip())
+    except ProcedureError:
+        return False
+
+
+def _n_family(procedure: InferenceProcedure) -> str | None:
+    """The family name when `procedure` is exactly its family's member at its N (BestOfN(8) is "bon" at N = 8), else
+    None (mixtures, standard, user procedures with other parameters)."""
+    if not _expands_over_n(procedure.name):
+        return None
+    try:
+        return procedure.name if get_procedure(procedure.name, procedure.n) == procedure else None
+    except ProcedureError:
+        return None
+
+
+def _resolve_procedure(procedure: ProcedureLike, n=None) -> InferenceProcedure:
+    """The procedure object of (`procedure`, `n`): ``("bon", 4)`` → Best-of-4; ``("standard", 4)`` → standard (N is
+    one sample); a spec with its own N or an instance is taken as is (a conflicting `n` raises)."""
+    if n is not None:
+        n = _check_n_value(n)
+    if n is None and _expands_over_n(procedure):
+        raise ValueError(
+            f"procedure {procedure!r} needs its N: pass n= (e.g. n=4) or give a full spec such as {f'{procedure}:n=4'!r}."
+        )
+    return get_procedure(procedure, n)
+
+
+def _as_procedure_list(procedures) -> list:
+    if isinstance(procedures, (str, InferenceProcedure)):
+        return [procedures]
+    procedures = list(procedures)
+    if not procedures:
+        raise ValueError("procedures is empty: give e.g. ('standard', 'bon', 'won') or a spec such as 'bon:n=8'.")
+    return procedures
+
+
+@dataclass(frozen=True)
+class PlannedWinRate:
+    """One win rate to evaluate: the procedure object and, when it came from expanding a bare name over `ns`, that N."""
+
+    procedure: InferenceProcedure
+    n: int | None = None  # the N of `ns` it was expanded at (None: a spec with its own N, evaluated once)
+
+
+def plan_procedures(procedures: Sequence[ProcedureLike] | ProcedureLike, ns: Sequence[int] = ()) -> list[PlannedWinRate]:
+    """Expand `procedures` over `ns`: a bare name of an N-family ("bon", "won") gives one entry per N (sorted), any
+    other spec or instance one entry; duplicates (same spec) are dropped, the order of `procedures` is kept."""
+    procedures = _as_procedure_list(procedures)
+    ns = sorted({_check_n_value(n) for n in ns})
+    out: list[PlannedWinRate] = []
+    seen: set[str] = set()
+    for spec in procedures:
+        if _expands_over_n(spec):
+            items = [PlannedWinRate(get_procedure(spec.strip(), n), n) for n in ns]
+        else:
+            items = [PlannedWinRate(get_procedure(spec))]
+        for item in items:
+            if item.procedure.spec not in seen:
+                seen.add(item.procedure.spec)
+                out.append(item)
+    return out
+
+
+def _describe_needs(plans: Sequence[PlannedWinRate]) -> str:
+    """"N = [16, 32]" for expanded entries, "mixture:... (needs 16)" for specs with their own N."""
+    parts = []
+    ns = sorted({p.n for p in plans if p.n is not None})
+    if ns:
+        parts.append(f"N = {ns}")
+    own = [f"{p.procedure.spec} (needs {p.procedure.min_samples})" for p in plans if p.n is None]
+    if own:
+        parts.append(", ".join(own))
+    return " and ".join(parts)
+
+
+def split_by_samples(plans: Sequence[PlannedWinRate], max_n: int) -> tuple[list[PlannedWinRate], list[PlannedWinRate]]:
+    """(kept, dropped): entries whose procedure needs more than `max_n` samples per prompt (`min_samples`) are dropped."""
+    kept = [p for p in plans if p.procedure.min_samples <= max_n]
+    dropped = [p for p in plans if p.procedure.min_samples > max_n]
+    return kept, dropped
+
+
+def metric_name(procedure: ProcedureLike, n: int | None = None) -> str:
+    """Key of a win rate in flat metric dicts, the procedure's `metric_key`: `standard_win_rate`, `bon@4_win_rate`,
+    `won@8_win_rate`, `mixture(0.5*standard+0.5*bon@4)_win_rate`. `n` is the N of a bare name ("bon", 4)."""
+    return _resolve_procedure(procedure, n).metric_key
 
 
 def _as_2d_float(values, name: str) -> torch.Tensor:
@@ -72,39 +188,15 @@ def _as_2d_float(values, name: str) -> torch.Tensor:
     return t
 
 
-def _check_procedure(procedure: str, n) -> tuple[str, int]:
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}.")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}.")
-    return procedure, (1 if procedure == "standard" else int(n))
+def order_statistic_weights(num_valid: torch.Tensor, width: int, n: int, procedure: ProcedureLike) -> torch.Tensor:
+    """Deprecated: use ``get_procedure(procedure, n).rank_weights(num_valid, width)``.
 
-
-def _log_comb(n: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """log C(n, r) elementwise (float64), −inf where r < 0 or r > n."""
-    n, r = torch.broadcast_tensors(n.double(), r.double())
-    valid = (r >= 0) & (r <= n)
-    n_ = torch.where(valid, n, torch.zeros_like(n))
-    r_ = torch.where(valid, r, torch.zeros_like(r))
-    out = torch.lgamma(n_ + 1) - torch.lgamma(r_ + 1) - torch.lgamma(n_ - r_ + 1)
-    return torch.where(valid, out, torch.full_like(out, -math.inf))
-
-
-def order_statistic_weights(num_valid: torch.Tensor, width: int, n: int, procedure: str) -> torch.Tensor:
-    """P(the max (bon) / min (won) of a uniformly random n-subset is the j-th smallest of the row's k valid values).
-
-    `num_valid`: (P,) valid counts k; returns (P, width) float64 weights, zero for j > k. bon: C(j−1, n−1)/C(k, n);
-    won: C(k−j, n−1)/C(k, n); standard (n = 1): 1/k.
+    P(the procedure's output is the j-th smallest of a row's k valid values), (P, width) float64, zero for j > k:
+    bon: C(j−1, n−1)/C(k, n); won: C(k−j, n−1)/C(k, n); standard (n = 1): 1/k. Any procedure spec works.
     """
-    k = num_valid.double().unsqueeze(1)
-    j = torch.arange(1, width + 1, dtype=torch.float64).unsqueeze(0)
-    if procedure == "won":
-        logw = _log_comb(k - j, torch.tensor(float(n - 1))) - _log_comb(k, torch.tensor(float(n)))
-    else:  # bon and standard (n = 1 gives uniform weights)
-        logw = _log_comb(j - 1, torch.tensor(float(n - 1))) - _log_comb(k, torch.tensor(float(n)))
-    logw = torch.where(j <= k, logw, torch.full_like(logw, -math.inf))
-    w = torch.exp(logw - logw.max(dim=1, keepdim=True).values)
-    return w / w.sum(dim=1, keepdim=True)  # sums to 1 exactly up to rounding
+    warnings.warn("order_statistic_weights is deprecated: use trl_infalign.procedures.get_procedure(procedure, n)"
+                  ".rank_weights(num_valid, width).", DeprecationWarning, stacklevel=2)
+    return _resolve_procedure(procedure, n).rank_weights(num_valid, width)
 
 
 def _as_paired_rewards(policy_rewards, reference_rewards) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,33 +211,17 @@ def _as_paired_rewards(policy_rewards, reference_rewards) -> tuple[torch.Tensor,
     return a, b
 
 
-def per_prompt_win_rates(policy_rewards, reference_rewards, n: int, procedure: str = "bon") -> np.ndarray:
-    """Exact all-subsets win probability of each prompt, shape (P,): P(X_π > X_ref) + ½ P(X_π = X_ref), where X is
-    the max (bon) / min (won) / a single sample (standard) of N samples drawn without replacement from the row."""
-    procedure, n = _check_procedure(procedure, n)
+def per_prompt_win_rates(policy_rewards, reference_rewards, n: int | None = None,
+                         procedure: ProcedureLike = "bon") -> np.ndarray:
+    """Win probability of each prompt, shape (P,): P(X_π > X_ref) + ½ P(X_π = X_ref), where X is each side's output
+    under the procedure (the max (bon) / min (won) / a single sample (standard) of N samples drawn without replacement
+    from the row, a mixture's Σ_j w_j of its components, ...). Exact all-subsets average, unbiased, for bon / won /
+    standard / mixtures of them / polynomial user procedures; the plug-in estimator otherwise (`procedure.unbiased`).
+
+    `n` is the N of a bare name ("bon", 4); a spec with its own N ("bon:n=8", "mixture:...") needs none."""
+    proc = _resolve_procedure(procedure, n)
     a, b = _as_paired_rewards(policy_rewards, reference_rewards)
-    sides = {}
-    for name, t in (("policy_rewards", a), ("reference_rewards", b)):
-        valid = ~torch.isnan(t)
-        k = valid.sum(dim=1)
-        if (k < n).any():
-            row = int((k < n).nonzero()[0])
-            raise ValueError(
-                f"{name} has only {int(k[row])} valid samples for prompt {row} (and {int((k < n).sum())} prompts in "
-                f"all with fewer than {n}), but {procedure} with N={n} needs at least N samples per prompt: draw more "
-                "samples (m >= N) or lower N."
-            )
-        # NaN (missing) sorts last as +inf with weight 0; finite values never tie with it.
-        values = torch.sort(torch.where(valid, t, torch.full_like(t, math.inf)), dim=1).values
-        sides[name] = (values, order_statistic_weights(k, t.shape[1], n, procedure))
-    (av, aw), (bv, bw) = sides["policy_rewards"], sides["reference_rewards"]
-    cum = torch.cat([torch.zeros(bw.shape[0], 1, dtype=torch.float64), torch.cumsum(bw, dim=1)], dim=1)
-    below = torch.searchsorted(bv.contiguous(), av.contiguous(), side="left")  # #ref values < a
-    at_or_below = torch.searchsorted(bv.contiguous(), av.contiguous(), side="right")  # #ref values <= a
-    p_less, p_leq = cum.gather(1, below), cum.gather(1, at_or_below)
-    win = p_less + 0.5 * (p_leq - p_less)  # P(X_ref < a) + ½ P(X_ref = a) for each policy order statistic a
-    out = (aw * torch.where(torch.isinf(av), torch.zeros_like(win), win)).sum(dim=1)
-    return out.clamp(0.0, 1.0).numpy()
+    return proc.per_prompt_win_rates(a, b).numpy()
 
 
 def _bootstrap_mean_ci(per_prompt: np.ndarray, num_bootstrap: int, confidence: float, seed: int) -> tuple[float, float]:
@@ -176,7 +252,10 @@ def _bootstrap_mean_ci(per_prompt: np.ndarray, num_bootstrap: int, confidence: f
 class WinRateResult:
     """Win rate of the policy against the reference under an inference procedure, with a bootstrap CI over prompts.
 
-    `estimate` is the mean over prompts of `per_prompt` (each the exact all-subsets win probability of its prompt).
+    `estimate` is the mean over prompts of `per_prompt` (each prompt's win probability: the exact all-subsets average,
+    or the plug-in estimate when `unbiased` is False). `procedure` is the procedure's name ("standard", "bon", "won",
+    "mixture", a registered name), `n` its samples per request, `spec` its full spec ("bon:n=4", "mixture:...") and
+    `inference_procedure` the :class:`~trl_infalign.procedures.InferenceProcedure` itself.
     """
 
     estimate: float
@@ -187,53 +266,91 @@ class WinRateResult:
     procedure: str
     num_prompts: int
     confidence: float = 0.95
+    spec: str | None = None
+    unbiased: bool | None = None
+    inference_procedure: InferenceProcedure | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.inference_procedure is None:
+            try:
+                self.inference_procedure = get_procedure(self.spec) if self.spec else _resolve_procedure(self.procedure, self.n)
+            except (ValueError, TypeError):
+                return
+        if self.spec is None:
+            self.spec = self.inference_procedure.spec
+        if self.unbiased is None:
+            self.unbiased = bool(self.inference_procedure.unbiased)
 
     @property
     def name(self) -> str:
-        return metric_name(self.procedure, self.n)
+        """The procedure's metric key: `bon@4_win_rate`, `standard_win_rate`, `mixture(...)_win_rate`."""
+        if self.inference_procedure is None:
+            raise ValueError(f"unknown procedure {self.spec or self.procedure!r}: register it to name its metric.")
+        return self.inference_procedure.metric_key
+
+    @property
+    def label(self) -> str:
+        """Human-readable name of the procedure ("Best-of-4")."""
+        return self.inference_procedure.label if self.inference_procedure is not None else str(self.spec or self.procedure)
 
     def to_dict(self, per_prompt: bool = False) -> dict:
         out = {
             "procedure": self.procedure, "n": self.n, "estimate": self.estimate, "ci_low": self.ci_low,
-            "ci_high": self.ci_high, "num_prompts": self.num_prompts, "confidence": self.confidence,
+            "ci_high": self.ci_high, "spec": self.spec, "unbiased": self.unbiased, "num_prompts": self.num_prompts,
+            "confidence": self.confidence,
         }
         if per_prompt:
             out["per_prompt"] = [float(v) for v in self.per_prompt]
         return out
 
 
+#: The keys of an `EvaluationResult.win_rates` row.
+ROW_KEYS = ("procedure", "n", "estimate", "ci_low", "ci_high", "spec", "unbiased")
+
+
+def _win_rate_of(procedure: InferenceProcedure, a: torch.Tensor, b: torch.Tensor, *, num_bootstrap: int,
+                 confidence: float, seed: int) -> WinRateResult:
+    per_prompt = procedure.per_prompt_win_rates(a, b).numpy()
+    low, high = _bootstrap_mean_ci(per_prompt, num_bootstrap, confidence, seed)
+    return WinRateResult(
+        estimate=float(per_prompt.mean()), ci_low=low, ci_high=high, per_prompt=per_prompt, n=procedure.n,
+        procedure=procedure.name, num_prompts=len(per_prompt), confidence=confidence, spec=procedure.spec,
+        unbiased=bool(procedure.unbiased), inference_procedure=procedure,
+    )
+
+
 def inference_win_rate(
     policy_rewards,
     reference_rewards,
-    n: int,
-    procedure: str = "bon",
+    n: int | None = None,
+    procedure: ProcedureLike = "bon",
     *,
     num_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> WinRateResult:
-    """Standard / BoN-N / WoN-N win rate of a policy against its reference from scored samples (notes §3).
+    """Win rate of a policy against its reference under an inference procedure, from scored samples (notes §3).
 
     Args:
         policy_rewards: (P, m_policy) rewards of m_policy samples of the policy for each of P prompts (numpy, torch or
-            nested lists). NaN marks a missing sample; every row must keep at least `n` valid values.
+            nested lists). NaN marks a missing sample; every row must keep at least `procedure.min_samples` (N) valid
+            values.
         reference_rewards: (P, m_reference) rewards of the reference policy's samples for the same prompts.
-        n: N of the procedure. Ignored for `procedure="standard"`, which is N = 1 (the result has `n == 1`).
-        procedure: `"standard"` (one sample each), `"bon"` (best of N each) or `"won"` (worst of N each).
+        n: N of a bare procedure name (`inference_win_rate(a, b, 4, "bon")`). Ignored for "standard", which is
+            N = 1 (the result has `n == 1`); not needed for a spec with its own N ("bon:n=8", "mixture:...").
+        procedure: a spec — "standard" (one sample each), "bon" / "won" (best / worst of N each), "bon:n=8",
+            "mixture:0.5*standard+0.5*bon:n=4", a registered user procedure — or an `InferenceProcedure`.
         num_bootstrap: bootstrap resamples of the prompts for the CI (0: no CI, NaN bounds).
         confidence: CI level. seed: bootstrap seed.
 
     Returns:
         :class:`WinRateResult` — `estimate` = mean over prompts of P(X_π > X_ref) + ½ P(X_π = X_ref), computed exactly
-        over all N-subsets of both sides' samples; `ci_low`/`ci_high` the percentile bootstrap interval.
+        over all N-subsets of both sides' samples (Σ_j w_j of the components' for a mixture; the plug-in estimate,
+        `unbiased=False`, for a non-polynomial user procedure); `ci_low`/`ci_high` the percentile bootstrap interval.
     """
-    procedure, n = _check_procedure(procedure, n)
-    per_prompt = per_prompt_win_rates(policy_rewards, reference_rewards, n, procedure)
-    low, high = _bootstrap_mean_ci(per_prompt, num_bootstrap, confidence, seed)
-    return WinRateResult(
-        estimate=float(per_prompt.mean()), ci_low=low, ci_high=high, per_prompt=per_prompt, n=n, procedure=procedure,
-        num_prompts=len(per_prompt), confidence=confidence,
-    )
+    proc = _resolve_procedure(procedure, n)
+    a, b = _as_paired_rewards(policy_rewards, reference_rewards)
+    return _win_rate_of(proc, a, b, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,9 +395,13 @@ KL_HEADLINE = "KL per completion (k1, nats)"
 
 @dataclass
 class EvaluationResult:
-    """Win rates for every (procedure, N) and the KL of the policy against the reference.
+    """Win rates for every procedure evaluated and the KL of the policy against the reference.
 
-    `win_rates`: rows `{procedure, n, estimate, ci_low, ci_high}` (standard first, then bon / won by N).
+    `win_rates`: rows `{procedure, n, estimate, ci_low, ci_high, spec, unbiased}`, in the order of `procedures` (a
+    bare name such as "bon" by N). `procedure` is the procedure's name ("standard", "bon", "won", "mixture", a
+    registered name), `n` its samples per request, `spec` its full spec ("bon:n=4", "mixture:0.5*standard+0.5*bon:n=4")
+    and `unbiased` whether its estimator is unbiased (False: the plug-in estimator of a non-polynomial user procedure,
+    bias O(1/m)).
 
     KL is per completion, in nats (the unit of `kl_budget`): for policy samples y_{x,j} of prompt x,
 
@@ -327,20 +448,24 @@ class EvaluationResult:
             text += f" [{low:.{digits}f}, {high:.{digits}f}]"
         return text
 
-    def win_rate(self, procedure: str, n: int = 1) -> dict:
-        """The row of one (procedure, N)."""
-        procedure, n = _check_procedure(procedure, n)
+    def win_rate(self, procedure: ProcedureLike, n: int | None = None) -> dict:
+        """The row of one procedure: `win_rate("bon", 4)`, `win_rate("standard")`, `win_rate("bon:n=4")`,
+        `win_rate("mixture:0.5*standard+0.5*bon:n=4")` or an `InferenceProcedure` (a bare "bon" without `n` is N = 1)."""
+        if n is None and _expands_over_n(procedure):
+            n = 1
+        wanted = _resolve_procedure(procedure, n)
         for row in self.win_rates:
-            if row["procedure"] == procedure and row["n"] == n:
+            if _row_procedure(row) == wanted:
                 return row
-        raise KeyError(f"no win rate for procedure={procedure!r}, n={n} (have {[(r['procedure'], r['n']) for r in self.win_rates]}).")
+        raise KeyError(f"no win rate for procedure {wanted.spec!r} (have {[_row_spec(r) for r in self.win_rates]}).")
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Flat metrics: `{prefix}bon@4_win_rate`, `..._ci_low`, `..._ci_high`, `{prefix}kl_k1` (per-completion KL,
-        nats) with `{prefix}kl_k1_ci_low` / `_ci_high`, and the same for `{prefix}kl_k3`."""
+        """Flat metrics: `{prefix}<procedure.metric_key>` (`bon@4_win_rate`, `standard_win_rate`,
+        `mixture(0.5*standard+0.5*bon@4)_win_rate`, ...), `..._ci_low`, `..._ci_high`, `{prefix}kl_k1` (per-completion
+        KL, nats) with `{prefix}kl_k1_ci_low` / `_ci_high`, and the same for `{prefix}kl_k3`."""
         out: dict[str, float] = {}
         for row in self.win_rates:
-            key = prefix + metric_name(row["procedure"], row["n"])
+            key = prefix + _row_procedure(row).metric_key
             out[key] = row["estimate"]
             out[key + "_ci_low"] = row["ci_low"]
             out[key + "_ci_high"] = row["ci_high"]
@@ -390,9 +515,15 @@ class EvaluationResult:
             f"| procedure | N | win rate | {pct} CI |",
             "|---|---:|---:|---|",
         ]
+        biased = False
         for row in self.win_rates:
-            ci = "—" if math.isnan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
-            lines.append(f"| {row['procedure']} | {row['n']} | {row['estimate']:.4f} | {ci} |")
+            ci = "—" if _is_nan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            mark = "" if row.get("unbiased", True) is not False else " †"
+            biased = biased or bool(mark)
+            lines.append(f"| {_row_display(row)} | {row['n']} | {row['estimate']:.4f}{mark} | {ci} |")
+        if biased:
+            lines += ["", "† plug-in estimator (the empirical CDF through the procedure's output-CDF map f): biased, by "
+                      "O(1/m) for m samples per prompt; give the procedure as a polynomial in G for an unbiased one."]
         if self.kl_k1 is not None:
             lines += ["", f"| KL(π‖π_ref) per completion (nats), estimator | value | {pct} CI |", "|---|---:|---|"]
             for name, value, ci in (("k1 (headline)", self.kl_k1, self.kl_k1_ci), ("k3", self.kl_k3, self.kl_k3_ci)):
@@ -406,7 +537,8 @@ class EvaluationResult:
         lines += [
             "",
             f"{self.num_prompts} prompts, {self.num_samples_policy} policy and {self.num_samples_reference} reference "
-            "samples per prompt; exact all-subsets estimator, ties count ½; CI: percentile bootstrap over prompts "
+            f"samples per prompt; {'exact all-subsets estimator' if not biased else 'exact all-subsets estimator (except †)'}, "
+            "ties count ½; CI: percentile bootstrap over prompts "
             f"({self.num_bootstrap} resamples).",
         ]
         described = self._describe_models()
@@ -433,7 +565,9 @@ class EvaluationResult:
         return ("Evaluated " + "; ".join(parts) + ".") if parts else None
 
     def plot(self, path: str | Path | None = None, ax=None, title: str | None = None):
-        """Win rate vs N for BoN and WoN (standard at N = 1 as a marker), with CI bands; saves to `path` if given.
+        """Win rate vs N with CI bands: one line per N-family (Best-of-N, Worst-of-N: the rows of one name at several
+        N, labelled by the procedures), one marker per other procedure at its N (standard at N = 1, a mixture at its largest N,
+        labelled with `procedure.label`); saves to `path` if given.
 
         Needs matplotlib (`pip install trl-infalign[plot]`). Returns the matplotlib figure.
         """
@@ -450,20 +584,30 @@ class EvaluationResult:
             fig, ax = plt.subplots(figsize=(5.5, 4))
         else:
             fig = ax.figure
-        styles = {"bon": ("tab:blue", "Best-of-N"), "won": ("tab:red", "Worst-of-N")}
-        for procedure, (color, label) in styles.items():
-            rows = sorted((r for r in self.win_rates if r["procedure"] == procedure), key=lambda r: r["n"])
-            if not rows:
-                continue
-            ns = [r["n"] for r in rows]
+        lines: dict[str, list[tuple[InferenceProcedure, dict]]] = {}
+        points: list[tuple[InferenceProcedure, dict]] = []
+        for row in self.win_rates:
+            proc = _row_procedure(row)
+            family = _n_family(proc)
+            if family is None:
+                points.append((proc, row))
+            else:
+                lines.setdefault(family, []).append((proc, row))
+        colors = iter(plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3", "C4"]) * 4)
+        for members in lines.values():
+            members = sorted(members, key=lambda m: m[0].n)
+            color = next(colors)
+            ns = [p.n for p, _ in members]
+            rows = [r for _, r in members]
+            label = members[0][0].label if len(members) == 1 else _family_label(members[-1][0])
             ax.plot(ns, [r["estimate"] for r in rows], "o-", color=color, label=label)
-            if not math.isnan(rows[0]["ci_low"]):
+            if not _is_nan(rows[0]["ci_low"]):
                 ax.fill_between(ns, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=color, alpha=0.2)
-        std = [r for r in self.win_rates if r["procedure"] == "standard"]
-        if std:
-            r = std[0]
-            yerr = None if math.isnan(r["ci_low"]) else [[r["estimate"] - r["ci_low"]], [r["ci_high"] - r["estimate"]]]
-            ax.errorbar([1], [r["estimate"]], yerr=yerr, fmt="s", color="black", capsize=3, label="standard")
+        for proc, r in points:
+            yerr = None if _is_nan(r["ci_low"]) else [[r["estimate"] - r["ci_low"]], [r["ci_high"] - r["estimate"]]]
+            color = "black" if proc.is_standard else next(colors)
+            ax.errorbar([proc.n], [r["estimate"]], yerr=yerr, fmt="s" if proc.is_standard else "D", color=color,
+                        capsize=3, label=proc.label + ("" if proc.unbiased else " (plug-in)"))
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         from matplotlib.ticker import NullLocator, ScalarFormatter
@@ -472,7 +616,7 @@ class EvaluationResult:
         ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel("N")
+        ax.set_xlabel("N (samples per request)")
         ax.set_ylabel("win rate vs reference")
         if title is None and self.kl_k1 is not None:
             title = self.kl_summary(digits=3)
@@ -487,6 +631,37 @@ class EvaluationResult:
             if own:
                 plt.close(fig)
         return fig
+
+
+def _is_nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _row_procedure(row: dict) -> InferenceProcedure:
+    """The procedure of a `win_rates` row: from its `spec`, or (older rows) from `procedure` and `n`."""
+    if row.get("spec"):
+        return get_procedure(row["spec"])
+    return _resolve_procedure(row["procedure"], row["n"])
+
+
+def _row_spec(row: dict) -> str:
+    try:
+        return _row_procedure(row).spec
+    except ValueError:
+        return str(row.get("spec") or row.get("procedure"))
+
+
+def _row_display(row: dict) -> str:
+    """A row's name in the table: the bare name when (name, N) says it all ("bon" at N = 4, "standard"), else the
+    full spec (a mixture, a user procedure with other parameters)."""
+    proc = _row_procedure(row)
+    return row["procedure"] if _n_family(proc) is not None or proc.spec == proc.name else f"`{proc.spec}`"
+
+
+def _family_label(procedure: InferenceProcedure) -> str:
+    """Legend of an N-family's line: the member's label with its N written as "N" ("Best-of-32" → "Best-of-N")."""
+    label, count = re.subn(rf"(?<!\d){procedure.n}(?!\d)", "N", procedure.label, count=1)
+    return label if count else f"{procedure.name} (N)"
 
 
 def _jsonable(value):
@@ -509,38 +684,39 @@ class SkippedNWarning(UserWarning):
 
 
 def _resolve_ns(
-    ns: Sequence[int], procedures: Sequence[str], max_n: int, *, fix: str | None = None, stacklevel: int = 3
-) -> list[tuple[str, int]]:
-    """(procedure, N) pairs to evaluate; N > `max_n` are dropped with a :class:`SkippedNWarning` naming them and `fix`.
+    ns: Sequence[int], procedures: Sequence[ProcedureLike] | ProcedureLike, max_n: int, *, fix: str | None = None,
+    stacklevel: int = 3,
+) -> list[PlannedWinRate]:
+    """The win rates to evaluate (:func:`plan_procedures`); those whose procedure needs more than `max_n` samples per
+    prompt (`min_samples`) are dropped with a :class:`SkippedNWarning` naming them and `fix`.
 
-    Raises a ValueError (naming the dropped N and `fix`) when nothing is left to evaluate.
+    Raises a ValueError (naming the dropped ones and `fix`) when nothing is left to evaluate.
     """
-    procedures = list(procedures)
-    for p in procedures:
-        _check_procedure(p, 1)
-    ns = sorted({int(n) for n in ns})
-    for n in ns:
-        _check_procedure("bon", n)
-    dropped = [n for n in ns if n > max_n]
-    kept = [n for n in ns if n <= max_n]
-    fix = fix or f"give at least max(N) = {max(ns) if ns else 1} valid samples per prompt on both sides"
-    pairs = [("standard", 1)] if "standard" in procedures else []
-    for p in ("bon", "won"):
-        if p in procedures:
-            pairs += [(p, n) for n in kept]
-    if not pairs:
+    plans = plan_procedures(procedures, ns)
+    kept, dropped = split_by_samples(plans, max_n)
+    names = [str(p) for p in _as_procedure_list(procedures)]
+    requested = sorted({int(n) for n in ns})
+    if fix is None:
+        need = max([p.procedure.min_samples for p in plans] or [1])
+        fix = f"give at least {need} valid samples per prompt on both sides"
+    if not kept:
+        if not dropped:
+            raise ValueError(f"Nothing to evaluate: procedures={names} with ns={requested} gives no win rate (a bare "
+                             "name such as 'bon' is evaluated at every N of ns: give ns, or a spec such as 'bon:n=4').")
         raise ValueError(
-            f"Nothing to evaluate: procedures={procedures}, ns={ns}, but N = {dropped} need more than the {max_n} "
-            f"samples per prompt available (best/worst of N needs N <= m). Fix: {fix}, or lower N."
+            f"Nothing to evaluate: procedures={names}, ns={requested}, but {_describe_needs(dropped)} need more than "
+            f"the {max_n} samples per prompt available (a procedure drawing N samples per request needs N <= m). "
+            f"Fix: {fix}, or lower N."
         )
-    if dropped and any(p != "standard" for p in procedures):
+    if dropped:
         warnings.warn(
-            f"Skipping N = {dropped}: only {max_n} samples per prompt are available, and best/worst of N needs at least "
-            f"N samples per prompt (evaluating N = {kept}). Fix: {fix}.",
+            f"Skipping {_describe_needs(dropped)}: only {max_n} samples per prompt are available, and a procedure "
+            f"drawing N samples per request needs at least N samples per prompt (evaluating "
+            f"{', '.join(p.procedure.spec for p in kept)}). Fix: {fix}.",
             SkippedNWarning,
             stacklevel=stacklevel,
         )
-    return pairs
+    return kept
 
 
 def _check_sampling(temperature, top_p, top_k) -> tuple[float, float, int]:
@@ -575,7 +751,7 @@ def evaluate_scored(
     policy_rewards,
     reference_rewards,
     ns: Sequence[int] = DEFAULT_NS,
-    procedures: Sequence[str] = PROCEDURES,
+    procedures: Sequence[ProcedureLike] | ProcedureLike = PROCEDURES,
     policy_logps=None,
     reference_logps=None,
     *,
@@ -590,18 +766,20 @@ def evaluate_scored(
     log π_ref(y) of the *policy* samples (same layout as `policy_rewards`), each the **sum over the completion's
     tokens**, so that the KL comes out per completion, in nats (see :class:`EvaluationResult`).
 
-    N values above the smallest per-prompt valid count (on either side) are skipped with a :class:`SkippedNWarning`
-    naming them; a ValueError if nothing is left. `standard` is evaluated once (N = 1).
+    `procedures`: "standard" (evaluated once, N = 1), "bon" / "won" (at every N of `ns`), and full specs evaluated
+    once at their own N — "bon:n=8", "won:n=16", "mixture:0.5*standard+0.5*bon:n=4", registered user procedures,
+    `InferenceProcedure` instances. A win rate whose procedure needs more samples (`min_samples`) than the smallest
+    per-prompt valid count (on either side) is skipped with a :class:`SkippedNWarning` naming it; a ValueError if
+    nothing is left.
     """
     a, b = _as_paired_rewards(policy_rewards, reference_rewards)
     max_n = int(min((~torch.isnan(a)).sum(dim=1).min(), (~torch.isnan(b)).sum(dim=1).min()))
-    pairs = _resolve_ns(ns, procedures, max_n,
+    plans = _resolve_ns(ns, procedures, max_n,
                         fix="give at least N valid (non-NaN) samples per prompt on both sides (m >= N)")
-    results = [
-        inference_win_rate(a, b, n, p, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed) for p, n in pairs
-    ]
+    results = [_win_rate_of(p.procedure, a, b, num_bootstrap=num_bootstrap, confidence=confidence, seed=seed)
+               for p in plans]
     out = EvaluationResult(
-        win_rates=[{k: r.to_dict()[k] for k in ("procedure", "n", "estimate", "ci_low", "ci_high")} for r in results],
+        win_rates=[{k: r.to_dict()[k] for k in ROW_KEYS} for r in results],
         num_prompts=a.shape[0], num_samples_policy=a.shape[1], num_samples_reference=b.shape[1],
         confidence=confidence, num_bootstrap=num_bootstrap, metadata=dict(metadata or {}), results=results,
     )
@@ -756,7 +934,7 @@ def evaluate_policy(
     reward_weights=None,
     num_samples: int = 32,
     ns: Sequence[int] = DEFAULT_NS,
-    procedures: Sequence[str] = PROCEDURES,
+    procedures: Sequence[ProcedureLike] | ProcedureLike = PROCEDURES,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -769,7 +947,8 @@ def evaluate_policy(
     progress: bool = True,
     policy_name: str | None = None,
 ) -> EvaluationResult:
-    """Sample, score and compare: standard / BoN-N / WoN-N win rates and KL of `policy` against `reference`.
+    """Sample, score and compare: win rates under each inference procedure (standard / BoN-N / WoN-N / mixtures /
+    user procedures) and KL of `policy` against `reference`.
 
     Args:
         policy, reference: causal LMs or paths. They must share the tokenizer (the KL needs log π_ref of the
@@ -779,8 +958,11 @@ def evaluate_policy(
         prompts: list of prompts (strings or conversational message lists), or a `datasets.Dataset` with a `prompt`
             column (its other columns are passed to reward callables).
         tokenizer: the policy tokenizer (default: loaded from the policy's path).
-        num_samples: m samples per prompt from each model. N > m cannot be evaluated: those N are dropped with a
-            :class:`SkippedNWarning` naming them (fix: `num_samples >= N`); a ValueError if no (procedure, N) is left.
+        ns, procedures: which win rates, as in :func:`evaluate_scored`: "standard" once, "bon" / "won" at every N
+            of `ns`, full specs ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=4", registered names, instances) once.
+        num_samples: m samples per prompt from each model. A procedure needing more than m samples (N > m) cannot be
+            evaluated: it is dropped with a :class:`SkippedNWarning` naming it (fix: `num_samples >= N`); a ValueError
+            if nothing is left.
         temperature, top_p, top_k: sampling settings for **both** models (as in `transformers.GenerationConfig`:
             temperature > 0, top_p in (0, 1], top_k >= 0 with 0 = off). The defaults (1, 1, 0) sample π itself, as
             TRL's trainers do; the win rates then compare the models deployed with these settings. Other settings
@@ -796,7 +978,8 @@ def evaluate_policy(
 
     Returns:
         :class:`EvaluationResult`; `metadata` has `policy`, `reference`, `policy_in_memory`, `num_samples`,
-        `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `num_processes`, `ns_requested`, `ns_skipped`,
+        `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `num_processes`, `ns_requested`, `ns_skipped`
+        (the N of `ns` dropped), `procedures_skipped` (the specs of every dropped win rate),
         `mean_completion_tokens` (policy samples; per-completion KL / this ≈ a per-token KL) and, with non-default
         sampling, `kl_note`.
     """
@@ -807,10 +990,12 @@ def evaluate_policy(
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
     temperature, top_p, top_k = _check_sampling(temperature, top_p, top_k)
-    requested = sorted({int(n) for n in ns})
-    pairs = _resolve_ns(requested, procedures, num_samples,
-                        fix=f"pass num_samples >= N (num_samples={max(requested) if requested else 1} keeps every N)")
-    kept = sorted({n for p, n in pairs if p != "standard"})
+    requested = sorted({_check_n_value(n) for n in ns})
+    plans = plan_procedures(procedures, requested)
+    need = max(p.procedure.min_samples for p in plans) if plans else 1
+    kept = _resolve_ns(requested, procedures, num_samples,
+                       fix=f"pass num_samples >= N (num_samples={need} keeps every N)")
+    dropped = split_by_samples(plans, num_samples)[1]
     kl_note = None if _is_default_sampling(temperature, top_p, top_k) else _kl_sampling_note(temperature, top_p, top_k)
     if kl_note is not None:
         warnings.warn(f"evaluate_policy: {kl_note}", UserWarning, stacklevel=2)
@@ -851,12 +1036,13 @@ def evaluate_policy(
         "temperature": temperature, "top_p": top_p, "top_k": top_k,
         "seed": seed, "num_processes": getattr(state, "num_processes", 1),
         "ns_requested": requested,
-        "ns_skipped": [n for n in requested if n > num_samples] if any(p != "standard" for p in procedures) else [],
+        "ns_skipped": sorted({p.n for p in dropped if p.n is not None}),
+        "procedures_skipped": [p.procedure.spec for p in dropped],
         "mean_completion_tokens": float(lengths.mean()) if lengths.numel() else None,
     }
     if kl_note is not None:
         metadata["kl_note"] = kl_note
     return evaluate_scored(
-        pr, rr, kept, [p for p in PROCEDURES if any(q == p for q, _ in pairs)], lp, lr,
+        pr, rr, sorted({p.n for p in kept if p.n is not None}), [p.procedure for p in kept], lp, lr,
         num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata,
     )

@@ -1,15 +1,20 @@
-"""`trl-infalign evaluate`: standard / BoN-N / WoN-N win rates and KL of a policy against its reference.
+"""`trl-infalign evaluate`: win rates under inference procedures (standard / BoN-N / WoN-N / mixtures / registered
+procedures) and KL of a policy against its reference.
 
     trl-infalign evaluate --model ctrl-out --ref-model sft --reward-model rm --dataset prompts.jsonl \\
         --num-prompts 256 --num-samples 32 --n 1 2 4 8 16 32 --output eval/
     trl-infalign evaluate --scored scored.json --n 1 2 4 8 --output eval/     # samples scored elsewhere (vLLM, ...)
+    trl-infalign evaluate --scored scored.json --procedures standard 'mixture:0.5*standard+0.5*bon:n=4' --output eval/
     accelerate launch --multi_gpu --num_processes 8 -m trl_infalign.cli evaluate ...   # prompts sharded
 
 `--scored` takes `{"policy_rewards": [[...], ...], "reference_rewards": [[...], ...]}` (one row per prompt, null for a
 missing sample), optionally with `"policy_logps"` / `"reference_logps"` (log π and log π_ref of the policy samples, each
 summed over the completion's tokens) for the KL. Writes `evaluation.json`, `evaluation.md` and `win_rate_vs_n.png` to
 `--output` and prints the table; the KL is reported per completion, in nats (k1 with its CI is the headline).
-N values above the samples per prompt are dropped with a `warning:` line on stderr naming them.
+`--procedures` takes `standard`, `bon`, `won` (bare `bon` / `won` are evaluated at every `--n`) and full procedure
+specs evaluated once at their own N (`bon:n=8`, `won:n=16`, `mixture:0.7*standard+0.3*bon:n=8`, registered names;
+quote specs containing `*`). Win rates needing more samples than there are per prompt are dropped with a `warning:`
+line on stderr naming them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ import warnings
 from pathlib import Path
 
 from . import positive_float, positive_int, top_k_value, top_p_value
+
+
+def procedure_spec(text: str) -> str:
+    """argparse type: an inference-procedure spec (`standard`, `bon`, `bon:n=8`, `mixture:...`, a registered name)."""
+    from ..procedures import ProcedureError, get_procedure
+
+    try:
+        get_procedure(text)
+    except ProcedureError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +64,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scored", metavar="FILE.json", help="Already-scored samples instead of models (see above).")
     parser.add_argument("--n", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32], dest="ns",
                         help="N values; N above the samples per prompt is dropped with a warning on stderr.")
-    parser.add_argument("--procedures", nargs="+", choices=["standard", "bon", "won"], default=["standard", "bon", "won"])
+    parser.add_argument(
+        "--procedures", nargs="+", type=procedure_spec, default=["standard", "bon", "won"], metavar="SPEC",
+        help="Inference procedures (default: standard bon won). Bare bon / won are evaluated at every --n; full specs "
+             "once at their own N: bon:n=8, won:n=16, 'mixture:0.5*standard+0.5*bon:n=4' (quote it), registered names.",
+    )
     parser.add_argument("--num-bootstrap", type=int, default=1000)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
@@ -119,20 +139,29 @@ def run(args: argparse.Namespace) -> int:
         from ..sampling import resolve_process_state
         from .build_reference import load_prompts
 
+        from ..evaluation import plan_procedures, split_by_samples
+
         state = resolve_process_state()
-        dropped = sorted({n for n in args.ns if n > args.num_samples}) if set(args.procedures) - {"standard"} else []
-        kept = [n for n in args.ns if n <= args.num_samples]
-        if dropped and not kept and "standard" not in args.procedures:
+        plans = plan_procedures(args.procedures, args.ns)
+        kept, dropped = split_by_samples(plans, args.num_samples)
+        dropped_ns = sorted({p.n for p in dropped if p.n is not None})
+        dropped_specs = [p.procedure.spec for p in dropped if p.n is None]
+        what = " and ".join(
+            ([f"--n {' '.join(map(str, dropped_ns))}"] if dropped_ns else [])
+            + ([f"--procedures {' '.join(dropped_specs)}"] if dropped_specs else [])
+        )
+        need = max((p.procedure.min_samples for p in dropped), default=0)
+        if dropped and not kept:
             raise SystemExit(
-                f"error: nothing to evaluate: every --n ({dropped}) is above --num-samples {args.num_samples}, and "
-                f"best/worst of N needs at least N samples per prompt. Pass --num-samples {max(dropped)} (or more), or "
+                f"error: nothing to evaluate: {what} need more than --num-samples {args.num_samples} samples per prompt "
+                f"(a procedure drawing N samples per request needs at least N). Pass --num-samples {need} (or more), or "
                 "lower --n."
             )
         if dropped and state.is_main_process:
             # Said up front (sampling can take hours), in CLI terms; the API's warning is then not repeated.
-            print(f"warning: skipping --n {' '.join(map(str, dropped))}: --num-samples {args.num_samples} gives only "
-                  f"{args.num_samples} samples per prompt and best/worst of N needs at least N (evaluating N = "
-                  f"{sorted(set(kept))}). Pass --num-samples {max(dropped)} (or more) to evaluate them.",
+            print(f"warning: skipping {what}: --num-samples {args.num_samples} gives only {args.num_samples} samples "
+                  f"per prompt and a procedure drawing N samples per request needs at least N (evaluating "
+                  f"{', '.join(p.procedure.spec for p in kept)}). Pass --num-samples {need} (or more) to evaluate them.",
                   file=sys.stderr, flush=True)
         dataset = load_prompts(args.dataset, args.split, args.dataset_config)
         if args.prompt_column not in dataset.column_names:
@@ -145,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             result = evaluate_policy(
                 args.model, args.ref_model, list(args.reward_models), dataset, reward_weights=args.reward_weights,
-                num_samples=args.num_samples, ns=kept, procedures=args.procedures,
+                num_samples=args.num_samples, ns=sorted({p.n for p in kept if p.n is not None}),
+                procedures=[p.procedure for p in kept],
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 batch_size=args.batch_size, num_bootstrap=args.num_bootstrap, confidence=args.confidence,
                 seed=args.seed, accelerator=state, progress=not args.no_progress, policy_name=str(args.model),
@@ -153,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         _report_warnings(caught, state.is_main_process)
         result.metadata["dataset"] = args.dataset
         result.metadata["ns_requested"] = sorted(set(args.ns))
-        result.metadata["ns_skipped"] = dropped
+        result.metadata["ns_skipped"] = dropped_ns
+        result.metadata["procedures_skipped"] = [p.procedure.spec for p in dropped]
         is_main = state.is_main_process
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
