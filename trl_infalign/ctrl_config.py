@@ -297,9 +297,10 @@ class CTRLArguments:
         """A Best-of-N transform for a Worst-of-N deployment (or vice versa, or either for plain sampling) trains for
         the wrong procedure: say what it costs at the run's KL, by the calibrated-space theory."""
         from . import theory
+        from .transforms import EXP_FAMILIES
 
         procedure = self.procedure
-        if transform.name not in ("bon", "won") or (not procedure.is_standard and transform.name in procedure.families):
+        if transform.name not in EXP_FAMILIES or (not procedure.is_standard and transform.name in procedure.families):
             return
         try:
             given = theory.policy(transform.spec, self.beta)

@@ -54,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .procedures import BestOfN, InferenceProcedure, Standard, WorstOfN, get_procedure
+from .transforms import EXP_FAMILIES
 
 __all__ = ["METHODS", "DiagnosisResult", "diagnose", "load_reference_rewards"]
 
@@ -417,7 +418,7 @@ class _Data:
 
 def _exp_family(c: np.ndarray, family: str, t: float) -> np.ndarray:
     """exp(t(c − 1)) = e^{−t}·exp(t c) for bon (bounded, same policy at β·e^{−t}); −exp(−t c) for won."""
-    return np.exp(t * (c - 1.0)) if family == "bon" else -np.exp(-t * c)
+    return EXP_FAMILIES[family].bounded(c, t)[0]
 
 
 def _summary(fit: _Fit, atoms: _Atoms, beta: float, transform: str) -> dict:
@@ -472,7 +473,7 @@ def _best_t_of_family(data: _Data, family: str, kl: float, all_procedures: bool)
         note = (f"best_t: t = {t:g} is on the {on_bound} bound of the search range [{T_MIN:g}, {t_max:g}]; the "
                 "best exp-family member may lie beyond it.")
     fit = _fit(_exp_family(atoms.c, family, t), atoms, kl, procedure, spec, all_procedures)
-    beta = (math.exp(t) if family == "bon" else 1.0) / fit.lam  # β of Φ = exp(t c) itself
+    beta = EXP_FAMILIES[family].bounded(atoms.c[:1], t)[1] / fit.lam  # β of the family's Φ itself
     out = _summary(fit, atoms, beta, spec)
     out.update({"t": t, "family": family})
     return out, fit, note

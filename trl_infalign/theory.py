@@ -37,7 +37,7 @@ import numpy as np
 from . import optimal as _optimal
 from ._quadrature import _BASE_POINTS, _Stats, _adaptive_grid, _segment_stats
 from .procedures import PROCEDURES, BestOfN, InferenceProcedure, WorstOfN, get_procedure
-from .transforms import OptimalTransform, get_transform
+from .transforms import EXP_FAMILIES, OptimalTransform, get_transform
 
 if TYPE_CHECKING:  # pragma: no cover
     from .transforms import Transform
@@ -336,13 +336,13 @@ def _family_spec(family: str, t: float) -> str:
 
 def _family_span(family: str, t: float) -> float:
     """max Φ − min Φ over [0, 1]: e^t − 1 for exp(t·c), 1 − e^{−t} for −exp(−t·c)."""
-    return math.expm1(t) if family == "bon" else -math.expm1(-t)
+    return EXP_FAMILIES[family].span(t)
 
 
 def _families(procedure: InferenceProcedure, family: str | None) -> tuple[str, ...]:
     """The exp families to search: the one asked for, else the procedure's own (both for a BoN + WoN mixture)."""
     if family is not None:
-        if family not in ("bon", "won"):
+        if family not in EXP_FAMILIES:
             raise ValueError(f"family must be 'bon' or 'won', got {family!r}.")
         return (family,)
     return procedure.families

@@ -371,6 +371,16 @@ class BoNTransform(Transform):
     def phi(self, c: np.ndarray) -> np.ndarray:
         return np.exp(self.params["t"] * np.asarray(c, dtype=np.float64))
 
+    @staticmethod
+    def span(t: float) -> float:
+        """max Φ − min Φ on [0, 1]: e^t − 1."""
+        return math.expm1(t)
+
+    @staticmethod
+    def bounded(c: np.ndarray, t: float) -> tuple[np.ndarray, float]:
+        """(Φ/e^t = exp(t(c − 1)), e^t): the same policy at β/e^t, without overflow at large t."""
+        return np.exp(t * (np.asarray(c, dtype=np.float64) - 1.0)), math.exp(t)
+
 
 @register_transform("won")
 class WoNTransform(Transform):
@@ -387,6 +397,20 @@ class WoNTransform(Transform):
 
     def phi(self, c: np.ndarray) -> np.ndarray:
         return -np.exp(-self.params["t"] * np.asarray(c, dtype=np.float64))
+
+    @staticmethod
+    def span(t: float) -> float:
+        """max Φ − min Φ on [0, 1]: 1 − e^{−t}."""
+        return -math.expm1(-t)
+
+    @staticmethod
+    def bounded(c: np.ndarray, t: float) -> tuple[np.ndarray, float]:
+        """(Φ, 1): already bounded by 1."""
+        return -np.exp(-t * np.asarray(c, dtype=np.float64)), 1.0
+
+
+#: The exp transform families CTRL tunes t for: name → class (with `span(t)` and `bounded(c, t)`).
+EXP_FAMILIES = {"bon": BoNTransform, "won": WoNTransform}
 
 
 def _check_centre(value: Any) -> bool:
