@@ -78,6 +78,10 @@ def main() -> None:
     parser.add_argument("--kl-budget", type=float, default=1.0, help="Per-completion KL budget (nats).")
     parser.add_argument("--kl-control", choices=["adaptive", "fixed"], default="adaptive",
                         help="adaptive: correct beta from the measured KL; fixed: the theory's open-loop beta.")
+    parser.add_argument("--procedure", default=None,
+                        help="Align for another deployment (a procedure spec, e.g. "
+                        "'mixture:0.5*standard+0.25*bon:n=4+0.25*bon:n=16'); default: Best-of-4.")
+    parser.add_argument("--transform", default="auto", help="CTRL transform (auto, optimal, identity, bon:t=5, ...).")
     args = parser.parse_args()
 
     import torch
@@ -106,12 +110,11 @@ def main() -> None:
         seed=args.seed,
     )
 
-    print("3/5  Training CTRL for Best-of-4")
     config = CTRLConfig(
-        output_dir=str(output / "ctrl-bon4"),
-        inference_procedure="bon",
+        output_dir=str(output / ("ctrl-bon4" if args.procedure is None else "ctrl")),
+        inference_procedure=args.procedure or "bon",
         inference_n=4,
-        transform="auto",
+        transform=args.transform,
         kl_budget=args.kl_budget,
         kl_control=args.kl_control,
         learning_rate=1e-3,
@@ -127,6 +130,8 @@ def main() -> None:
         seed=args.seed,
         num_reference_samples=args.num_reference_samples,
     )
+    procedure = config.procedure
+    print(f"3/5  Training CTRL for {procedure.label}")
     trainer = CTRLTrainer(
         model=str(sft_path), reward_funcs=vader_sentiment, args=config, train_dataset=dataset, processing_class=tokenizer
     )
@@ -134,16 +139,18 @@ def main() -> None:
     print(
         f"     transform {config.resolved_transform}, beta {config.beta:.4g} from kl_budget {config.kl_budget} "
         f"(per-completion KL, nats; RLOO sees Phi rescaled to [0, 1] with beta {trainer.beta:.3g}); theory predicts "
-        f"KL {predicted.kl():.3f}, BoN-4 win rate {predicted.win_rate('bon', 4):.3f} at the optimum; "
+        f"KL {predicted.kl():.3f}, {procedure.label} win rate {predicted.win_rate(procedure):.3f} at the optimum; "
         f"kl_control={config.kl_control} corrects beta from the measured KL"
     )
     trainer.train()
     print(f"     final beta {trainer.current_beta:.4g} (started at {config.beta:.4g})")
 
-    print("4/5  Evaluating KL and standard / BoN-4 win rates against the SFT reference")
+    print(f"4/5  Evaluating KL and standard / BoN-4{'' if args.procedure is None else ' / ' + procedure.label} win "
+          "rates against the SFT reference")
     eval_prompts = prompts
+    extra = () if args.procedure is None else (procedure,)
     common = dict(
-        num_samples=args.eval_samples, ns=(1, 2, 4, 8), procedures=("standard", "bon", "won"), max_new_tokens=8,
+        num_samples=args.eval_samples, ns=(1, 2, 4, 8), procedures=("standard", "bon", "won", *extra), max_new_tokens=8,
         seed=args.seed + 1
     )
     before = evaluate_policy(str(sft_path), str(sft_path), vader_sentiment, eval_prompts, tokenizer=tokenizer, **common)
@@ -152,24 +159,30 @@ def main() -> None:
     trainer.record_evaluation(after.to_dict())
     trainer.save_model(config.output_dir)
 
+    columns = [("standard win rate", "standard"), ("BoN-4 win rate", "bon:n=4")]
+    if args.procedure is not None:
+        columns.append((f"{procedure.label} win rate", procedure.spec))
+
     def row(name, result):
-        wins = {(w["procedure"], w["n"]): w for w in result.win_rates}
-        return name, result.kl_k1, result.kl_k1_ci, wins[("standard", 1)], wins[("bon", 4)]
+        wins = {w["spec"]: w for w in result.win_rates}
+        return name, result.kl_k1, result.kl_k1_ci, [wins[spec] for _, spec in columns]
 
     def interval(estimate, low, high):
         return f"{estimate:.3f} [{low:.3f}, {high:.3f}]"
 
-    rows = [row("SFT (before)", before), row("CTRL-BoN4 (after)", after)]
+    trained_name = "CTRL-BoN4 (after)" if args.procedure is None else "CTRL (after)"
+    rows = [row("SFT (before)", before), row(trained_name, after)]
     lines = [
-        f"| policy | KL per completion (k1, nats; budget {config.kl_budget:g}) | standard win rate | BoN-4 win rate |",
-        "|---|---|---|---|",
+        f"| policy | KL per completion (k1, nats; budget {config.kl_budget:g}) | "
+        + " | ".join(title for title, _ in columns) + " |",
+        "|---" * (2 + len(columns)) + "|",
         *[
-            f"| {name} | {interval(kl, *ci)} | {interval(s['estimate'], s['ci_low'], s['ci_high'])} "
-            f"| {interval(b['estimate'], b['ci_low'], b['ci_high'])} |"
-            for name, kl, ci, s, b in rows
+            f"| {name} | {interval(kl, *ci)} | "
+            + " | ".join(interval(w["estimate"], w["ci_low"], w["ci_high"]) for w in wins) + " |"
+            for name, kl, ci, wins in rows
         ],
-        f"| theory (calibrated-space optimum) | {predicted.kl():.3f} | {predicted.standard_win_rate():.3f} "
-        f"| {predicted.win_rate('bon', 4):.3f} |",
+        f"| theory (calibrated-space optimum) | {predicted.kl():.3f} | "
+        + " | ".join(f"{predicted.win_rate(spec):.3f}" for _, spec in columns) + " |",
     ]
     table = "\n".join(lines)
     print("\n5/5  Results (win rates against the SFT reference; 0.5 = no change)\n")
@@ -178,6 +191,7 @@ def main() -> None:
     training = {
         "kl_budget": config.kl_budget, "kl_unit": "nats per completion", "kl_control": config.kl_control,
         "initial_beta": config.beta, "final_beta": trainer.current_beta, "transform": config.resolved_transform,
+        "inference_procedure": procedure.spec,
         "steps": args.steps, "seed": args.seed,
     }
     results = {"training": training, "kl_budget": config.kl_budget, "before": before.to_dict(), "after": after.to_dict()}

@@ -219,3 +219,22 @@ def test_config_errors_name_the_field_and_overrides_warn(tmp_path):
     with pytest.warns(UserWarning, match="inference_n=8 is overridden"):
         cfg = _config(tmp_path, inference_procedure="bon:n=16", inference_n=8)
     assert cfg.inference_n == 16
+
+
+def test_theory_cli_takes_a_procedure_spec_and_plots_its_frontier(tmp_path, capsys):
+    import json
+
+    from trl_infalign.cli import main
+
+    plot = tmp_path / "frontier.png"
+    assert main(["theory", "--transform", "optimal", "--procedure", MIXTURE, "--kl", "0.5", "--json",
+                 "--plot", str(plot)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["procedure"] == MIXTURE and out["n"] == 16 and out["transform"].startswith(f"optimal:procedure={MIXTURE}")
+    assert out["win_rate"] == pytest.approx(theory.optimal_policy(MIXTURE, kl=0.5).win_rate(MIXTURE), abs=1e-6)
+    assert plot.stat().st_size > 1000
+    assert main(["theory", "--best-t", "--procedure", "bon", "--n", "4", "--kl", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["procedure"] == "bon"
+    with pytest.raises(SystemExit):
+        main(["theory", "--best-t", "--procedure", "mixture:0.5*standard+0.4*bon:n=4", "--kl", "0.5"])
+    assert "sum to 1" in capsys.readouterr().err

@@ -18,6 +18,11 @@ _EXPORTS = {
         "CalibratedPolicy", "policy", "kl_divergence", "win_rate", "beta_for_kl", "best_t", "best_t_for_beta",
         "optimal_policy", "frontier", "plot_frontiers",
     ],
+    "procedures": [
+        "InferenceProcedure", "Mixture", "ProcedureError", "register_procedure", "get_procedure",
+        "available_procedures",
+    ],
+    "optimal": ["solve_optimal", "OptimalSolution"],
     "ctrl_config": ["CTRLConfig", "CTRLArguments"],
     "ctrl_trainer": ["CTRLTrainer", "HubUploadError"],
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
@@ -55,4 +60,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ctrl_grpo_config import CTRLGRPOConfig
     from .ctrl_grpo_trainer import CTRLGRPOTrainer
     from .ctrl_trainer import CTRLTrainer, HubUploadError
+    from .optimal import OptimalSolution, solve_optimal
+    from .procedures import (
+        InferenceProcedure,
+        Mixture,
+        ProcedureError,
+        available_procedures,
+        get_procedure,
+        register_procedure,
+    )
     from .transforms import get_transform, register_transform

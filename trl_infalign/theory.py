@@ -834,8 +834,11 @@ def plot_frontiers(
         ax.plot([p.kl for p in pts], [p.win_rate for p in pts], marker="o", markersize=2.5, label=pts[0].transform,
                 **style)
     ax.set_xlabel("KL(π ‖ π_ref) [nats]")
-    ax.set_ylabel(f"{procedure.label} win rate vs π_ref")
-    ax.set_title(f"Calibrated-space frontiers: {procedure.spec}")
+    import textwrap
+
+    label = procedure.label
+    ax.set_ylabel(f"{label} win rate vs π_ref" if len(label) <= 28 else "win rate vs π_ref (procedure above)")
+    ax.set_title("\n".join(textwrap.wrap(f"Calibrated-space frontiers: {label}", 60)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if path is not None:
