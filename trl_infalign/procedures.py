@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._registry import registrar
 from ._quadrature import _GL_NODES, _GL_WEIGHTS, _mass_inside, _order_statistic_tail
 
 __all__ = [
@@ -690,18 +691,7 @@ def register_procedure(name: str, output_cdf: Callable | None = None, *, derivat
     if not isinstance(name, str) or not name or any(ch in name for ch in ":,;=*+@ ()"):
         raise ProcedureError(f"Procedure names must be non-empty strings without ':,;=*+@() ' or spaces, got {name!r}.")
 
-    def add(obj):
-        if name in _REGISTRY:
-            raise ValueError(f"A procedure named {name!r} is already registered ({_REGISTRY[name]!r}).")
-        if isinstance(obj, type):
-            if not issubclass(obj, InferenceProcedure):
-                raise TypeError(f"register_procedure({name!r}) expects an InferenceProcedure subclass, got {obj!r}.")
-            obj.name = name
-        elif not callable(obj):
-            raise TypeError(f"register_procedure({name!r}) expects an InferenceProcedure subclass or a factory.")
-        _REGISTRY[name] = obj
-        return obj
-
+    add = registrar(_REGISTRY, name, "procedure", InferenceProcedure)
     if output_cdf is None and polynomial is None:
         return add
 

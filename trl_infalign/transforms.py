@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._registry import registrar
+
 __all__ = [
     "Transform",
     "TransformParam",
@@ -252,19 +254,7 @@ def register_transform(name: str):
     if not isinstance(name, str) or not name or any(ch in name for ch in ":,= "):
         raise TransformError(f"Transform names must be non-empty strings without ':', ',', '=' or spaces, got {name!r}.")
 
-    def decorator(obj):
-        if name in _REGISTRY:
-            raise ValueError(f"A transform named {name!r} is already registered ({_REGISTRY[name]!r}).")
-        if isinstance(obj, type):
-            if not issubclass(obj, Transform):
-                raise TypeError(f"register_transform({name!r}) expects a Transform subclass or a factory, got {obj!r}.")
-            obj.name = name
-        elif not callable(obj):
-            raise TypeError(f"register_transform({name!r}) expects a Transform subclass or a factory, got {obj!r}.")
-        _REGISTRY[name] = obj
-        return obj
-
-    return decorator
+    return registrar(_REGISTRY, name, "transform", Transform)
 
 
 def available_transforms() -> list[str]:
