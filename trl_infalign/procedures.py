@@ -32,6 +32,7 @@ O(1/m) for m samples per prompt.  Mixtures sum their components' estimators.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -702,7 +703,20 @@ def register_procedure(name: str, output_cdf: Callable | None = None, *, derivat
         return CDFMapProcedure(name, output_cdf, params, derivative=derivative, polynomial=value_of(polynomial),
                                samples=value_of(samples), label=label, description=description)
 
+    source = output_cdf if output_cdf is not None else polynomial
+    factory.parameters = list(inspect.signature(source).parameters)[1 if output_cdf is not None else 0:] if (
+        callable(source)) else []
     return add(factory)
+
+
+def _takes_n(factory: Callable) -> bool:
+    """Whether a registered procedure has an `n` parameter (then a bare name takes the configs' `inference_n`)."""
+    if hasattr(factory, "parameters"):
+        return "n" in factory.parameters
+    try:
+        return "n" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def available_procedures() -> list[str]:
@@ -733,7 +747,8 @@ def _parse_mixture(spec: str, rest: str) -> Mixture:
 def get_procedure(spec: "str | InferenceProcedure", n: int | None = None) -> InferenceProcedure:
     """The procedure of a spec: ``"standard"``, ``"bon:n=4"``, ``"won:n=8"``, ``"mixture:0.5*standard+0.5*bon:n=4"``
     or a registered name.  The old form ``get_procedure("bon", n=4)`` (the `inference_n` of the configs) still
-    works; `n` is ignored by ``standard`` and must agree with a spec's own ``n=``.  Instances pass through."""
+    works for every procedure with an `n` parameter (bon, won, a user map ``f(G, n=…)``); `n` is ignored by the
+    others (``standard``) and must agree with a spec's own ``n=``.  Instances pass through."""
     if isinstance(spec, InferenceProcedure):
         if n is not None and spec.n != n and not spec.is_standard and "n" in spec.params:
             raise ProcedureError(f"procedure {spec.spec!r} has n={spec.n}, but n={n} was also given.")
@@ -751,7 +766,7 @@ def get_procedure(spec: "str | InferenceProcedure", n: int | None = None) -> Inf
             "'mixture:0.7*standard+0.3*bon:n=8'). Register your own with trl_infalign.register_procedure(name, f)."
         )
     params = _parse_params(text, rest) if rest.strip() else {}
-    if n is not None and name in ("bon", "won"):
+    if n is not None and _takes_n(_REGISTRY[name]):
         n = _check_n(n, f"procedure {text!r}")
         if "n" in params and params["n"] != n:
             raise ProcedureError(f"procedure {text!r} has n={params['n']}, but n={n} was also given: give one.")
