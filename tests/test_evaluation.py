@@ -604,7 +604,7 @@ def _register_user_procedures():
     from trl_infalign.procedures import available_procedures, register_procedure
 
     if SOFT_BON not in available_procedures():
-        register_procedure(SOFT_BON, lambda G, n=2.5: G ** n, label="Best-of-2.5")
+        register_procedure(SOFT_BON, lambda G, power=2.5: G ** power, label="Best-of-2.5")
     if HALF_BON2 not in available_procedures():
         register_procedure(HALF_BON2, polynomial=[0.0, 0.5, 0.5], label="½ standard + ½ Best-of-2 (polynomial)")
 

@@ -95,6 +95,7 @@ def test_a_user_cdf_map_matches_the_built_in_it_reproduces():
         register_procedure(name, lambda G, n=2, m=2: G ** (n * m), samples=lambda n=2, m=2: n * m)
     user = get_procedure(f"{name}:n=2,m=3")
     assert user.spec == f"{name}:n=2,m=3" and user.n == 6 and not user.unbiased
+    assert get_procedure(name, 3) == get_procedure(f"{name}:n=3")  # a bare name takes inference_n as its n
     for transform, beta in (("identity", 0.2), ("bon:t=5", 20.0)):
         pol = theory.policy(transform, beta)
         assert pol.win_rate(user) == pytest.approx(pol.win_rate("bon:n=6"), abs=1e-6)
