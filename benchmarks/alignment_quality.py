@@ -1,7 +1,7 @@
 """Alignment quality of CTRL vs raw-reward RLHF at matched per-completion KL, against the theory and `diagnose`.
 
-    python benchmarks/alignment_quality.py --quick --threads 1            # CPU, all four tasks (23 min, loaded 2 cores)
-    python benchmarks/alignment_quality.py --quick --task hetero_bandit   # one task
+    python benchmarks/alignment_quality.py --quick --threads 1            # CPU, all four tasks (~70 min, 2 cores)
+    python benchmarks/alignment_quality.py --quick --task hetero_bandit   # one task (the JSON keeps the others)
     python benchmarks/alignment_quality.py --device cuda                  # full sweep (GPU)
 
 Every method is trained with `CTRLTrainer(kl_budget=B)` and its default closed-loop KL control
@@ -28,15 +28,18 @@ Tasks (reported separately):
   `diagnose`'s predictions from the same reference rewards.
 - ``lm``             the tiny-LM VADER task of ``examples/quickstart.py``; Monte-Carlo metrics with the evaluator
   (k1 KL per completion with its bootstrap CI, win rates with CIs).
-- ``hetero_lm``      the same with a documented per-family affine distortion of VADER (see ``LM_FAMILIES``), standing
-  in for a reward model whose scale and offset differ across prompt families.
+- ``hetero_lm``      the same with a documented per-family affine distortion of VADER (see ``LM_FAMILIES``: four
+  families keyed by the prompt's verb, scales 0.2 … 5.4, a 27× spread), standing in for a reward model whose scale and
+  offset differ across prompt families; 1200 steps, three seeds, per-family KL next to where `diagnose`'s per-prompt
+  optimum puts it, and seed-pooled win rates with paired differences (95% CIs).
 
 Outputs in ``--output`` (default benchmarks/results/): ``alignment_quality.json`` — {"machine", "mode", "seed",
 "device", "threads", "tasks": {task: {"settings", "setup", "diagnose" (full reports per budget), "diagnose_curves",
 "seconds"}}, "rows", "acceptance", "wall_seconds"}, one row per run with target and measured KL, start and final β,
 win rates, `diagnose`'s predictions at the budget and at the measured KL, and continuum-theory predictions for
 calibrated transforms — plus ``alignment_quality_<task>.png`` and the printed tables. The JSON is rewritten after
-each task.
+each task; tasks not rerun are kept from the existing JSON (``--fresh`` drops them). Rows carry their ``seed``; for
+``hetero_lm`` the acceptance entry holds the seed-pooled numbers (``pooled``, ``paired_differences``).
 """
 
 from __future__ import annotations
@@ -83,10 +86,18 @@ METHODS = {
     "optimal": Method("CTRL optimal (BoN-4)", "optimal", "bon", "spec", False, "black", "D"),
 }
 
-# Per-family affine distortion of VADER for `hetero_lm`: prompt "<subject> <verb>" belongs to family
-# SUBJECT_INDEX % 3; its reward is scale · vader + offset. A reward model that is ×25 sharper on some prompt families
-# than on others (and offset): calibration removes it exactly, one global β for the raw reward cannot.
-LM_FAMILIES = ((0.2, 0.5), (1.0, 0.0), (5.0, -1.0))
+# Per-family affine distortion of VADER for `hetero_lm`: prompt "<subject> <verb>" belongs to family VERB_INDEX
+# ("was", "is", "felt", "seemed" → 0, 1, 2, 3: 8 prompts each); its reward is scale · vader + offset. Scales are a
+# geometric ladder ×3 apart, 0.2 … 5.4 (a 27× spread): a reward model that is 27× sharper on some prompt families than
+# on others (and offset). Calibration removes it exactly, one global β for the raw reward cannot. Families are keyed
+# by the verb — the last prompt token, which the policy sees at the position where it generates — so that the tiny
+# policy can represent (and reach) a different tilt per family. The first design keyed them by the subject
+# (SUBJECT_INDEX % 3, scales 0.2 / 1 / 5, `LM_FAMILIES_BY_SUBJECT`): the SFT corpus draws subject and adjective
+# independently, the policy's next-token distribution ignores the subject, and raw-reward RLOO spent the *same* KL
+# on every family (measured 0.55 / 0.50 / 0.41 nats where the per-prompt optimum puts 0.02 / 0.29 / 1.54): the
+# imbalance calibration fixes never materialised (docs/benchmarks.md).
+LM_FAMILIES = ((0.2, 0.5), (0.6, 0.0), (1.8, -0.5), (5.4, -1.0))
+LM_FAMILIES_BY_SUBJECT = ((0.2, 0.5), (1.0, 0.0), (5.0, -1.0))
 
 DEFAULTS = {
     "bandit": {
@@ -109,13 +120,17 @@ DEFAULTS = {
                      num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
                      prompt_repeats=4),
     },
+    # hetero_lm: 1200 steps (not the lm task's 300): raw-reward RLOO needs them to move its per-family KL to where
+    # the per-prompt optimum puts it (at 300 steps it is still a shared shift of all families); 128 evaluation samples
+    # per prompt and side, three seeds (each its own SFT policy, reference rewards and evaluation samples).
     "hetero_lm": {
-        "quick": dict(target_kls=(0.5,), methods=("raw_reward", "identity", "ctrl_bon"), steps=300, lr=1e-3,
-                      pretrain_steps=250, num_reference=16, eval_samples=64, hidden_size=64, num_layers=2,
-                      max_new_tokens=8, prompt_repeats=1, distort=True),
-        "full": dict(target_kls=(0.5, 1.0), methods=tuple(METHODS), steps=400, lr=1e-3, pretrain_steps=600,
-                     num_reference=64, eval_samples=64, hidden_size=128, num_layers=4, max_new_tokens=12,
-                     prompt_repeats=4, distort=True),
+        "quick": dict(target_kls=(0.5,), methods=("raw_reward", "identity", "ctrl_bon"), steps=1200, lr=1e-3,
+                      pretrain_steps=250, num_reference=16, eval_samples=128, hidden_size=64, num_layers=2,
+                      max_new_tokens=8, prompt_repeats=1, distort=True, families=LM_FAMILIES, family_by="verb",
+                      seeds=(0, 1, 2)),
+        "full": dict(target_kls=(0.5, 1.0), methods=tuple(METHODS), steps=1600, lr=1e-3, pretrain_steps=600,
+                     num_reference=64, eval_samples=128, hidden_size=128, num_layers=4, max_new_tokens=12,
+                     prompt_repeats=4, distort=True, families=LM_FAMILIES, family_by="verb", seeds=(0, 1, 2)),
     },
 }
 
@@ -489,32 +504,45 @@ def _quickstart():
     return quickstart
 
 
-def lm_family(prompt: str) -> int:
-    """Family of a quickstart prompt "<subject> <verb>": the subject's index mod len(LM_FAMILIES)."""
+def lm_family(prompt: str, family_by: str = "verb", num_families: int | None = None) -> int:
+    """Family of a quickstart prompt "<subject> <verb>": the index of its verb (`family_by="verb"`, the default) or of
+    its subject (`"subject"`, the first design) modulo the number of families (default len(LM_FAMILIES))."""
     qs = _quickstart()
+    num_families = len(LM_FAMILIES) if num_families is None else num_families
     prompt = prompt.strip()
     for i, subject in enumerate(qs.SUBJECTS):
-        if prompt.startswith(subject + " "):
-            return i % len(LM_FAMILIES)
+        for j, verb in enumerate(qs.VERBS):
+            if prompt == f"{subject} {verb}":
+                return (j if family_by == "verb" else i) % num_families
     raise ValueError(f"not a quickstart prompt: {prompt!r}")
 
 
-def distorted_vader(prompts, completions, **kwargs):
-    """VADER compound sentiment under a per-family affine distortion: scale_f · vader + offset_f (LM_FAMILIES). Within a
-    prompt it is an increasing map of VADER, so win rates (and every calibrated reward) are those of VADER itself."""
-    scores = _quickstart().vader_sentiment(prompts, completions)
-    out = []
-    for p, s in zip(prompts, scores):
-        scale, offset = LM_FAMILIES[lm_family(p)]
-        out.append(scale * s + offset)
-    return out
+def make_distorted_vader(families=None, family_by: str = "verb"):
+    """VADER compound sentiment under a per-family affine distortion: scale_f · vader + offset_f (`families`, default
+    LM_FAMILIES). Within a prompt it is an increasing map of VADER, so win rates (and every calibrated reward) are those
+    of VADER itself."""
+    families = tuple(tuple(f) for f in (LM_FAMILIES if families is None else families))
+
+    def distorted_vader(prompts, completions, **kwargs):
+        scores = _quickstart().vader_sentiment(prompts, completions)
+        out = []
+        for p, s in zip(prompts, scores):
+            scale, offset = families[lm_family(p, family_by, len(families))]
+            out.append(scale * s + offset)
+        return out
+
+    return distorted_vader
+
+
+distorted_vader = make_distorted_vader()
 
 
 class PolicySampler:
     """Fixed evaluation protocol of the lm tasks: fresh reference samples scored once, then, per policy, `m` samples per
     prompt scored with the same reward, plus their log-probs under the policy and the reference (per-completion KL)."""
 
-    def __init__(self, reference, tokenizer, prompts, reward_func, *, num_samples: int, max_new_tokens: int, seed: int):
+    def __init__(self, reference, tokenizer, prompts, reward_func, *, num_samples: int, max_new_tokens: int, seed: int,
+                 families: list[int] | None = None):
         import torch
 
         from trl_infalign.sampling import generate_completions, load_reward_funcs
@@ -522,6 +550,7 @@ class PolicySampler:
         self.reference, self.tokenizer, self.prompts = reference, tokenizer, list(prompts)
         self.funcs, self.classes = load_reward_funcs(reward_func)
         self.num_samples, self.max_new_tokens, self.seed = num_samples, max_new_tokens, seed
+        self.families = None if families is None else list(families)
         torch.manual_seed(seed + 7919)
         ref = generate_completions(reference, tokenizer, self.prompts, num_samples, max_new_tokens=max_new_tokens,
                                    progress=False)
@@ -560,12 +589,60 @@ class PolicySampler:
             out[key], out[f"{key}_ci"] = r["estimate"], [r["ci_low"], r["ci_high"]]
         out["mean_reward"] = float(rewards.mean())
         out["mean_completion_tokens"] = sum(len(i) for i in completion_ids) / len(completion_ids)
+        out["kl_per_prompt"] = (logp - logp_ref).mean(dim=1).tolist()
+        out["per_prompt"] = {{"standard": "standard_win", "bon": "bon_win", "won": "won_win"}[r.procedure]:
+                             [float(v) for v in r.per_prompt] for r in result.results}
+        if self.families is not None:
+            out["per_family"] = self._per_family(rewards, logp, logp_ref)
         return out
+
+    def _per_family(self, rewards, logp, logp_ref) -> dict:
+        """KL (k1 per completion) and win rates of each prompt family separately (95% bootstrap CIs over its
+        prompts): where raw reward spends its KL is the mechanism calibration fixes."""
+        import torch
+
+        from trl_infalign.evaluation import evaluate_scored
+
+        fam = torch.as_tensor(self.families)
+        out = {}
+        for f in sorted(set(self.families)):
+            idx = (fam == f).nonzero().flatten()
+            r = evaluate_scored(rewards[idx], self.reference_rewards[idx], ns=(N,), procedures=("standard", "bon"),
+                                policy_logps=logp[idx], reference_logps=logp_ref[idx], seed=self.seed)
+            entry = {"num_prompts": len(idx), "kl": r.kl_k1, "kl_ci": list(r.kl_k1_ci)}
+            for w in r.win_rates:
+                key = {"standard": "standard_win", "bon": "bon_win"}[w["procedure"]]
+                entry[key], entry[f"{key}_ci"] = w["estimate"], [w["ci_low"], w["ci_high"]]
+            out[str(f)] = entry
+        return out
+
+
+def tilt_kl_per_prompt(ref_rewards, transform: str, beta: float) -> list[float]:
+    """Per-prompt KL of the tilt `diagnose` models, π*_x ∝ π_ref,x·exp(Φ_x/β) on prompt x's K reference atoms (each
+    of weight 1/K), for one global β: where a method *should* spend its KL at equilibrium."""
+    import torch
+
+    out = []
+    for ref in ref_rewards:
+        k = len(ref)
+        pi_ref = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        p = bandit_optimum(pi_ref, torch.tensor(ref, dtype=torch.float64), ref, transform, beta)
+        p = p[p > 0]
+        out.append(float((p * (p * k).log()).sum()))
+    return out
+
+
+def family_means(values, families) -> dict[str, float]:
+    out: dict[str, list] = {}
+    for v, f in zip(values, families):
+        out.setdefault(str(f), []).append(v)
+    return {f: sum(v) / len(v) for f, v in sorted(out.items())}
 
 
 def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: int, num_reference: int,
            eval_samples: int, hidden_size: int, num_layers: int, max_new_tokens: int, prompt_repeats: int = 1,
-           lr: float = 1e-3, distort: bool = False, device: str = "cpu", seed: int = 0, log=print) -> dict:
+           lr: float = 1e-3, distort: bool = False, families=None, family_by: str = "verb", batch_size: int = 32,
+           num_generations: int = 8, device: str = "cpu", seed: int = 0, log=print) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -575,7 +652,8 @@ def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: in
 
     task = "hetero_lm" if distort else "lm"
     qs = _quickstart()
-    reward = distorted_vader if distort else qs.vader_sentiment
+    families_spec = tuple(tuple(f) for f in (LM_FAMILIES if families is None else families)) if distort else None
+    reward = make_distorted_vader(families_spec, family_by) if distort else qs.vader_sentiment
     torch.manual_seed(seed)
     corpus = qs.review_corpus(2000, seed)
     tokenizer = build_tokenizer(corpus, vocab_size=400)
@@ -587,7 +665,7 @@ def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: in
     prompts = [f"{s} {v}" for s in qs.SUBJECTS for v in qs.VERBS]
     log(f"[{task}] tiny Llama {hidden_size}x{num_layers} pre-trained {pretrain_steps} steps; {len(prompts)} prompts, "
         f"K={num_reference} reference samples, {steps} RL steps per run, {eval_samples} eval samples per prompt and side"
-        + (f"; reward = scale·VADER + offset per family {LM_FAMILIES}" if distort else ""))
+        + (f"; reward = scale·VADER + offset per family (by {family_by}) {families_spec}" if distort else ""))
     dataset = build_reference_rewards(Dataset.from_dict({"prompt": prompts}), sft, reward, tokenizer=tokenizer,
                                       num_samples=num_reference, max_new_tokens=max_new_tokens, seed=seed,
                                       progress=False)
@@ -596,10 +674,11 @@ def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: in
         from datasets import concatenate_datasets
 
         dataset = concatenate_datasets([dataset] * prompt_repeats)
+    prompt_families = [lm_family(p, family_by, len(families_spec)) for p in prompts] if distort else None
     sampler = PolicySampler(sft, tokenizer, prompts, reward, num_samples=eval_samples, max_new_tokens=max_new_tokens,
-                            seed=seed + 1)
+                            seed=seed + 1, families=prompt_families)
     common = common_train_kwargs(
-        device, seed, learning_rate=lr, per_device_train_batch_size=32, num_generations=8,
+        device, seed, learning_rate=lr, per_device_train_batch_size=batch_size, num_generations=num_generations,
         max_completion_length=max_new_tokens, max_steps=steps,
         # the reference rewards come from the in-memory SFT model saved at sft_path; the trainer loads that path
         reference_provenance_check="warn",
@@ -614,13 +693,25 @@ def run_lm(workdir: Path, *, target_kls, methods, steps: int, pretrain_steps: in
         row = base_row(task, spec, args, final_beta, measured, ref_rewards, time.time() - start)
         row["metrics"] = (f"sampled: {eval_samples} samples/prompt/side, {len(prompts)} prompts; KL = k1 per completion "
                           "(95% bootstrap CI over prompts); win rates: all-subsets estimator, 95% bootstrap CIs")
+        row["seed"] = seed
+        if prompt_families is not None:
+            at_budget = row["diagnose_at_budget"]
+            if at_budget is not None:
+                predicted = family_means(tilt_kl_per_prompt(ref_rewards, row["transform"], at_budget["beta"]),
+                                         prompt_families)
+                for f, v in predicted.items():
+                    row["per_family"][f]["diagnose_kl_at_budget"] = v
+            for f, entry in row["per_family"].items():
+                entry["scale"], entry["offset"] = families_spec[int(f)]
         rows.append(row)
         log(row_line(row))
         del model
     return {"rows": rows, "diagnose": tables, "ref_rewards": ref_rewards,
             "setup": {"num_prompts": len(prompts), "num_reference": num_reference, "eval_samples": eval_samples,
                       "steps": steps, "lr": lr, "hidden_size": hidden_size, "num_layers": num_layers,
-                      "max_new_tokens": max_new_tokens, "families": LM_FAMILIES if distort else None}}
+                      "max_new_tokens": max_new_tokens, "batch_size": batch_size, "num_generations": num_generations,
+                      "families": families_spec, "family_by": family_by if distort else None,
+                      "prompt_families": prompt_families}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -689,6 +780,25 @@ def _points(ax, rows, key):
                         fmt="none", ecolor=m.color, alpha=0.5, capsize=2)
         ax.scatter(x, y, marker=m.marker, s=60, color=m.color, edgecolor="white", linewidth=0.8, zorder=5,
                    label=f"measured: {m.label}")
+
+
+def _pooled_points(ax, rows, key):
+    """Several seeds: each seed's run as a small faint marker, the seed-pooled mean as a large one with its 95% CIs
+    (bootstrap over prompts within seeds; `pooled_lm_summary`)."""
+    for kl in sorted({r["target_kl"] for r in rows}):
+        at = [r for r in rows if r["target_kl"] == kl]
+        pooled = pooled_lm_summary(at)["methods"]
+        for method, p in pooled.items():
+            m = METHODS[method]
+            pts = [r for r in at if r["method"] == method]
+            ax.scatter([r["kl"] for r in pts], [r[f"{key}_win"] for r in pts], marker=m.marker, s=22, color=m.color,
+                       alpha=0.45, zorder=4)
+            x, y = p["kl"], p[f"{key}_win"]
+            xci, yci = p.get("kl_ci") or [x, x], p.get(f"{key}_win_ci") or [y, y]
+            ax.errorbar([x], [y], yerr=[[y - yci[0]], [yci[1] - y]], xerr=[[x - xci[0]], [xci[1] - x]], fmt="none",
+                        ecolor=m.color, capsize=3, linewidth=1.4)
+            ax.scatter([x], [y], marker=m.marker, s=90, color=m.color, edgecolor="black", linewidth=0.9, zorder=6,
+                       label=f"measured: {m.label}, {len(p['seeds'])}-seed mean")
 
 
 def plot_theory_task(task: str, rows: list[dict], path: Path, curves: dict | None = None) -> None:
@@ -763,7 +873,11 @@ def plot_diagnose_task(task: str, rows: list[dict], curves: dict, path: Path) ->
             m = METHODS[method]
             ax.plot(*zip(*points), color=m.color, linestyle="--" if name == "optimal" else "-", linewidth=1.3,
                     alpha=0.8, label=f"diagnose: {name}" + (" (won)" if method == "ctrl_won" else ""))
-        _points(ax, [r for r in rows if key == "won" or r["method"] != "ctrl_won"], key)
+        shown = [r for r in rows if key == "won" or r["method"] != "ctrl_won"]
+        if len({r.get("seed", 0) for r in shown}) > 1:
+            _pooled_points(ax, shown, key)
+        else:
+            _points(ax, shown, key)
         for kl in sorted({r["target_kl"] for r in rows}):
             ax.axvline(kl, color="grey", linestyle=":", linewidth=0.8)
         ax.set_xlabel("KL(π ‖ π_ref) per completion, mean over prompts [nats]"
@@ -774,9 +888,9 @@ def plot_diagnose_task(task: str, rows: list[dict], curves: dict, path: Path) ->
     axes[0].legend(fontsize=6.5, loc="lower right", ncol=2)
     axes[1].legend(fontsize=6.5, loc="lower right", ncol=2)
     kind = ("heterogeneous contextual bandit, exact metrics" if task == "hetero_bandit"
-            else "tiny-LM VADER with per-family affine distortion, sampled metrics (95% CIs)")
-    fig.suptitle(f"{kind}: diagnose's prediction from the reference rewards (lines) vs trained runs under "
-                 "kl_budget (points)", fontsize=10)
+            else "tiny-LM VADER, per-family affine distortion, sampled metrics (95% CIs; faint: single seeds)")
+    fig.suptitle(f"{kind} — lines: diagnose from the reference rewards (all seeds' prompts); points: trained runs "
+                 "under kl_budget", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -793,28 +907,58 @@ def _ci(row, key, digits=3) -> str:
 
 def kl_table(rows: list[dict]) -> str:
     """Target vs measured per-completion KL for every run (exact on bandits, k1 with 95% CI on LM tasks)."""
-    lines = ["| task | method | transform | target KL | measured KL | error | tolerance | β start → final |",
-             "|---|---|---|---:|---:|---:|---|---|"]
+    lines = ["| task | method | transform | target KL | measured KL | error | tolerance | β start → final | seed |",
+             "|---|---|---|---:|---:|---:|---|---|---:|"]
     for r in rows:
         tol = KL_TOLERANCE[r["task"]]
         ok = "✓" if abs(r["kl_rel_error"]) <= tol else "✗"
         lines.append(f"| {r['task']} | {r['method']} | `{r['transform']}` | {r['target_kl']:.2f} | {_ci(r, 'kl')} | "
                      f"{100 * r['kl_rel_error']:+.1f}% | ±{100 * tol:.0f}% {ok} | {r['start_beta']:.4g} → "
-                     f"{r['final_beta']:.4g} |")
+                     f"{r['final_beta']:.4g} | {r.get('seed', '–')} |")
     return "\n".join(lines)
 
 
 def win_table(rows: list[dict]) -> str:
     """Win rates per run, with `diagnose`'s prediction at the measured KL and the continuum theory's."""
     lines = ["| task | method | KL | standard win | BoN-4 win | diagnose BoN-4 | theory BoN-4 | WoN-4 win | "
-             "diagnose WoN-4 | theory WoN-4 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "diagnose WoN-4 | theory WoN-4 | seed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = r["diagnose_at_measured_kl"] or {}
         lines.append(f"| {r['task']} | {r['method']} | {r['kl']:.3f} | {_ci(r, 'standard_win')} | {_ci(r, 'bon_win')} | "
                      f"{_fmt(d.get('bon_win'))} | {_fmt(r['theory_bon_win'])} | {_ci(r, 'won_win')} | "
-                     f"{_fmt(d.get('won_win'))} | {_fmt(r['theory_won_win'])} |")
+                     f"{_fmt(d.get('won_win'))} | {_fmt(r['theory_won_win'])} | {r.get('seed', '–')} |")
     return "\n".join(lines)
+
+
+def family_table(rows: list[dict]) -> str:
+    """hetero_lm: per prompt family, measured KL (95% CI over the family's prompts) against the KL the per-prompt
+    optimum `diagnose` models spends there at the budget's β, and BoN-4."""
+    lines = ["| task | method | seed | family (scale, offset) | prompts | measured KL | optimum's KL | BoN-4 win |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        for f, e in (r.get("per_family") or {}).items():
+            lines.append(f"| {r['task']} | {r['method']} | {r.get('seed', '–')} | {f} (×{e['scale']:g}, "
+                         f"{e['offset']:+g}) | {e['num_prompts']} | {_ci(e, 'kl')} | "
+                         f"{_fmt(e.get('diagnose_kl_at_budget'))} | {_ci(e, 'bon_win')} |")
+    return "\n".join(lines)
+
+
+def pooled_table(acceptance_report: dict) -> str:
+    """LM tasks: seed-pooled KL and win rates per method, and the paired differences, with 95% CIs."""
+    lines = ["| task | budget | method | seeds | KL (k1) | standard win | BoN-4 win | WoN-4 win | BoN-4 per seed |",
+             "|---|---:|---|---|---:|---:|---:|---:|---|"]
+    diffs = ["| task | budget | difference (BoN-4) | pooled [95% CI, paired] | per seed |", "|---|---:|---|---:|---|"]
+    for task in ("hetero_lm",):
+        for kl, entry in (acceptance_report.get(task) or {}).items():
+            for name, m in (entry.get("pooled") or {}).items():
+                lines.append(f"| {task} | {kl} | {name} | {', '.join(map(str, m['seeds']))} | {_ci(m, 'kl')} | "
+                             f"{_ci(m, 'standard_win')} | {_ci(m, 'bon_win')} | {_ci(m, 'won_win')} | "
+                             f"{', '.join(f'{v:.3f}' for v in m['bon_win_per_seed'])} |")
+            for name, d in (entry.get("paired_differences") or {}).items():
+                diffs.append(f"| {task} | {kl} | {name} | {_ci(d, 'bon_win')} | "
+                             f"{', '.join(f'{v:+.3f}' for v in d['bon_win_per_seed'])} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(diffs)
 
 
 def acceptance(rows: list[dict]) -> dict:
@@ -850,12 +994,95 @@ def acceptance(rows: list[dict]) -> dict:
                 worst = entry.get("max_abs_deviation_diagnose_at_budget")
                 entry["within_0.02_of_diagnose_at_budget"] = None if worst is None else worst <= 0.02
             else:
-                for a, b in (("ctrl_bon", "identity"), ("identity", "raw_reward"), ("ctrl_bon", "raw_reward")):
-                    if a in get and b in get:
-                        ca, cb = get[a]["bon_win_ci"], get[b]["bon_win_ci"]
-                        entry[f"{a}_vs_{b}_cis_overlap"] = ca[0] <= cb[1] and cb[0] <= ca[1]
+                entry = lm_acceptance([r for r in rows if r["task"] == task and r["target_kl"] == kl])
             out[task][f"{kl:g}"] = entry
     return out
+
+
+LM_PAIRS = (("ctrl_bon", "identity"), ("identity", "raw_reward"), ("ctrl_bon", "raw_reward"))
+
+
+def _stratified_bootstrap(groups: list, num_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of the mean over all (seed, prompt) values, resampling prompts with replacement within each seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(g, dtype=np.float64) for g in groups]
+    total = sum(len(g) for g in groups)
+    stats = np.zeros(num_bootstrap)
+    for g in groups:
+        idx = rng.integers(0, len(g), size=(num_bootstrap, len(g)))
+        stats += g[idx].sum(axis=1)
+    stats /= total
+    low, high = np.quantile(stats, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def pooled_lm_summary(rows: list[dict]) -> dict:
+    """Seed-pooled numbers of one (LM task, KL budget): per method, the mean over seeds and prompts of KL and win
+    rates with 95% CIs (bootstrap over prompts within each seed); per method pair, the paired difference (same seed,
+    same prompt, same reference samples) with its 95% CI."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[int(r.get("seed", 0))] = r
+    seeds = sorted(set.intersection(*(set(v) for v in by.values()))) if by else []
+    methods: dict = {}
+    paired: dict = {}
+    for name, per_seed in by.items():
+        rs = [per_seed[s] for s in seeds]
+        if not rs:
+            continue
+        entry: dict = {"seeds": seeds, "kl_per_seed": [r["kl"] for r in rs],
+                       "bon_win_per_seed": [r["bon_win"] for r in rs]}
+        for key, per in (("kl", "kl_per_prompt"), ("standard_win", "standard_win"), ("bon_win", "bon_win"),
+                         ("won_win", "won_win")):
+            entry[key] = sum(r[key] for r in rs) / len(rs)
+            groups = [r["kl_per_prompt"] if per == "kl_per_prompt" else (r.get("per_prompt") or {}).get(per)
+                      for r in rs]
+            if all(g is not None for g in groups):
+                entry[f"{key}_ci"] = list(_stratified_bootstrap(groups))
+            elif len(rs) == 1 and rs[0].get(f"{key}_ci"):
+                entry[f"{key}_ci"] = rs[0][f"{key}_ci"]
+        methods[name] = entry
+    for a, b in LM_PAIRS:
+        if a not in methods or b not in methods:
+            continue
+        ra, rb = [by[a][s] for s in seeds], [by[b][s] for s in seeds]
+        d: dict = {"bon_win": methods[a]["bon_win"] - methods[b]["bon_win"],
+                   "bon_win_per_seed": [x["bon_win"] - y["bon_win"] for x, y in zip(ra, rb)]}
+        ga = [(x.get("per_prompt") or {}).get("bon_win") for x in ra]
+        gb = [(y.get("per_prompt") or {}).get("bon_win") for y in rb]
+        if all(g is not None for g in ga + gb):
+            d["bon_win_ci"] = list(_stratified_bootstrap([[u - v for u, v in zip(x, y)] for x, y in zip(ga, gb)]))
+        paired[f"{a}_minus_{b}"] = d
+    return {"seeds": seeds, "methods": methods, "paired": paired}
+
+
+def lm_acceptance(rows: list[dict]) -> dict:
+    """#12's LM check at one budget: CTRL-BoN > identity > raw in BoN-4, pooled over seeds, with CIs."""
+    summary = pooled_lm_summary(rows)
+    methods, paired = summary["methods"], summary["paired"]
+    entry: dict = {"seeds": summary["seeds"], "pooled": methods, "paired_differences": paired}
+    for a, b in LM_PAIRS:
+        if a in methods and b in methods:
+            entry[f"{a}_minus_{b.replace('raw_reward', 'raw')}_bon4"] = methods[a]["bon_win"] - methods[b]["bon_win"]
+            ca, cb = methods[a].get("bon_win_ci"), methods[b].get("bon_win_ci")
+            if ca and cb:
+                entry[f"{a}_vs_{b}_cis_overlap"] = ca[0] <= cb[1] and cb[0] <= ca[1]
+            ci = paired[f"{a}_minus_{b}"].get("bon_win_ci")
+            entry[f"{a}_minus_{b}_paired_ci_above_zero"] = None if ci is None else ci[0] > 0
+    if all(m in methods for m in ("ctrl_bon", "identity", "raw_reward")):
+        c, i, r = (methods[m]["bon_win"] for m in ("ctrl_bon", "identity", "raw_reward"))
+        entry["ordering_point_estimates"] = c > i > r
+        entry["ordering_per_seed"] = [x > y > z for x, y, z in zip(*(methods[m]["bon_win_per_seed"]
+                                                                     for m in ("ctrl_bon", "identity", "raw_reward")))]
+        flags = [entry.get(f"{a}_minus_{b}_paired_ci_above_zero") for a, b in LM_PAIRS[:2]]
+        entry["ordering_shown_paired_95"] = None if None in flags else all(flags)
+        entry["ordering_shown_marginal_cis_disjoint"] = (
+            None if "ctrl_bon_vs_identity_cis_overlap" not in entry or "identity_vs_raw_reward_cis_overlap" not in entry
+            else (entry["ordering_point_estimates"] and not entry["ctrl_bon_vs_identity_cis_overlap"]
+                  and not entry["identity_vs_raw_reward_cis_overlap"]))
+    return entry
 
 
 def machine_description() -> dict:
@@ -888,8 +1115,29 @@ RUNNERS = {"bandit": run_bandit, "hetero_bandit": run_hetero_bandit, "lm": run_l
 
 def run_task(task: str, workdir: Path, output: Path, settings: dict, *, device: str, seed: int, log=print,
              plot: bool = True) -> dict:
-    """Run one task, write its plot; returns {"rows", "diagnose", "setup", ...} (rows carry "mode" if given)."""
-    result = RUNNERS[task](workdir, device=device, seed=seed, log=log, **settings)
+    """Run one task, write its plot; returns {"rows", "diagnose", "setup", ...} (rows carry "mode" if given).
+
+    `settings["seeds"]` (optional) runs the whole task once per seed — its own reference policy, reference rewards
+    and evaluation samples — instead of once at `seed`; rows carry their "seed", and "diagnose" / "setup" are the
+    first seed's, with every seed's in "diagnose_by_seed" / "setup_by_seed"."""
+    settings = dict(settings)
+    seeds = [int(s) for s in settings.pop("seeds", None) or [seed]]
+    results = {}
+    for s in seeds:
+        if len(seeds) > 1:
+            log(f"[{task}] seed {s} ({seeds.index(s) + 1}/{len(seeds)})")
+        (workdir / f"seed{s}").mkdir(parents=True, exist_ok=True)
+        results[s] = RUNNERS[task](workdir / f"seed{s}", device=device, seed=s, log=log, **settings)
+        for r in results[s]["rows"]:
+            r.setdefault("seed", s)
+    result = dict(results[seeds[0]])
+    result["rows"] = [r for s in seeds for r in results[s]["rows"]]
+    result["seeds"] = seeds
+    if len(seeds) > 1:
+        result["diagnose_by_seed"] = {str(s): results[s]["diagnose"] for s in seeds}
+        result["setup_by_seed"] = {str(s): results[s]["setup"] for s in seeds}
+        if "ref_rewards" in result:  # diagnose's curves for the plot: on every seed's prompts pooled
+            result["ref_rewards"] = [r for s in seeds for r in results[s]["ref_rewards"]]
     rows = result["rows"]
     if plot and rows:
         if task in ("bandit", "lm"):
@@ -907,14 +1155,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="benchmarks/results", help="Directory for the JSON and the plots.")
     parser.add_argument("--quick", action="store_true",
-                        help="Small CPU settings (all four tasks: 23 min wall on a 2-core VM at load 4-9).")
+                        help="Small CPU settings (all four tasks: ~70 min wall on a 2-core VM, 40 of them hetero_lm).")
     parser.add_argument("--task", choices=(*TASKS, "all"), nargs="+", default=["all"])
     parser.add_argument("--target-kls", type=float, nargs="+", default=None,
                         help="KL budgets (per completion, nats) of every method. Default: per task/mode.")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=None,
                         help="Methods to train (default: per task/mode).")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: per task/mode).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of tasks without a `seeds` default (all but hetero_lm).")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="Run every selected task once per seed (default: the task's own `seeds` setting — "
+                        "hetero_lm: 0 1 2 — else --seed).")
+    parser.add_argument("--replot", action="store_true",
+                        help="Train nothing: redraw the selected tasks' plots from the existing alignment_quality.json.")
+    parser.add_argument("--fresh", action="store_true",
+                        help="Rewrite alignment_quality.json with only the tasks of this invocation (default: keep "
+                        "the other tasks' results already in it).")
     parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available, else cpu).")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these models are tiny, and extra threads on a busy "
@@ -930,8 +1186,42 @@ def main(argv=None) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     tasks = TASKS if "all" in args.task else tuple(dict.fromkeys(args.task))
-    report = {"machine": machine_description(), "mode": mode, "seed": args.seed, "device": device,
+    machine = machine_description()
+    report = {"machine": machine, "mode": mode, "seed": args.seed, "device": device,
               "threads": args.threads, "tasks": {}, "rows": []}
+    path = output / "alignment_quality.json"
+    if args.replot:
+        saved = json.loads(path.read_text())
+        for task in tasks:
+            rows = [r for r in saved.get("rows", []) if r.get("task") == task]
+            if not rows:
+                continue
+            if task in ("bandit", "lm"):
+                plot_theory_task(task, rows, output / f"alignment_quality_{task}.png")
+            else:
+                plot_diagnose_task(task, rows, saved["tasks"][task]["diagnose_curves"],
+                                   output / f"alignment_quality_{task}.png")
+            print(f"redrew {output / f'alignment_quality_{task}.png'} from {path}")
+        return 0
+    kept: dict = {"tasks": {}, "rows": []}
+    if path.exists() and not args.fresh:
+        # several invocations (one task each, say) build one report: keep the tasks this one does not rerun
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            print(f"could not read {path} ({error}); writing it afresh", flush=True)
+        else:
+            for name, value in (old.get("tasks") or {}).items():
+                if name not in tasks:
+                    value.setdefault("mode", old.get("mode"))
+                    value.setdefault("machine", old.get("machine"))
+                    value.setdefault("seeds", [old.get("seed")])
+                    kept["tasks"][name] = value
+            kept["rows"] = [r for r in old.get("rows", []) if r.get("task") in kept["tasks"]]
+            if kept["tasks"]:
+                print(f"keeping {', '.join(kept['tasks'])} from {path} ({len(kept['rows'])} rows)", flush=True)
+    report["tasks"].update(kept["tasks"])
+    report["rows"].extend(kept["rows"])
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="alignment_quality_") as tmp:
         for task in tasks:
@@ -939,24 +1229,34 @@ def main(argv=None) -> int:
             for name in ("target_kls", "methods", "steps"):
                 if getattr(args, name) is not None:
                     settings[name] = tuple(getattr(args, name)) if name != "steps" else args.steps
+            if args.seeds is not None:
+                settings["seeds"] = tuple(args.seeds)
             task_start = time.time()
             result = run_task(task, Path(tmp), output, settings, device=device, seed=args.seed)
             for r in result["rows"]:
                 r["mode"] = mode
             result["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
             result["seconds"] = time.time() - task_start
-            report["tasks"][task] = {k: v for k, v in result.items() if k != "rows"}
-            report["rows"].extend(result["rows"])
+            report["tasks"][task] = {**{k: v for k, v in result.items() if k != "rows"}, "mode": mode,
+                                     "machine": machine, "seeds": result["seeds"],
+                                     "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            report["rows"] = [r for r in report["rows"] if r.get("task") != task] + result["rows"]
             print(f"[{task}] done in {result['seconds']:.0f} s", flush=True)
             # write as we go: a long run that dies late keeps what it measured
             report["acceptance"] = acceptance(report["rows"])
             report["wall_seconds"] = time.time() - start
-            (output / "alignment_quality.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    rows = report["rows"]
+            path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    rows = [r for r in report["rows"] if r["task"] in tasks]
     print("\n## KL budget: target vs measured (per completion)\n")
     print(kl_table(rows))
     print("\n## Win rates (diagnose: prediction from the task's reference rewards at the measured KL)\n")
     print(win_table(rows))
+    if any(r.get("per_family") for r in rows):
+        print("\n## Per prompt family (hetero_lm): where the KL goes\n")
+        print(family_table(rows))
+    if any(r["task"] == "hetero_lm" for r in rows):
+        print("\n## Pooled over seeds (hetero_lm), 95% CIs\n")
+        print(pooled_table(report["acceptance"]))
     print("\n## Acceptance\n")
     print(json.dumps({k: v for k, v in report["acceptance"].items() if k != "kl_within_tolerance"}, indent=2,
                      default=float))

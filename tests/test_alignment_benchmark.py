@@ -110,3 +110,42 @@ def test_bandit_and_hetero_bandit_smoke(aq, tmp_path):
                    "won": {"raw_reward": [[0.2, 0.6], [0.5, 0.7]]}}
     aq.plot_diagnose_task("hetero_bandit", hrows, fake_curves, tmp_path / "hetero.png")
     assert (tmp_path / "hetero.png").stat().st_size > 1000
+
+
+def test_hetero_lm_families_and_distortion(aq):
+    qs = aq._quickstart()
+    prompts = [f"{s} {v}" for s in qs.SUBJECTS for v in qs.VERBS]
+    families = [aq.lm_family(p) for p in prompts]
+    assert sorted(set(families)) == list(range(len(aq.LM_FAMILIES)))
+    assert all(families.count(f) == len(prompts) // len(aq.LM_FAMILIES) for f in set(families))  # 8 prompts each
+    assert all(aq.lm_family(f"{s} {v}") == j for s in qs.SUBJECTS for j, v in enumerate(qs.VERBS))
+    assert aq.lm_family("the plot was", "subject", 3) == 2
+    scales = [s for s, _ in aq.LM_FAMILIES]
+    assert max(scales) / min(scales) >= 10
+    reward = aq.make_distorted_vader()
+    completions = [" great", " bad", " okay"]
+    for p in ("the movie was", "the movie seemed"):
+        raw = qs.vader_sentiment([p] * 3, completions)
+        scale, offset = aq.LM_FAMILIES[aq.lm_family(p)]
+        assert reward([p] * 3, completions) == pytest.approx([scale * r + offset for r in raw])
+
+
+def test_pooled_lm_acceptance_pairs_seeds_and_prompts(aq):
+    def row(method, seed, wins):
+        return {"task": "hetero_lm", "method": method, "seed": seed, "target_kl": 0.5, "kl": 0.5, "kl_rel_error": 0.0,
+                "bon_win": sum(wins) / len(wins), "standard_win": 0.6, "won_win": 0.6, "kl_per_prompt": [0.5] * 4,
+                "per_prompt": {"bon_win": wins, "standard_win": [0.6] * 4, "won_win": [0.6] * 4}}
+
+    rows = []
+    for seed in (0, 1):
+        base = [0.60, 0.70, 0.80, 0.65]
+        rows += [row("raw_reward", seed, base), row("identity", seed, [b + 0.02 for b in base]),
+                 row("ctrl_bon", seed, [b + 0.05 for b in base])]
+    entry = aq.acceptance(rows)["hetero_lm"]["0.5"]
+    assert entry["seeds"] == [0, 1] and entry["ordering_point_estimates"] and entry["ordering_per_seed"] == [True] * 2
+    # the marginal CIs overlap (prompts differ a lot), the paired differences (constant per prompt) do not
+    assert entry["identity_vs_raw_reward_cis_overlap"] and entry["ordering_shown_paired_95"]
+    diff = entry["paired_differences"]["identity_minus_raw_reward"]
+    assert diff["bon_win"] == pytest.approx(0.02) and diff["bon_win_ci"] == pytest.approx([0.02, 0.02])
+    assert entry["ctrl_bon_minus_raw_bon4"] == pytest.approx(0.05)
+    assert "| hetero_lm | 0.5 | identity_minus_raw_reward |" in aq.pooled_table({"hetero_lm": {"0.5": entry}})
