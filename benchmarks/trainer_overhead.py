@@ -3,11 +3,13 @@
     python benchmarks/trainer_overhead.py --quick                 # < 3 min on 2 CPU cores
     python benchmarks/trainer_overhead.py                         # more steps and repetitions
     python benchmarks/trainer_overhead.py --quick --pair grpo     # CTRL-GRPO vs GRPO (trainer_overhead_grpo.json)
+    python benchmarks/trainer_overhead.py --pair grpo --repetitions 12 --steps 12 --threads 1   # docs/grpo.md's figure
 
 Both trainers get the same tiny Llama policy, the same tiny Llama reward model (plain RLOO trains on its raw reward;
 CTRL on the same reward calibrated against the dataset's `ref_rewards` column and transformed), the same prompts and
 seed. Runs are interleaved (A B A B ...) so that drifting machine load hits both alike; the first `--warmup` steps of
-each run are dropped. Reported: median step time of each, their ratio (per repetition and pooled; target <= 1.03), and
+each run are dropped. Reported: median step time of each, their ratio (per repetition and pooled; target <= 1.03), the
+spread of the per-repetition ratios (quartiles, range, bootstrap 95 % CI of their median), and
 a micro-measurement of CTRL's reward hand-off alone: `CTRLTrainer._calculate_rewards` (reward model + gather +
 calibrate + transform + metrics) against RLOO's `_calculate_rewards` on the same batch, interleaved, per call.
 Prints a table and writes `trainer_overhead.json` to `--output` (default benchmarks/results).
@@ -50,6 +52,19 @@ def _step_timer():
             self.times.append(time.perf_counter() - self._start)
 
     return StepTimer()
+
+
+def ratio_spread(ratios: list[float], seed: int = 0, resamples: int = 2000) -> dict:
+    """Quartiles, range and a percentile-bootstrap 95 % CI of the median of the per-repetition ratios (each A/B pair's
+    runs share the machine's load of the moment, so their ratio is the paired measurement)."""
+    import random
+
+    rng = random.Random(seed)
+    ordered = sorted(ratios)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else (ordered[0],) * 3
+    medians = sorted(statistics.median(rng.choices(ordered, k=len(ordered))) for _ in range(resamples))
+    return {"q1": q1, "q3": q3, "min": ordered[0], "max": ordered[-1],
+            "ci95": [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]}
 
 
 def main(argv=None) -> int:
@@ -166,11 +181,13 @@ def main(argv=None) -> int:
     med = {k: statistics.median([t for run in v for t in run]) for k, v in step_times.items()}
     per_rep = [statistics.median(c) / statistics.median(r) for r, c in zip(step_times[base], step_times["ctrl"])]
     micro_med = {k: statistics.median(v) for k, v in micro.items()}
+    spread = ratio_spread(per_rep, seed=args.seed)
     results = {
         "median_step_s": med,
         f"ratio_ctrl_over_{base}": med["ctrl"] / med[base],
         "ratio_per_repetition": per_rep,
         "ratio_median_of_repetitions": statistics.median(per_rep),
+        "ratio_spread": spread,
         "step_times_s": step_times,
         "handoff_median_s": micro_med,
         "handoff_overhead_s": micro_med["ctrl"] - micro_med[base],
@@ -194,6 +211,9 @@ def main(argv=None) -> int:
     print(f"{'median step time (ms)':28s} {med[base] * 1e3:10.1f} {med['ctrl'] * 1e3:10.1f} {results[f'ratio_ctrl_over_{base}']:10.3f}")
     print(f"{'ratio per repetition':28s} " + " ".join(f"{r:.3f}" for r in per_rep)
           + f"  (median {results['ratio_median_of_repetitions']:.3f}; target <= 1.03)")
+    print(f"{'ratio spread':28s} quartiles {spread['q1']:.3f} / {spread['q3']:.3f}, range {spread['min']:.3f}-"
+          f"{spread['max']:.3f}, 95% bootstrap CI of the median [{spread['ci95'][0]:.3f}, {spread['ci95'][1]:.3f}] "
+          f"over {len(per_rep)} A/B pairs")
     print(f"{'_calculate_rewards (ms)':28s} {micro_med[base] * 1e3:10.2f} {micro_med['ctrl'] * 1e3:10.2f} "
           f"{micro_med['ctrl'] / micro_med[base]:10.3f}")
     print(f"CTRL hand-off overhead: {results['handoff_overhead_s'] * 1e3:.2f} ms per batch of {args.batch_size} "

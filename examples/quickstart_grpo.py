@@ -4,7 +4,7 @@ The same pipeline as examples/quickstart.py (whose tiny review corpus, prompts a
 GRPO trainer: same knobs (`kl_budget`, `transform="auto"`), same optimum π_ref·exp(Φ(c)/β)/Z. The trainer compensates
 GRPO's G/(G−1) group-mean factor; `ctrl/beta` and the printed β are in the user's units. See docs/grpo.md.
 
-Run:  python examples/quickstart_grpo.py [--output outputs/quickstart_grpo] [--steps 150]
+Run:  python examples/quickstart_grpo.py [--output outputs/quickstart_grpo] [--steps 300]
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ _spec.loader.exec_module(quickstart)  # sets the offline environment variables, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/quickstart_grpo")
-    parser.add_argument("--steps", type=int, default=150, help="CTRL-GRPO training steps.")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="CTRL-GRPO training steps (as in examples/quickstart.py: 150 are too short for the "
+                        "KL control to settle).")
     parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
     parser.add_argument("--eval-samples", type=int, default=64, help="Samples per prompt and model for the evaluation.")
     parser.add_argument("--kl-budget", type=float, default=1.0, help="Per-completion KL budget (nats).")
