@@ -1,7 +1,7 @@
 """CTRL on GRPO, on the one-token bandit of the tests (issue #13): optimum exactness over seeds, and `kl_budget` with
 adaptive KL control side by side with CTRL on RLOO.
 
-    python benchmarks/grpo_bandit.py                       # both parts, seeds 0-4 (~20 min on 2 shared CPU cores)
+    python benchmarks/grpo_bandit.py                       # both parts, seeds 0-4 (~35 min on 2 shared CPU cores)
     python benchmarks/grpo_bandit.py --part exactness --seeds 0 1
     python benchmarks/grpo_bandit.py --part kl_budget --budgets 0.5 --seeds 0
 
