@@ -93,9 +93,14 @@ def test_bandit_and_hetero_bandit_smoke(aq, tmp_path):
 
     hetero = aq.run_task("hetero_bandit", tmp_path, tmp_path, dict(
         target_kls=(0.5,), methods=("raw_reward", "ctrl_bon"), num_prompts=4, num_actions=12, num_reference=32,
-        steps=2, lr=1e-2, num_generations=4), device="cpu", seed=0, log=lambda *a: None, plot=False)
+        steps=2, lr=1e-2, num_generations=4, step_factor={"ctrl_bon": 2}), device="cpu", seed=0,
+        log=lambda *a: None, plot=False)
     hrows = hetero["rows"]
     _check_rows(hrows, "hetero_bandit")
+    assert [r["steps"] for r in hrows] == [2, 4]  # step_factor: a per-method multiple of the task's steps
+    assert [t[0] for t in hrows[1]["kl_trace"]] == [4] and hrows[1]["kl_trace"][-1][2] == pytest.approx(
+        hrows[1]["final_beta"])
+    assert aq.DEFAULTS["hetero_bandit"]["quick"]["step_factor"] == {"ctrl_won": 3}
     assert hrows[1]["transform"].startswith("bon:t=") and len(hrows[0]["kl_per_prompt"]) == 4
     assert hetero["diagnose"][0.5]["bon"]["num_prompts"] == 4
     assert max(hetero["setup"]["scales"]) / min(hetero["setup"]["scales"]) > 5
