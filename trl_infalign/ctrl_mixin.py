@@ -94,6 +94,7 @@ class CTRLTrainerMixin:
                 f"{name}(**your_args.to_dict()) plus the CTRL fields (inference_procedure, inference_n, transform, ...)."
             )
         self.ctrl_transform = get_transform(args.resolved_transform)
+        self.ctrl_procedure = args.procedure  # resolved once: the reward step runs every batch
         self._check_output_dir(args)  # before anything is loaded or computed
         named_datasets = [
             (name, ds)
@@ -484,7 +485,7 @@ class CTRLTrainerMixin:
         metrics["ctrl/calibrated_reward"].append(torch.nanmean(calibrated).item())
         metrics["ctrl/transformed_reward"].append(torch.nanmean(transformed).item())
         metrics["ctrl/nonfinite_rewards"].append(float(infinite.sum().item()))
-        procedure = self.args.procedure
+        procedure = self.ctrl_procedure
         if not procedure.is_standard:  # the standard win rate is ctrl/calibrated_reward itself
             metrics[f"ctrl/{procedure.metric_key}"].append(procedure.pooled_calibrated_win_rate(calibrated))
         self._logs["rewards"]["ctrl_calibrated"].extend(calibrated.tolist())

@@ -79,7 +79,8 @@ class _Orientation:
 
     def bracket(self, beta: float) -> tuple[float, float]:
         """log g at the starting end: g increases (decreases, mirrored) with range ≤ R = :meth:`max_slope`, so
-        g(1) ∈ [1, (R/β)/(1 − e^{−R/β})], resp. g̃(1) ∈ [e^{−R/β}·(R/β)/(e^{R/β}... ) ≥ e^{−R/β}/…, 1]."""
+        g(1) ∈ [1, (R/β)/(1 − e^{−R/β})]; mirrored, g̃(1) = min g ∈ [e^{−R/β}·(R/β)/(e^{R/β} − 1)... , 1], bracketed
+        loosely as log g̃(1) ∈ [−R/β − 1, 0.1]."""
         span = self.procedure.max_slope() / beta
         if not self.mirrored:
             return -0.1, (math.log(span) - math.log(-math.expm1(-span)) + 0.1 if span > 1e-12 else 0.1)
