@@ -43,6 +43,8 @@ __all__ = [
     "pad_reference_rewards",
     "reference_quantile",
     "reference_centre",
+    "select_reference_rewards",
+    "reference_reward_names",
 ]
 
 #: Elements (rows × K) processed per chunk on CPU (bounds the temporaries to a few MiB; fastest on 2 cores).
@@ -240,6 +242,55 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if dtype == torch.bool:
         dtype = torch.int64
     return dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-reward reference columns
+def reference_reward_names(row: Any) -> list[str] | None:
+    """The reward names of one per-reward reference row ``{name: [K floats]}``; None for a plain list row."""
+    return list(row) if isinstance(row, dict) else None
+
+
+def select_reference_rewards(rows: Sequence[Any], key: str | None = None, *, column: str = "ref_rewards",
+                             first_row: int = 0) -> list:
+    """One reward's reference rewards, row by row, from a reference column.
+
+    A reference column holds per prompt either a plain list of K rewards (one reward, or several combined with their
+    weights) or, for per-reward references, ``{name: [K floats]}`` (an Arrow struct of lists; a JSON object in JSONL).
+    With `key` the entry `key` of every row is returned; without it, plain rows pass through and a row with a single
+    entry gives that entry. `first_row` numbers the rows in error messages (the dataset row of ``rows[0]``).
+
+    Raises:
+        CalibrationError: a per-reward row without `key` (naming the row and the rewards it holds), several entries
+            and no `key`, or a plain row where `key` was asked for.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            if key is None:
+                if len(row) != 1:
+                    raise CalibrationError(
+                        f"Column {column!r} holds per-reward reference rewards (row {first_row + i} has "
+                        f"{sorted(row)}): say which reward to calibrate, e.g. key={sorted(row)[0]!r}, or name the "
+                        "reward in the procedure spec ('bon:n=4@name')."
+                    )
+                row = next(iter(row.values()))
+            elif key not in row or row[key] is None:
+                raise CalibrationError(
+                    f"Column {column!r} has no reference rewards for reward {key!r} at row {first_row + i} (it holds "
+                    f"{sorted(k for k, v in row.items() if v is not None)}). Rebuild the references with every reward "
+                    f"function (`build_reference_rewards(..., per_reward=True)`), or check the reward's name."
+                )
+            else:
+                row = row[key]
+        elif key is not None:
+            raise CalibrationError(
+                f"Column {column!r} holds one list of reference rewards per prompt (row {first_row + i}), but the "
+                f"rewards of {key!r} were asked for: build per-reward references (`build_reference_rewards(..., "
+                "per_reward=True)` or `trl-infalign build-reference --per_reward`) so that each reward has its own."
+            )
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
