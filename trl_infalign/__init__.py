@@ -23,6 +23,7 @@ _EXPORTS = {
         "available_procedures",
     ],
     "optimal": ["solve_optimal", "OptimalSolution"],
+    "deployment": ["Deployment", "RewardTransforms", "get_deployment"],
     "ctrl_config": ["CTRLConfig", "CTRLArguments"],
     "ctrl_trainer": ["CTRLTrainer", "HubUploadError"],
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ctrl_grpo_config import CTRLGRPOConfig
     from .ctrl_grpo_trainer import CTRLGRPOTrainer
     from .ctrl_trainer import CTRLTrainer, HubUploadError
+    from .deployment import Deployment, RewardTransforms, get_deployment
     from .optimal import OptimalSolution, solve_optimal
     from .procedures import (
         InferenceProcedure,
