@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import RLOOConfig
 
+from .deployment import Deployment, get_deployment, is_multi_reward_spec, parse_reward_transforms
 from .procedures import InferenceProcedure, get_procedure
 
 
@@ -168,10 +169,27 @@ class CTRLArguments:
 
     @property
     def procedure(self) -> InferenceProcedure:
-        """The inference procedure this run aligns for (:mod:`trl_infalign.procedures`)."""
+        """The inference procedure this run aligns for (:mod:`trl_infalign.procedures`); for a deployment that names
+        rewards, every component's procedure as one reward-free mixture (see :attr:`deployment`)."""
         spec = self.inference_procedure
+        if is_multi_reward_spec(spec):
+            return self.deployment.procedure
         bare = isinstance(spec, str) and ":" not in spec
         return get_procedure(spec, self.inference_n if bare else None)
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment this run aligns for (:mod:`trl_infalign.deployment`): the procedure on the one reward, or
+        procedures judged on named rewards (``mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless``)."""
+        spec = self.inference_procedure
+        if is_multi_reward_spec(spec):
+            return get_deployment(spec, self.inference_n)
+        return get_deployment(self.procedure)
+
+    @property
+    def is_multi_reward(self) -> bool:
+        """True when the deployment names rewards: each is calibrated against its own reference rewards."""
+        return is_multi_reward_spec(self.inference_procedure)
 
     def _validate_ctrl_fields(self):
         if isinstance(self.inference_n, bool) or not isinstance(self.inference_n, int) or self.inference_n < 1:
@@ -180,12 +198,14 @@ class CTRLArguments:
             procedure = self.procedure
         except ValueError as error:
             raise ValueError(f"{self._ctrl_name}.inference_procedure={self.inference_procedure!r}: {error}") from None
+        if self.is_multi_reward:
+            self.inference_procedure, self.inference_n = self.deployment.spec, procedure.n
         bare = isinstance(self.inference_procedure, str) and ":" not in self.inference_procedure
         if bare and procedure.is_standard and self.inference_n != 1:
             raise ValueError(
                 f"{self._ctrl_name}.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
             )
-        if not bare:
+        if not bare and not self.is_multi_reward:
             default_n = next(f.default for f in fields(self) if f.name == "inference_n")
             if self.inference_n not in (default_n, procedure.n):
                 warnings.warn(
@@ -238,6 +258,8 @@ class CTRLArguments:
         from . import theory
         from .transforms import TransformError, get_transform
 
+        if self.is_multi_reward:
+            return self._resolve_reward_transforms()
         procedure, budget = self.procedure, self.kl_budget
         given_beta, beta_given = self.beta, self.beta != self._default_beta()
         spec = self.transform.strip()
@@ -292,6 +314,54 @@ class CTRLArguments:
         self._warn_if_transform_family_mismatch(transform)
         self.resolved_transform = transform.spec
         return transform
+
+    @property
+    def fits_on_references(self) -> bool:
+        """True when the trainer fits the transform's t's and/or β on the training set's reference rewards at
+        construction: several rewards with `transform="auto"` / `"optimal"` or a `kl_budget` (their joint law under
+        the reference matters, so no data-free theory exists; :func:`trl_infalign.diagnose.fit_deployment`)."""
+        return self.is_multi_reward and (self.transform.strip() in ("auto", "optimal") or self.kl_budget is not None)
+
+    def _resolve_reward_transforms(self):
+        """Several rewards: check the per-reward transform spec now; `auto`, `optimal` and `kl_budget` are fitted by
+        the trainer on the training set's reference rewards (`fits_on_references`)."""
+        from .transforms import TransformError, get_transform
+
+        spec = self.transform.strip()
+        self.resolved_transform = spec
+        if spec in ("auto", "optimal"):
+            return None
+        if spec.split(":", 1)[0] in ("auto", "optimal"):
+            raise ValueError(
+                f"{self._ctrl_name}.transform={self.transform!r}: with several rewards, 'optimal' (and 'auto') are fitted "
+                "on the training set's reference rewards: give transform='optimal' or 'auto' without parameters, or a "
+                "per-reward spec such as 'bon:t=3@helpful+won:t=5@harmless'."
+            )
+        named = {r for r in self.deployment.rewards if r is not None}
+        try:
+            parsed = parse_reward_transforms(spec)
+            for reward, inner in parsed.items():
+                if reward is not None and reward not in named:
+                    raise TransformError(
+                        f"it names reward {reward!r}, which inference_procedure={self.inference_procedure!r} does not "
+                        f"judge on (its rewards: {sorted(named)})"
+                    )
+                transform = get_transform(inner)
+                if transform.requires_raw_rewards:
+                    raise TransformError(
+                        f"{transform.spec!r} shapes raw rewards; with several rewards each reward's transform must "
+                        "be a function of its calibrated reward (identity, bon:t=..., won:t=..., log, ...)"
+                    )
+        except (TransformError, ValueError) as error:
+            raise ValueError(f"{self._ctrl_name}.transform={self.transform!r}: {error}") from None
+        missing = sorted(named - set(parsed)) if None not in parsed else []
+        if missing:
+            raise ValueError(
+                f"{self._ctrl_name}.transform={self.transform!r} gives no transform for reward(s) {missing} of "
+                f"inference_procedure={self.inference_procedure!r}: give one per reward, e.g. "
+                "'bon:t=3@helpful+won:t=5@harmless', or 'auto'."
+            )
+        return None
 
     def _warn_if_transform_family_mismatch(self, transform) -> None:
         """A Best-of-N transform for a Worst-of-N deployment (or vice versa, or either for plain sampling) trains for

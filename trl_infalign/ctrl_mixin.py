@@ -28,6 +28,7 @@ import os
 import shutil
 import textwrap
 import warnings
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,7 +36,6 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from .calibration import calibrate, pad_reference_rewards
 from .health import CalibrationHealth, calibration_check_message, check_calibration_health
 from .kl_control import AdaptiveKLController
 from .procedures import get_procedure
@@ -43,6 +43,11 @@ from .sampling import combine_rewards
 from .transforms import get_transform
 
 logger = logging.getLogger(__name__)
+
+#: `ctrl/calibration_saturation` above this share for `SATURATION_WINDOW` training batches in a row gets one warning
+#: (the reference policy itself has a share 1/(K+1) at the top: 0.2 at the smallest default K = 4).
+SATURATION_WARNING = 0.25
+SATURATION_WINDOW = 10
 
 #: Written into every checkpoint and the final output: what the run calibrates against (checked on resume).
 CALIBRATION_STATE_FILE = "ctrl_calibration.json"
@@ -73,6 +78,13 @@ def pooled_inference_win_rate(calibrated: torch.Tensor, n: int | None = None, pr
     return get_procedure(procedure, n).pooled_calibrated_win_rate(calibrated)
 
 
+def _reward_name(func) -> str:
+    """A reward function's name as TRL will derive it, before anything is loaded (a path's last segment)."""
+    from .sampling import reward_func_name
+
+    return str(func).rstrip("/").split("/")[-1] if isinstance(func, str) else reward_func_name(func)
+
+
 class CTRLTrainerMixin:
     """CTRL on top of a TRL online trainer (see the module docstring). Not usable on its own.
 
@@ -93,8 +105,8 @@ class CTRLTrainerMixin:
                 f"{type(self).__name__} needs a {name}, got {type(args).__name__}: build one with "
                 f"{name}(**your_args.to_dict()) plus the CTRL fields (inference_procedure, inference_n, transform, ...)."
             )
-        self.ctrl_transform = get_transform(args.resolved_transform)
         self.ctrl_procedure = args.procedure  # resolved once: the reward step runs every batch
+        self.ctrl_deployment = args.deployment
         self._check_output_dir(args)  # before anything is loaded or computed
         named_datasets = [
             (name, ds)
@@ -108,6 +120,8 @@ class CTRLTrainerMixin:
         self.ctrl_reference_fingerprint, self.ctrl_reference_counts = self._scan_reference_rewards(
             train_dataset, args.reference_rewards_column
         )
+        self.ctrl_fit = None  # several rewards: the transforms and β fitted on the training set's references
+        self._ctrl_set_reward_transforms(args, reward_funcs, train_dataset)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *a, **kw)
         self._check_pad_tokens()
         self._check_disk_space()
@@ -121,6 +135,8 @@ class CTRLTrainerMixin:
         # and applies the user's weights itself, before calibration (the reference rewards are combined the same way).
         self.ctrl_reward_weights = self.reward_weights.clone()
         self.ctrl_reward_func_names = list(self.reward_func_names)
+        if self.ctrl_deployment.is_multi_reward:  # TRL's own names: the ones the deployment was bound to above
+            self.ctrl_deployment.bind(self.ctrl_reward_func_names)
         self.reward_weights = torch.ones(1)
         self.reward_func_names = ["ctrl_transformed"]
         self.ctrl_offset, self.ctrl_scale = self._transform_normalisation()
@@ -131,8 +147,79 @@ class CTRLTrainerMixin:
         self.ctrl_evaluation: dict | None = None
         # the step-0 check needs the policy to be the reference: not on a resumed run (see `train`)
         self.ctrl_calibration_health: CalibrationHealth | None = None
+        self.ctrl_calibration_healths: dict[str, CalibrationHealth | None] = {}  # several rewards: one each
+        self._ctrl_saturation_history: deque = deque(maxlen=SATURATION_WINDOW)
+        self._ctrl_saturation_warned = False
         self._ctrl_health_pending = args.calibration_check != "off"
         self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The reward: one RewardCalibration per calibrated reward, Φ = Σ_r W_r Φ_r(c_r)
+    def _ctrl_set_reward_transforms(self, args, reward_funcs, train_dataset) -> None:
+        """Set `ctrl_transform` (the Transform of one reward, or the RewardTransforms of several), the per-reward
+        `RewardTransforms` and their `RewardCalibration`s. Several rewards: bind the deployment to the reward
+        functions' names and, for `auto` / `optimal` / `kl_budget`, fit t's and β on the training references."""
+        from .calibrated_reward import RewardCalibration
+        from .deployment import RewardTransforms
+
+        column, deployment = args.reference_rewards_column, self.ctrl_deployment
+        if not deployment.is_multi_reward:
+            self.ctrl_transform = get_transform(args.resolved_transform)
+            self.ctrl_reward_transforms = RewardTransforms({None: self.ctrl_transform}, {None: 1.0})
+        else:
+            funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+            deployment = self.ctrl_deployment = deployment.bind([_reward_name(f) for f in funcs])
+            if args.reward_weights is not None and any(float(w) != 1.0 for w in args.reward_weights):
+                warnings.warn(
+                    f"{type(args).__name__}.reward_weights={list(args.reward_weights)} is ignored: the deployment "
+                    f"{deployment.spec!r} weighs its rewards itself (Φ = Σ_r W_r Φ_r(c_r), W = "
+                    f"{deployment.reward_weights}). Drop reward_weights, or change the mixture weights.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            if args.fits_on_references:
+                self.ctrl_fit = self._ctrl_fit_deployment(args, deployment, train_dataset)
+                self.ctrl_reward_transforms = self.ctrl_fit.transforms
+            else:
+                self.ctrl_reward_transforms = RewardTransforms.from_spec(args.resolved_transform, deployment)
+            args.resolved_transform = self.ctrl_reward_transforms.spec
+            self.ctrl_transform = self.ctrl_reward_transforms
+        self.ctrl_calibrations = {
+            reward: RewardCalibration(transform, column, key=reward, min_references=args.min_reference_samples)
+            for reward, transform in self.ctrl_reward_transforms.transforms.items()
+        }
+
+    def _ctrl_fit_deployment(self, args, deployment, train_dataset):
+        """t's and/or β for several rewards from the training set's reference rewards (exact on the shared atoms,
+        :func:`trl_infalign.diagnose.fit_deployment`); `args.beta` becomes the fitted starting β."""
+        from .calibration import select_reference_rewards
+        from .diagnose import fit_deployment
+
+        column = args.reference_rewards_column
+        if train_dataset is None or not hasattr(train_dataset, "select_columns"):
+            raise ValueError(
+                f"{type(args).__name__}.transform={args.transform!r} / kl_budget with several rewards fits the "
+                "transforms on the training set's reference rewards, which needs a map-style train_dataset. Give an "
+                "explicit per-reward transform ('bon:t=3@helpful+won:t=5@harmless') and beta instead."
+            )
+        rows = list(train_dataset.select_columns([column])[column])
+        references = {r: select_reference_rewards(rows, r, column=column) for r in deployment.rewards}
+        budget = args.kl_budget
+        fit = fit_deployment(references, deployment, kl=budget, beta=None if budget is not None else args.beta,
+                             transform=args.transform.strip())
+        beta_given = args.beta != args._default_beta()
+        if budget is not None and beta_given and not math.isclose(args.beta, fit.beta, rel_tol=1e-9):
+            warnings.warn(
+                f"{type(args).__name__}: beta={args.beta:g} and kl_budget={budget:g} were both given; kl_budget wins: "
+                f"beta is set to {fit.beta:.6g}, where the reference rewards predict KL = {budget:g} for "
+                f"{fit.transforms.spec!r}. Drop beta to silence this, or drop kl_budget to train at beta={args.beta:g}.",
+                UserWarning,
+                stacklevel=4,
+            )
+        args.beta = float(fit.beta)
+        logger.info("CTRL: fitted %s at beta=%.6g on the training references (predicted KL %.4g, %s win rate %.4f)",
+                    fit.transforms.spec, fit.beta, fit.kl, deployment.label, fit.objective)
+        return fit
 
     def _ctrl_default_args(self, model):
         """The config used when `args` is None: the config class's defaults, named after the model."""
@@ -291,12 +378,16 @@ class CTRLTrainerMixin:
         index, fewest, most = 0, math.inf, 0
         for batch in dataset.select_columns([column]).iter(batch_size=4096):
             for row in batch[column]:
-                values = np.asarray(row, dtype=np.float64)
-                digest.update(np.int64(values.size).tobytes())
-                digest.update(values.tobytes())
-                if values.size > 1 and values.min() == values.max():
-                    constant.append(index)
-                fewest, most = min(fewest, values.size), max(most, values.size)
+                per_reward = sorted(row.items()) if isinstance(row, dict) else [(None, row)]
+                for name, entry in per_reward:
+                    values = np.asarray(entry, dtype=np.float64)
+                    if name is not None:
+                        digest.update(name.encode())
+                    digest.update(np.int64(values.size).tobytes())
+                    digest.update(values.tobytes())
+                    if values.size > 1 and values.min() == values.max() and index not in constant[-1:]:
+                        constant.append(index)
+                    fewest, most = min(fewest, values.size), max(most, values.size)
                 index += 1
         if constant:
             shown = ", ".join(str(i) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
@@ -423,8 +514,7 @@ class CTRLTrainerMixin:
         transform = self.ctrl_transform
         if not self.args.normalize_transform or transform.requires_raw_rewards:
             return 0.0, 1.0
-        values = transform.phi(np.linspace(0.0, 1.0, 2049))
-        low, high = float(np.min(values)), float(np.max(values))
+        low, high = self.ctrl_reward_transforms.bounds()
         if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
             return 0.0, 1.0
         return low, high - low
@@ -448,7 +538,7 @@ class CTRLTrainerMixin:
         device = raw_per_func.device
         raw = combine_rewards(raw_per_func, self.ctrl_reward_weights)
         column = self.args.reference_rewards_column
-        ref_rows = gather_object([list(example[column]) for example in inputs])
+        ref_rows = gather_object([example[column] for example in inputs])
 
         # ±inf from any reward function, and NaN from a reward *model*, are failures (a callable's NaN means None:
         # "no reward", which TRL skips). Checked per function, so that +inf and -inf cannot cancel into a NaN.
@@ -470,38 +560,96 @@ class CTRLTrainerMixin:
                 "`trainer.train(resume_from_checkpoint=True)`."
             )
         raw = torch.where(infinite, torch.full_like(raw, math.nan), raw)
-        ref, mask = pad_reference_rewards(ref_rows, device=device)
-        calibrated = calibrate(raw, ref, mask, nonfinite="nan", min_references=self.args.min_reference_samples)
-        transformed = self.ctrl_transform(calibrated, rewards=raw, ref_rewards=ref, ref_mask=mask)
-        transformed = ((transformed - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
+        if self.ctrl_deployment.is_multi_reward:  # each named reward on its own (one function each, unweighted)
+            raw_per_func = torch.where(torch.isinf(raw_per_func), torch.full_like(raw_per_func, math.nan), raw_per_func)
+            signals = {name: raw_per_func[:, i] for i, name in enumerate(self.ctrl_reward_func_names)}
+        else:
+            signals = {None: raw}
+        batches = {r: calibration.calibrate(signals[r], ref_rows) for r, calibration in self.ctrl_calibrations.items()}
+        weights = self.ctrl_reward_transforms.weights
+        phi = sum(weights[r] * self.ctrl_calibrations[r].transformed(batch) for r, batch in batches.items())
+        transformed = ((phi - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
 
         mode = "train" if self.model.training else "eval"
         if mode == "train" and self._ctrl_health_pending and self.state.global_step == 0:
-            self._check_calibration_health(raw, ref_rows)
+            for r, batch in batches.items():
+                self._check_calibration_health(batch.raw, self.ctrl_calibrations[r].reference_rows(ref_rows), r)
+        self._ctrl_log_reward_metrics(mode, raw, raw_per_func, batches, transformed, infinite)
+        return transformed.unsqueeze(1)
+
+    def _ctrl_log_reward_metrics(self, mode, raw, raw_per_func, batches, transformed, infinite) -> None:
         metrics = self._metrics[mode]
+        weights = self.ctrl_reward_transforms.weights
+        calibrated = {r: batch.calibrated for r, batch in batches.items()}
+        if self.ctrl_deployment.is_multi_reward:
+            raw = sum(weights[r] * batch.raw for r, batch in batches.items())
         metrics["ctrl/raw_reward"].append(torch.nanmean(raw).item())
         for i, name in enumerate(self.ctrl_reward_func_names):
             metrics[f"ctrl/raw_reward/{name}"].append(torch.nanmean(raw_per_func[:, i]).item())
-        metrics["ctrl/calibrated_reward"].append(torch.nanmean(calibrated).item())
+        metrics["ctrl/calibrated_reward"].append(sum(weights[r] * torch.nanmean(c).item() for r, c in calibrated.items()))
         metrics["ctrl/transformed_reward"].append(torch.nanmean(transformed).item())
         metrics["ctrl/nonfinite_rewards"].append(float(infinite.sum().item()))
-        procedure = self.ctrl_procedure
-        if not procedure.is_standard:  # the standard win rate is ctrl/calibrated_reward itself
-            metrics[f"ctrl/{procedure.metric_key}"].append(procedure.pooled_calibrated_win_rate(calibrated))
-        self._logs["rewards"]["ctrl_calibrated"].extend(calibrated.tolist())
-        return transformed.unsqueeze(1)
+        top = bottom = 0.0
+        for r, batch in batches.items():
+            top_r, bottom_r = batch.saturation
+            top, bottom = max(top, top_r), max(bottom, bottom_r)
+            if r is not None:
+                metrics[f"ctrl/calibrated_reward/{r}"].append(torch.nanmean(batch.calibrated).item())
+                metrics[f"ctrl/calibration_saturation/{r}"].append(top_r)
+                metrics[f"ctrl/calibration_saturation_bottom/{r}"].append(bottom_r)
+        metrics["ctrl/calibration_saturation"].append(top)
+        metrics["ctrl/calibration_saturation_bottom"].append(bottom)
+        if mode == "train":
+            self._ctrl_watch_saturation(top, bottom, batches)
+        if self.ctrl_deployment.is_multi_reward:
+            for key, value in self.ctrl_deployment.pooled_win_rates(calibrated).items():
+                metrics[f"ctrl/{key}"].append(value)
+            for r, c in calibrated.items():
+                self._logs["rewards"][f"ctrl_calibrated/{r}"].extend(c.tolist())
+        else:
+            procedure = self.ctrl_procedure
+            if not procedure.is_standard:  # the standard win rate is ctrl/calibrated_reward itself
+                metrics[f"ctrl/{procedure.metric_key}"].append(procedure.pooled_calibrated_win_rate(calibrated[None]))
+            self._logs["rewards"]["ctrl_calibrated"].extend(calibrated[None].tolist())
 
-    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list) -> None:
+    def _ctrl_watch_saturation(self, top: float, bottom: float, batches) -> None:
+        """Warn once when, over `SATURATION_WINDOW` consecutive training batches, more than `SATURATION_WARNING` of the
+        completions beat (or lose to) every reference of their prompt: calibration cannot rank them any more."""
+        history = self._ctrl_saturation_history
+        history.append(max(top, bottom))
+        if self._ctrl_saturation_warned or len(history) < SATURATION_WINDOW:
+            return
+        if min(list(history)[-SATURATION_WINDOW:]) > SATURATION_WARNING:
+            self._ctrl_saturation_warned = True
+            k = max(int(batch.mask.sum(dim=1).max()) for batch in batches.values())
+            side = "beat" if top >= bottom else "lose to"
+            warnings.warn(
+                f"{100 * max(top, bottom):.0f}% of completions {side} all K = {k} reference rewards of their prompt "
+                f"(ctrl/calibration_saturation{'' if top >= bottom else '_bottom'}, for {SATURATION_WINDOW} steps): "
+                "calibration cannot rank them, so the transform no longer tells them apart. Build more references "
+                f"(K = {4 * k}, `build_reference_rewards(..., num_samples={4 * k})`), or lower the KL budget.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list, reward: str | None = None) -> None:
         """Step 0 of a fresh run: the policy is the reference, so its calibrated rewards must be ≈ Uniform[0, 1]
-        (`trl_infalign.health`). Runs once, on the first generation batch (gathered: every rank decides alike)."""
+        (`trl_infalign.health`). Runs once per calibrated reward, on the first generation batch (gathered: every
+        rank decides alike)."""
         self._ctrl_health_pending = False
         health = check_calibration_health(raw.detach().cpu().double().numpy(), ref_rows)
-        self.ctrl_calibration_health = health
+        if reward is None:
+            self.ctrl_calibration_health = health
+        else:
+            self.ctrl_calibration_healths[reward] = health
         if health is None:
             return
-        self._metrics["train"]["ctrl/step0_calibrated_reward"].append(health.mean_calibrated)
+        suffix = "" if reward is None else f"/{reward}"
+        self._metrics["train"][f"ctrl/step0_calibrated_reward{suffix}"].append(health.mean_calibrated)
         if health.failed:
             message = calibration_check_message(health, self.args.reference_rewards_column)
+            if reward is not None:
+                message = f"Reward {reward!r}: {message}"
             if self.args.calibration_check == "raise":
                 raise ValueError(message)
             warnings.warn(message, UserWarning, stacklevel=2)

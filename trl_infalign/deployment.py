@@ -332,6 +332,15 @@ class RewardTransforms:
     def t(self) -> dict[str | None, float | None]:
         return {r: tr.params.get("t") for r, tr in self.transforms.items()}
 
+    #: A sum of functions of calibrated rewards (raw-reward shapes are refused with several rewards).
+    requires_raw_rewards = False
+    name = "per_reward"
+
+    @property
+    def params(self) -> dict:
+        """``{"t": {reward: t}}``, as a transform's params read in model cards."""
+        return {"t": self.t}
+
     def bounds(self) -> tuple[float, float]:
         """(min, max) of Φ over c ∈ [0, 1]^R: Σ_r W_r min Φ_r and Σ_r W_r max Φ_r (each c_r ranges on its own)."""
         grid = np.linspace(0.0, 1.0, 2049)

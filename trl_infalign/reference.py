@@ -125,6 +125,12 @@ def _iter_column(dataset, column: str, batch_size: int = 4096):
 
 
 def _row_problem(value, min_samples: int) -> str | None:
+    if isinstance(value, dict):  # per-reward references: {name: [K floats]}
+        for name, entry in value.items():
+            problem = _row_problem(entry, min_samples)
+            if problem is not None:
+                return f"reward {name!r}: {problem}"
+        return None
     if not isinstance(value, (list, tuple)):
         return f"expected a list of rewards, got {type(value).__name__} {_short(value)}"
     if len(value) == 0:
