@@ -24,6 +24,7 @@ _EXPORTS = {
     ],
     "optimal": ["solve_optimal", "OptimalSolution"],
     "deployment": ["Deployment", "RewardTransforms", "get_deployment"],
+    "calibrated_reward": ["CalibratedReward", "RewardCalibration"],
     "ctrl_config": ["CTRLConfig", "CTRLArguments"],
     "ctrl_trainer": ["CTRLTrainer", "HubUploadError"],
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
@@ -56,6 +57,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .calibrated_reward import CalibratedReward, RewardCalibration
     from .calibration import CalibrationError, calibrate, pad_reference_rewards
     from .ctrl_config import CTRLArguments, CTRLConfig
     from .ctrl_grpo_config import CTRLGRPOConfig
