@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .calibration import calibrate, pad_reference_rewards, select_reference_rewards
@@ -36,6 +37,11 @@ class CalibratedBatch:
     references: torch.Tensor
     mask: torch.Tensor
     calibrated: torch.Tensor
+
+    def reference_rows(self) -> list[np.ndarray]:
+        """Each completion's valid reference rewards (the padded matrix back as rows)."""
+        values, mask = self.references.cpu().numpy(), self.mask.cpu().numpy()
+        return [row[valid] for row, valid in zip(values, mask)]
 
     @property
     def saturation(self) -> tuple[float, float]:
@@ -70,9 +76,29 @@ class RewardCalibration:
             key = self.default_key
         return select_reference_rewards(rows, key, column=self.column)
 
-    def calibrate(self, raw: torch.Tensor, rows: Sequence[Any]) -> CalibratedBatch:
-        """c for each completion; NaN where its raw reward is NaN/±inf (TRL: no reward, no advantage)."""
-        references, mask = pad_reference_rewards(self.reference_rows(rows), device=raw.device)
+    def reference_matrix(self, rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """This reward's reference rewards as a padded float64 matrix and its validity mask, (B, K_max) each. Rows of
+        one length (the usual case) convert in one numpy call, without a Python loop over the values."""
+        rows = self.reference_rows(rows)
+        if rows and all(isinstance(row, (list, tuple, np.ndarray)) for row in rows):
+            lengths = {len(row) for row in rows}
+            if len(lengths) == 1 and 0 not in lengths:
+                try:
+                    values = np.array(rows, dtype=np.float64)
+                except (TypeError, ValueError):
+                    values = None  # not numbers: pad_reference_rewards names the rows
+                if values is not None and values.ndim == 2:
+                    return values, np.ones(values.shape, dtype=bool)
+        values, mask = pad_reference_rewards(rows)
+        return values.numpy(), mask.numpy()
+
+    def calibrate(self, raw: torch.Tensor, rows: Sequence[Any] | None = None, *,
+                  matrix: tuple[np.ndarray, np.ndarray] | None = None) -> CalibratedBatch:
+        """c for each completion against its reference row (`rows`, or a padded `matrix` from
+        :meth:`reference_matrix`); NaN where the raw reward is NaN/±inf (TRL: no reward, no advantage)."""
+        values, mask = self.reference_matrix(rows) if matrix is None else matrix
+        references = torch.as_tensor(values, device=raw.device)
+        mask = torch.as_tensor(mask, device=raw.device)
         c = calibrate(raw, references, mask, nonfinite="nan", min_references=self.min_references)
         return CalibratedBatch(raw, references, mask, c)
 

@@ -85,6 +85,21 @@ def _reward_name(func) -> str:
     return str(func).rstrip("/").split("/")[-1] if isinstance(func, str) else reward_func_name(func)
 
 
+def _gather_matrix(local: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's (values, mask) reference matrix, stacked in process order (padded to the largest K)."""
+    parts = gather_object([local])
+    if len(parts) == 1:
+        return parts[0]
+    width = max(values.shape[1] for values, _ in parts)
+    values = np.zeros((sum(v.shape[0] for v, _ in parts), width))
+    mask = np.zeros(values.shape, dtype=bool)
+    start = 0
+    for v, m in parts:
+        values[start : start + v.shape[0], : v.shape[1]], mask[start : start + v.shape[0], : v.shape[1]] = v, m
+        start += v.shape[0]
+    return values, mask
+
+
 class CTRLTrainerMixin:
     """CTRL on top of a TRL online trainer (see the module docstring). Not usable on its own.
 
@@ -538,7 +553,7 @@ class CTRLTrainerMixin:
         device = raw_per_func.device
         raw = combine_rewards(raw_per_func, self.ctrl_reward_weights)
         column = self.args.reference_rewards_column
-        ref_rows = gather_object([example[column] for example in inputs])
+        local_rows = [example[column] for example in inputs]
 
         # ±inf from any reward function, and NaN from a reward *model*, are failures (a callable's NaN means None:
         # "no reward", which TRL skips). Checked per function, so that +inf and -inf cannot cancel into a NaN.
@@ -565,7 +580,11 @@ class CTRLTrainerMixin:
             signals = {name: raw_per_func[:, i] for i, name in enumerate(self.ctrl_reward_func_names)}
         else:
             signals = {None: raw}
-        batches = {r: calibration.calibrate(signals[r], ref_rows) for r, calibration in self.ctrl_calibrations.items()}
+        # each process converts its own rows to one padded matrix per reward; the matrices, not lists, are gathered
+        batches = {
+            r: calibration.calibrate(signals[r], matrix=_gather_matrix(calibration.reference_matrix(local_rows)))
+            for r, calibration in self.ctrl_calibrations.items()
+        }
         weights = self.ctrl_reward_transforms.weights
         phi = sum(weights[r] * self.ctrl_calibrations[r].transformed(batch) for r, batch in batches.items())
         transformed = ((phi - self.ctrl_offset) / self.ctrl_scale).to(torch.float32)
@@ -573,7 +592,7 @@ class CTRLTrainerMixin:
         mode = "train" if self.model.training else "eval"
         if mode == "train" and self._ctrl_health_pending and self.state.global_step == 0:
             for r, batch in batches.items():
-                self._check_calibration_health(batch.raw, self.ctrl_calibrations[r].reference_rows(ref_rows), r)
+                self._check_calibration_health(batch.raw, batch.reference_rows(), r)
         self._ctrl_log_reward_metrics(mode, raw, raw_per_func, batches, transformed, infinite)
         return transformed.unsqueeze(1)
 
