@@ -26,23 +26,19 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from .evaluation import (
-    EvaluationResult,
+from .evaluation import EvaluationResult, evaluate_scored, plan_procedures, split_by_samples
+from .evaluation.planning import _describe_needs, _resolve_ns
+from .evaluation.policy import (
     _check_sampling,
     _completion_lengths,
-    _describe_needs,
     _gather_rows,
     _is_default_sampling,
     _kl_sampling_note,
     _load_causal_lm,
     _local_indices,
     _policy_sample_logps,
-    _resolve_ns,
     _sample_and_score,
     _split_prompts,
-    evaluate_scored,
-    plan_procedures,
-    split_by_samples,
 )
 from .sampling import model_name
 
