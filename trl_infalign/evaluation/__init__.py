@@ -13,6 +13,9 @@ parameterised by N (``"bon"``, ``"won"``) is evaluated at every N of `ns`; ``"st
 own parameters (``"bon:n=8"``, ``"mixture:0.5*standard+0.5*bon:n=4"``, a registered user procedure, an
 :class:`~trl_infalign.procedures.InferenceProcedure` instance) once, as given. The procedure object computes the win
 rate (:meth:`~trl_infalign.procedures.InferenceProcedure.per_prompt_win_rates`) and names it (`metric_key`, `label`).
+A deployment that names rewards (``"mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"``, :mod:`trl_infalign.deployment`)
+is evaluated component by component, each on its own reward's scores, and reported as Σ_j w_j W_j with a CI paired
+with the components' (:class:`DeploymentResult`).
 
 Win rates use the exact *all-subsets* estimator: for a prompt with scores `a_1..a_m` (policy) and `b_1..b_m'`
 (reference), the BoN-N win probability is the average, over every N-subset of the policy samples and every N-subset of
@@ -30,9 +33,11 @@ logged `kl` is instead the per-token mean, smaller by the completion length). Th
 
 Layout (each module one concept; imports run downwards):
 
-- :mod:`.planning`: which win rates — procedure specs resolved, bare names expanded over `ns`, too-large N dropped;
+- :mod:`.planning`: which win rates — procedure specs resolved, bare names expanded over `ns`, deployments that name
+  rewards set apart and bound to the reward functions' names, too-large N dropped;
 - :mod:`.estimators`: pure tensor code — per-prompt win rates, the KL terms, the bootstrap over prompts;
-- :mod:`.results`: :class:`WinRateResult`, :class:`EvaluationResult` and their JSON, markdown and plot;
+- :mod:`.results`: :class:`WinRateResult`, :class:`DeploymentResult`, :class:`EvaluationResult` and their JSON,
+  markdown and plot;
 - :mod:`.scored`: :func:`inference_win_rate` and :func:`evaluate_scored`, statistics of scored samples;
 - :mod:`.policy`: :func:`evaluate_policy` and the sampling helpers it shares with the callback.
 """
@@ -51,11 +56,12 @@ from .planning import (
     split_by_samples,
 )
 from .policy import describe_policy, evaluate_policy
-from .results import KL_HEADLINE, KL_UNIT, ROW_KEYS, EvaluationResult, WinRateResult
+from .results import KL_HEADLINE, KL_UNIT, ROW_KEYS, DeploymentResult, EvaluationResult, WinRateResult
 from .scored import evaluate_scored, inference_win_rate
 
 __all__ = [
     "DEFAULT_NS",
+    "DeploymentResult",
     "EvaluationResult",
     "KL_HEADLINE",
     "KL_UNIT",

@@ -18,7 +18,17 @@ import torch
 
 from ..procedures import PROCEDURES
 from ..sampling import model_name, resolve_process_state, resolve_tokenizer
-from .planning import DEFAULT_NS, ProcedureLike, _check_n_value, _resolve_ns, plan_procedures, split_by_samples
+from .planning import (
+    DEFAULT_NS,
+    ProcedureLike,
+    _check_n_value,
+    _resolve_plan,
+    bind_deployment,
+    deployment_min_samples,
+    plan_procedures,
+    split_by_samples,
+    split_deployments,
+)
 from .results import EvaluationResult
 from .scored import evaluate_scored
 
@@ -75,8 +85,9 @@ def _split_prompts(prompts) -> tuple[list, dict[str, list]]:
 
 @dataclass
 class _Sampled:
-    rewards: torch.Tensor  # (P_local, m)
+    rewards: torch.Tensor  # (P_local, m): the reward functions combined with their weights, as TRL does
     completions: Any  # sampling.Completions
+    per_func: torch.Tensor | None = None  # (P_local, m, F): each reward function's own score
 
 
 def _sample_and_score(model, tokenizer, prompts, columns, funcs, classes, weights, *, num_samples, max_new_tokens,
@@ -93,7 +104,23 @@ def _sample_and_score(model, tokenizer, prompts, columns, funcs, classes, weight
     flat_columns = {k: [v for v in col for _ in range(num_samples)] for k, col in columns.items()}
     per_func = score_completions(funcs, classes, flat_prompts, flat_texts, completion_ids=flat_ids, columns=flat_columns)
     rewards = combine_rewards(per_func, weights).double().reshape(len(prompts), num_samples)
-    return _Sampled(rewards=rewards, completions=comps)
+    return _Sampled(rewards=rewards, completions=comps,
+                    per_func=per_func.double().reshape(len(prompts), num_samples, per_func.shape[1]))
+
+
+def _bind_deployments(deployments, funcs) -> tuple[list[str], list]:
+    """The reward functions' names (as TRL derives them) and the deployments bound to them (an error naming the known
+    names for an unknown one), checked before anything is sampled."""
+    from ..sampling import reward_func_name
+
+    names = [reward_func_name(f) for f in funcs]
+    return names, [bind_deployment(d, names) for d in deployments]
+
+
+def _by_reward(names: Sequence[str], per_func: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{reward name: (P, m)} from the (P, m, F) per-function scores."""
+    return {name: per_func[:, :, i] for i, name in enumerate(names)}
+
 
 
 def _policy_sample_logps(model, reference, tokenizer, comps, num_samples, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +231,12 @@ def evaluate_policy(
         tokenizer: the policy tokenizer (default: loaded from the policy's path).
         ns, procedures: which win rates, as in :func:`evaluate_scored`: "standard" once, "bon" / "won" at every N
             of `ns`, full specs ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=4", registered names, instances) once.
+            These are judged on the reward functions combined with `reward_weights`. A deployment that names rewards
+            (``"mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"``, names as TRL derives them: a callable's
+            `__name__`, a model path's last segment) is judged component by component: every completion is scored by
+            every reward function, component j is judged on its reward's scores only (the policy's and the
+            reference's samples), and the deployment's win rate is Σ_j w_j W_j (`result.deployments`). An unknown
+            reward name is a ValueError naming the known ones, raised before anything is sampled.
         num_samples: m samples per prompt from each model. A procedure needing more than m samples (N > m) cannot be
             evaluated: it is dropped with a :class:`SkippedNWarning` naming it (fix: `num_samples >= N`); a ValueError
             if nothing is left.
@@ -224,8 +257,8 @@ def evaluate_policy(
         :class:`EvaluationResult`; `metadata` has `policy`, `reference`, `policy_in_memory`, `num_samples`,
         `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `num_processes`, `ns_requested`, `ns_skipped`
         (the N of `ns` dropped), `procedures_skipped` (the specs of every dropped win rate),
-        `mean_completion_tokens` (policy samples; per-completion KL / this ≈ a per-token KL) and, with non-default
-        sampling, `kl_note`.
+        `mean_completion_tokens` (policy samples; per-completion KL / this ≈ a per-token KL), `reward_names` (the
+        reward functions' names, in order) and, with non-default sampling, `kl_note`.
     """
     from ..sampling import load_reward_funcs
 
@@ -235,11 +268,13 @@ def evaluate_policy(
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
     temperature, top_p, top_k = _check_sampling(temperature, top_p, top_k)
     requested = sorted({_check_n_value(n) for n in ns})
-    plans = plan_procedures(procedures, requested)
-    need = max(p.procedure.min_samples for p in plans) if plans else 1
-    kept = _resolve_ns(requested, procedures, num_samples,
-                       fix=f"pass num_samples >= N (num_samples={need} keeps every N)")
+    ordinary, deployments = split_deployments(procedures)
+    plans = plan_procedures(ordinary, requested) if ordinary else []
+    need = max([p.procedure.min_samples for p in plans] + [deployment_min_samples(d) for d in deployments] + [1])
+    kept, kept_deployments = _resolve_plan(requested, procedures, num_samples,
+                                           fix=f"pass num_samples >= N (num_samples={need} keeps every N)")
     dropped = split_by_samples(plans, num_samples)[1]
+    dropped_deployments = [d for d in deployments if d not in kept_deployments]
     kl_note = None if _is_default_sampling(temperature, top_p, top_k) else _kl_sampling_note(temperature, top_p, top_k)
     if kl_note is not None:
         warnings.warn(f"evaluate_policy: {kl_note}", UserWarning, stacklevel=2)
@@ -250,6 +285,7 @@ def evaluate_policy(
     policy_model = _load_causal_lm(policy, state.device)
     reference_model = policy_model if same else _load_causal_lm(reference, state.device)
     funcs, classes = load_reward_funcs(reward_funcs, reward_processing_classes)
+    reward_names, kept_deployments = _bind_deployments(kept_deployments, funcs)
     for f in funcs:
         if isinstance(f, torch.nn.Module):
             f.to(state.device)
@@ -270,9 +306,11 @@ def evaluate_policy(
                                 progress="Reference samples" if show else False, **kwargs)
         lp, lr = _policy_sample_logps(policy_model, reference_model, tokenizer, pol.completions, num_samples, batch_size)
         pr, rr, lengths = pol.rewards, ref.rewards, _completion_lengths(pol.completions)
+        pf, rf = pol.per_func, ref.per_func
     else:
         pr = rr = lp = lr = lengths = torch.zeros(0, num_samples, dtype=torch.float64)
-    pr, rr, lp, lr, lengths = _gather_rows(state, local, pr, rr, lp, lr, lengths)
+        pf = rf = torch.zeros(0, num_samples, len(funcs), dtype=torch.float64)
+    pr, rr, lp, lr, lengths, pf, rf = _gather_rows(state, local, pr, rr, lp, lr, lengths, pf, rf)
     metadata = {
         "policy": name, "reference": model_name(reference),
         "policy_in_memory": not isinstance(policy, (str, os.PathLike)),
@@ -281,12 +319,15 @@ def evaluate_policy(
         "seed": seed, "num_processes": getattr(state, "num_processes", 1),
         "ns_requested": requested,
         "ns_skipped": sorted({p.n for p in dropped if p.n is not None}),
-        "procedures_skipped": [p.procedure.spec for p in dropped],
+        "procedures_skipped": [p.procedure.spec for p in dropped] + [d.spec for d in dropped_deployments],
         "mean_completion_tokens": float(lengths.mean()) if lengths.numel() else None,
+        "reward_names": reward_names,
     }
     if kl_note is not None:
         metadata["kl_note"] = kl_note
+    by_reward = {} if not kept_deployments else dict(policy_rewards_by_reward=_by_reward(reward_names, pf),
+                                                     reference_rewards_by_reward=_by_reward(reward_names, rf))
     return evaluate_scored(
-        pr, rr, sorted({p.n for p in kept if p.n is not None}), [p.procedure for p in kept], lp, lr,
-        num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata,
+        pr, rr, sorted({p.n for p in kept if p.n is not None}), [p.procedure for p in kept] + kept_deployments, lp, lr,
+        num_bootstrap=num_bootstrap, confidence=confidence, seed=seed, metadata=metadata, **by_reward,
     )

@@ -1,5 +1,7 @@
-"""What an evaluation returns and how it is shown: :class:`WinRateResult` (one win rate), :class:`EvaluationResult`
-(a sweep of win rates and the KL), their JSON, markdown table and win-rate-vs-N plot."""
+"""What an evaluation returns and how it is shown: :class:`WinRateResult` (one win rate), :class:`DeploymentResult`
+(a deployment that names rewards: each component's win rate on its own reward and the deployment's Σ_j w_j W_j),
+:class:`EvaluationResult` (a sweep of win rates, deployments and the KL), their JSON, markdown table and
+win-rate-vs-N plot."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..deployment import Deployment, DeploymentComponent, get_deployment
 from ..procedures import InferenceProcedure, get_procedure
 from .planning import ProcedureLike, _expands_over_n, _n_family, _resolve_procedure
 
@@ -75,6 +78,75 @@ class WinRateResult:
 ROW_KEYS = ("procedure", "n", "estimate", "ci_low", "ci_high", "spec", "unbiased")
 
 
+@dataclass
+class DeploymentResult:
+    r"""Win rate of a deployment that serves different procedures on different rewards
+    (:mod:`trl_infalign.deployment`), e.g. ``mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless``.
+
+    `components` pairs each :class:`~trl_infalign.deployment.DeploymentComponent` j (weight w_j, procedure P_j,
+    reward r_j) with its :class:`WinRateResult` W_j: P_j's win rate when both the policy's and the reference's samples
+    are judged by reward r_j alone. `objective` is the deployment's win rate Σ_j w_j W_j (mean over prompts of
+    `per_prompt` = Σ_j w_j W_j(x)), and `ci_low` / `ci_high` its percentile bootstrap interval, computed on the same
+    resamples of prompts as every component's interval (paired: e.g. components with W_2(x) = 1 − W_1(x) and equal
+    weights give the zero-width interval [0.5, 0.5]).
+    """
+
+    deployment: Deployment
+    objective: float
+    ci_low: float
+    ci_high: float
+    per_prompt: np.ndarray = field(repr=False)
+    components: list[tuple[DeploymentComponent, WinRateResult]] = field(repr=False)
+    confidence: float = 0.95
+
+    @property
+    def spec(self) -> str:
+        return self.deployment.spec
+
+    @property
+    def label(self) -> str:
+        return self.deployment.label
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether every component's estimator is unbiased (then so is Σ_j w_j W_j)."""
+        return all(bool(r.unbiased) for _, r in self.components)
+
+    def component(self, reward: str, procedure: ProcedureLike | None = None) -> WinRateResult:
+        """The win rate of the component judged on `reward` (give `procedure` when several are)."""
+        wanted = None if procedure is None else _resolve_procedure(procedure)
+        found = [r for c, r in self.components if c.reward == reward and (wanted is None or c.procedure == wanted)]
+        if len(found) != 1:
+            raise KeyError(
+                f"{'no' if not found else 'several'} component(s) of {self.spec!r} on reward {reward!r}"
+                f"{'' if wanted is None else f' with procedure {wanted.spec!r}'} (components: "
+                f"{[c.spec for c, _ in self.components]})."
+            )
+        return found[0]
+
+    def to_dict(self, per_prompt: bool = False) -> dict:
+        """`{spec, label, objective, ci_low, ci_high, unbiased, confidence, components: [{spec, procedure, reward,
+        weight, n, win_rate, ci_low, ci_high, unbiased, metric_key}]}` (+ `per_prompt` lists)."""
+        components = []
+        for c, r in self.components:
+            entry = {
+                "spec": c.spec, "procedure": c.procedure.spec, "reward": c.reward, "weight": c.weight, "n": r.n,
+                "win_rate": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "unbiased": r.unbiased,
+                "metric_key": c.metric_key,
+            }
+            if per_prompt:
+                entry["per_prompt"] = [float(v) for v in r.per_prompt]
+            components.append(entry)
+        out = {
+            "spec": self.spec, "label": self.label, "objective": self.objective, "ci_low": self.ci_low,
+            "ci_high": self.ci_high, "unbiased": self.unbiased, "confidence": self.confidence,
+            "components": components,
+        }
+        if per_prompt:
+            out["per_prompt"] = [float(v) for v in self.per_prompt]
+        return out
+
+
 KL_UNIT = "nats per completion"
 KL_HEADLINE = "KL per completion (k1, nats)"
 
@@ -99,6 +171,9 @@ class EvaluationResult:
     the win rates). Both are unbiased; k1 has light tails, k3 is heavy-tailed once KL ≳ 1 (a single sample with large
     log ρ can carry most of its mean), which is why k1 is the headline. All None when no log-probs were given.
     `kl_k1_per_prompt` / `kl_k3_per_prompt` hold k1(x) / k3(x).
+
+    `deployments`: one :class:`DeploymentResult` per deployment that names rewards (each component's win rate on its
+    own reward and the deployment's Σ_j w_j W_j); empty otherwise. They are not rows of `win_rates`.
     """
 
     win_rates: list[dict]
@@ -115,6 +190,7 @@ class EvaluationResult:
     results: list[WinRateResult] = field(default_factory=list, repr=False)
     kl_k1_per_prompt: np.ndarray | None = field(default=None, repr=False)
     kl_k3_per_prompt: np.ndarray | None = field(default=None, repr=False)
+    deployments: list[DeploymentResult] = field(default_factory=list)
 
     @property
     def kl_per_completion(self) -> dict | None:
@@ -145,16 +221,42 @@ class EvaluationResult:
                 return row
         raise KeyError(f"no win rate for procedure {wanted.spec!r} (have {[_row_spec(r) for r in self.win_rates]}).")
 
+    def deployment(self, spec: "str | Deployment | None" = None) -> DeploymentResult:
+        """The result of one deployment: the only one evaluated, or the one of `spec`
+        (``"mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"``)."""
+        if spec is None:
+            if len(self.deployments) != 1:
+                raise KeyError(f"{len(self.deployments)} deployments were evaluated "
+                               f"({[d.spec for d in self.deployments]}): pass the spec of the one you want.")
+            return self.deployments[0]
+        wanted = get_deployment(spec).spec
+        for d in self.deployments:
+            if d.spec == wanted:
+                return d
+        raise KeyError(f"no deployment {wanted!r} (have {[d.spec for d in self.deployments]}).")
+
+    def deployment_metric_key(self, deployment: DeploymentResult) -> str:
+        """`deployment_win_rate` (the trainer's name for Σ_j w_j W_j) when one deployment was evaluated, else
+        `deployment(<spec>)_win_rate`."""
+        return "deployment_win_rate" if len(self.deployments) == 1 else f"deployment({deployment.spec})_win_rate"
+
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Flat metrics: `{prefix}<procedure.metric_key>` (`bon@4_win_rate`, `standard_win_rate`,
         `mixture(0.5*standard+0.5*bon@4)_win_rate`, ...), `..._ci_low`, `..._ci_high`, `{prefix}kl_k1` (per-completion
-        KL, nats) with `{prefix}kl_k1_ci_low` / `_ci_high`, and the same for `{prefix}kl_k3`."""
+        KL, nats) with `{prefix}kl_k1_ci_low` / `_ci_high`, and the same for `{prefix}kl_k3`. A deployment adds each
+        component's `{prefix}<component.metric_key>` (`bon@4_win_rate/helpful`) and its objective
+        (:meth:`deployment_metric_key`), each with `_ci_low` / `_ci_high`."""
         out: dict[str, float] = {}
         for row in self.win_rates:
             key = prefix + _row_procedure(row).metric_key
             out[key] = row["estimate"]
             out[key + "_ci_low"] = row["ci_low"]
             out[key + "_ci_high"] = row["ci_high"]
+        for d in self.deployments:
+            entries = [(c.metric_key, r.estimate, r.ci_low, r.ci_high) for c, r in d.components]
+            entries.append((self.deployment_metric_key(d), d.objective, d.ci_low, d.ci_high))
+            for key, value, low, high in entries:
+                out[prefix + key], out[prefix + key + "_ci_low"], out[prefix + key + "_ci_high"] = value, low, high
         if self.kl_k1 is not None:
             for name, value, ci in (("kl_k1", self.kl_k1, self.kl_k1_ci), ("kl_k3", self.kl_k3, self.kl_k3_ci)):
                 out[prefix + name] = value
@@ -181,11 +283,17 @@ class EvaluationResult:
             "num_bootstrap": self.num_bootstrap,
             "metadata": self.metadata,
         }
+        if self.deployments:
+            out["deployments"] = [d.to_dict(per_prompt=per_prompt) for d in self.deployments]
         if per_prompt:
             out["per_prompt"] = {r.name: [float(v) for v in r.per_prompt] for r in self.results}
             for name, values in (("kl_k1", self.kl_k1_per_prompt), ("kl_k3", self.kl_k3_per_prompt)):
                 if values is not None:
                     out["per_prompt"][name] = [float(v) for v in values]
+            for d in self.deployments:
+                for c, r in d.components:
+                    out["per_prompt"][c.metric_key] = [float(v) for v in r.per_prompt]
+                out["per_prompt"][self.deployment_metric_key(d)] = [float(v) for v in d.per_prompt]
         return _jsonable(out)
 
     def to_json(self, path: str | Path | None = None, per_prompt: bool = False, indent: int = 2) -> str:
@@ -197,16 +305,30 @@ class EvaluationResult:
 
     def to_markdown(self) -> str:
         pct = f"{round(100 * self.confidence)}%"
-        lines = [
-            f"| procedure | N | win rate | {pct} CI |",
-            "|---|---:|---:|---|",
-        ]
+        lines = []
+        if self.win_rates or not self.deployments:
+            lines += [f"| procedure | N | win rate | {pct} CI |", "|---|---:|---:|---|"]
         biased = False
         for row in self.win_rates:
             ci = "—" if _is_nan(row["ci_low"]) else f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
             mark = "" if row.get("unbiased", True) is not False else " †"
             biased = biased or bool(mark)
             lines.append(f"| {_row_display(row)} | {row['n']} | {row['estimate']:.4f}{mark} | {ci} |")
+        for d in self.deployments:
+            lines += ([""] if lines else []) + [
+                f"Deployment `{d.spec}`: each component judged on its own reward; the deployment's win rate is "
+                "Σ_j w_j W_j (its CI from the same bootstrap resamples of prompts as the components').",
+                "",
+                f"| component | reward | weight | N | win rate | {pct} CI |",
+                "|---|---|---:|---:|---:|---|",
+            ]
+            for c, r in d.components:
+                mark = "" if r.unbiased else " †"
+                biased = biased or bool(mark)
+                lines.append(f"| {c.procedure.spec} | {c.reward} | {c.weight:g} | {r.n} | {r.estimate:.4f}{mark} | "
+                             f"{_ci_text(r.ci_low, r.ci_high)} |")
+            lines.append(f"| **deployment** | | 1 | {d.deployment.n} | **{d.objective:.4f}** | "
+                         f"{_ci_text(d.ci_low, d.ci_high)} |")
         if biased:
             lines += ["", "† plug-in estimator (the empirical CDF through the procedure's output-CDF map f): biased, by "
                       "O(1/m) for m samples per prompt; give the procedure as a polynomial in G for an unbiased one."]
@@ -253,7 +375,8 @@ class EvaluationResult:
     def plot(self, path: str | Path | None = None, ax=None, title: str | None = None):
         """Win rate vs N with CI bands: one line per N-family (Best-of-N, Worst-of-N: the rows of one name at several
         N, labelled by the procedures), one marker per other procedure at its N (standard at N = 1, a mixture at its largest N,
-        labelled with `procedure.label`); saves to `path` if given.
+        labelled with `procedure.label`), and for each deployment a hollow marker per component (on its reward) and a
+        star for the deployment's win rate at its largest N; saves to `path` if given.
 
         Needs matplotlib (`pip install trl-infalign[plot]`). Returns the matplotlib figure.
         """
@@ -294,11 +417,21 @@ class EvaluationResult:
             color = "black" if proc.is_standard else next(colors)
             ax.errorbar([proc.n], [r["estimate"]], yerr=yerr, fmt="s" if proc.is_standard else "D", color=color,
                         capsize=3, label=proc.label + ("" if proc.unbiased else " (plug-in)"))
+        for d in self.deployments:
+            # components side by side around their N (log axis), the deployment's win rate as a star at its N
+            for k, (c, r) in enumerate(d.components):
+                yerr = None if _is_nan(r.ci_low) else [[r.estimate - r.ci_low], [r.ci_high - r.estimate]]
+                x = c.procedure.n * 2 ** (0.08 * (k - (len(d.components) - 1) / 2))
+                ax.errorbar([x], [r.estimate], yerr=yerr, fmt="v", color=next(colors), mfc="none", capsize=3,
+                            label=c.label)
+            yerr = None if _is_nan(d.ci_low) else [[d.objective - d.ci_low], [d.ci_high - d.objective]]
+            ax.errorbar([d.deployment.n], [d.objective], yerr=yerr, fmt="*", ms=11, color=next(colors), capsize=3,
+                        label="deployment" if len(self.deployments) == 1 else f"deployment {d.spec}")
         ax.axhline(0.5, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         from matplotlib.ticker import NullLocator, ScalarFormatter
 
-        ticks = sorted({r["n"] for r in self.win_rates})
+        ticks = sorted({r["n"] for r in self.win_rates} | {c.procedure.n for d in self.deployments for c, _ in d.components})
         ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_locator(NullLocator())
@@ -308,7 +441,7 @@ class EvaluationResult:
             title = self.kl_summary(digits=3)
         if title:
             ax.set_title(title)
-        ax.legend()
+        ax.legend(fontsize="small" if self.deployments else None)
         if own:
             fig.tight_layout()
         if path is not None:
@@ -317,6 +450,10 @@ class EvaluationResult:
             if own:
                 plt.close(fig)
         return fig
+
+
+def _ci_text(low, high) -> str:
+    return "—" if _is_nan(low) else f"[{low:.4f}, {high:.4f}]"
 
 
 def _is_nan(value) -> bool:
