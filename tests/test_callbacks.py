@@ -156,3 +156,48 @@ def test_callback_with_a_mixture_spec(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"mixture:0\.5\*standard\+0\.5\*bon:n=8 \(needs 8\).*num_samples = 4"):
         InferenceWinRateCallback(PROMPTS, [CountingReward()], ns=(2,), num_samples=4,
                                  procedures=("bon", "mixture:0.5*standard+0.5*bon:n=8"))
+
+
+def test_callback_with_a_deployment_that_names_rewards(tiny, tmp_path):
+    """Each component is judged on its own reward's scores of the cached reference samples and the policy's samples."""
+    from trl_infalign.evaluation import per_prompt_win_rates
+    from trl_infalign.procedures import ProcedureError
+
+    path, tokenizer = tiny
+    model = AutoModelForCausalLM.from_pretrained(path)
+    seen = {"helpful": [], "harmless": []}
+
+    def helpful(prompts, completions, **kwargs):
+        seen["helpful"].append([float(len(c)) for c in completions])
+        return seen["helpful"][-1]
+
+    def harmless(prompts, completions, **kwargs):
+        seen["harmless"].append([-float(c.count("e")) for c in completions])
+        return seen["harmless"][-1]
+
+    spec = "mixture:0.5*bon:n=2@helpful+0.5*won:n=2@harmless"
+    cb = InferenceWinRateCallback(PROMPTS, [helpful, harmless], tokenizer=tokenizer, reference_model=path, ns=(2,),
+                                  procedures=("bon", spec), num_samples=4, every_n_steps=1, max_new_tokens=4,
+                                  num_bootstrap=50)
+    assert cb.reward_names == ["helpful", "harmless"] and [d.spec for d in cb.deployments] == [spec]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    for step in (1, 2):
+        state.global_step = step
+        cb.on_step_end(args, state, control, model=model, processing_class=tokenizer)
+    assert len(seen["helpful"]) == 1 + 2  # the reference scored once (cached), the policy at each evaluation
+    logged = state.log_history[-1]
+
+    def matrix(values):
+        return torch.tensor(values, dtype=torch.float64).reshape(len(PROMPTS), 4)
+
+    reference_h, reference_s = matrix(seen["helpful"][0]), matrix(seen["harmless"][0])
+    policy_h, policy_s = matrix(seen["helpful"][-1]), matrix(seen["harmless"][-1])
+    want_h = per_prompt_win_rates(policy_h, reference_h, procedure="bon:n=2").mean()
+    want_s = per_prompt_win_rates(policy_s, reference_s, procedure="won:n=2").mean()
+    assert logged["eval_infalign/bon@2_win_rate/helpful"] == pytest.approx(want_h, abs=1e-12)
+    assert logged["eval_infalign/won@2_win_rate/harmless"] == pytest.approx(want_s, abs=1e-12)
+    assert logged["eval_infalign/deployment_win_rate"] == pytest.approx(0.5 * want_h + 0.5 * want_s, abs=1e-12)
+    assert "eval_infalign/bon@2_win_rate" in logged and "eval_infalign/deployment_win_rate_ci_low" in logged
+    with pytest.raises(ProcedureError, match=r"\['nope'\].*\['helpful', 'harmless'\]"):
+        InferenceWinRateCallback(PROMPTS, [helpful, harmless], procedures=("bon:n=2@nope",), num_samples=4)

@@ -30,7 +30,10 @@ _EXPORTS = {
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
     "ctrl_grpo_trainer": ["CTRLGRPOTrainer"],
     "reference": ["build_reference_rewards", "validate_reference_rewards"],
-    "evaluation": ["inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult"],
+    "evaluation": [
+        "inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult",
+        "DeploymentResult",
+    ],
     "callbacks": ["InferenceWinRateCallback"],
     "kl_control": ["AdaptiveKLController"],
     "health": ["CalibrationHealth", "check_calibration_health"],

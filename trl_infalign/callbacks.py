@@ -11,8 +11,10 @@ policy, scores them with the reward functions, and logs `eval_infalign/bon@4_win
 `eval_infalign/won@4_win_rate`, `eval_infalign/kl_k1` (KL per completion, k1, nats, with `_ci_low` / `_ci_high`) and
 `eval_infalign/kl_k3` next to the trainer's other metrics. `procedures` also takes full specs evaluated at their own N,
 e.g. `procedures=("mixture:0.5*standard+0.5*bon:n=4",)` logs `eval_infalign/mixture(0.5*standard+0.5*bon@4)_win_rate`
-(each key is the procedure's `metric_key`). The reference samples and their rewards are computed once,
-on first use, and cached. Each `EvaluationResult` in `callback.history` names what was evaluated in its `metadata`
+(each key is the procedure's `metric_key`); a deployment that names rewards,
+`procedures=("mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless",)`, logs each component's win rate on its own reward
+(`eval_infalign/bon@4_win_rate/helpful`) and `eval_infalign/deployment_win_rate`. The reference samples and their
+rewards are computed once, on first use, and cached. Each `EvaluationResult` in `callback.history` names what was evaluated in its `metadata`
 (`policy` = "<output_dir> (step <k>)", `global_step`, `reference`, sampling settings).
 """
 
@@ -26,23 +28,21 @@ import warnings
 import torch
 from transformers import TrainerCallback
 
-from .evaluation import (
-    EvaluationResult,
+from .evaluation import EvaluationResult, evaluate_scored, plan_procedures, split_by_samples
+from .evaluation.planning import _describe_needs, _resolve_plan, deployment_min_samples, split_deployments
+from .evaluation.policy import (
     _check_sampling,
     _completion_lengths,
-    _describe_needs,
     _gather_rows,
     _is_default_sampling,
     _kl_sampling_note,
     _load_causal_lm,
     _local_indices,
+    _bind_deployments,
+    _by_reward,
     _policy_sample_logps,
-    _resolve_ns,
     _sample_and_score,
     _split_prompts,
-    evaluate_scored,
-    plan_procedures,
-    split_by_samples,
 )
 from .sampling import model_name
 
@@ -62,6 +62,10 @@ class InferenceWinRateCallback(TrainerCallback):
         ns, procedures: which win rates to log: "standard" once, "bon" / "won" at every N of `ns`, full specs
             ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=4", registered names, `InferenceProcedure` instances) once at
             their own N. `num_samples` (m) samples per prompt; every procedure needs N <= m (a ValueError otherwise).
+            A deployment that names rewards (``"mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"``) logs each
+            component's win rate on its own reward (`eval_infalign/bon@4_win_rate/helpful`) and the deployment's
+            Σ_j w_j W_j (`eval_infalign/deployment_win_rate`), each with `_ci_low` / `_ci_high`; its reward names
+            must be the reward functions' names (checked here).
         every_n_steps: evaluate when `state.global_step % every_n_steps == 0`.
         temperature, top_p, top_k: sampling settings for the reference and the policy samples (defaults 1, 1, 0:
             sample the models themselves). Other settings compare the models as deployed with them, but the KL
@@ -108,14 +112,17 @@ class InferenceWinRateCallback(TrainerCallback):
         self.prompts, self.columns = _split_prompts(prompts)
         self.ns = [int(n) for n in ns]
         self.procedures = [procedures] if isinstance(procedures, str) else list(procedures)
-        too_big = split_by_samples(plan_procedures(self.procedures, self.ns), num_samples)[1]
-        if too_big:
+        ordinary, deployments = split_deployments(self.procedures)
+        too_big = split_by_samples(plan_procedures(ordinary, self.ns), num_samples)[1] if ordinary else []
+        too_big_d = [d for d in deployments if deployment_min_samples(d) > num_samples]
+        if too_big or too_big_d:
             raise ValueError(
-                f"{_describe_needs(too_big)} need more than num_samples = {num_samples} samples per prompt: every "
-                "procedure's N must be <= num_samples (raise num_samples or lower N)."
+                f"{_describe_needs(too_big, too_big_d)} need more than num_samples = {num_samples} samples per prompt: "
+                "every procedure's N must be <= num_samples (raise num_samples or lower N)."
             )
+        plans, deployments = _resolve_plan(self.ns, self.procedures, num_samples)
         #: the procedure objects evaluated, in order (bare names expanded over `ns`)
-        self.inference_procedures = [p.procedure for p in _resolve_ns(self.ns, self.procedures, num_samples)]
+        self.inference_procedures = [p.procedure for p in plans]
         self.temperature, self.top_p, self.top_k = _check_sampling(temperature, top_p, top_k)
         self._kl_note = None
         if not _is_default_sampling(self.temperature, self.top_p, self.top_k):
@@ -125,6 +132,8 @@ class InferenceWinRateCallback(TrainerCallback):
             raise ValueError(f"policy_name must be a non-empty string, got {policy_name!r}.")
         self.policy_name = policy_name
         self.reward_funcs, self.reward_processing_classes = load_reward_funcs(reward_funcs, reward_processing_classes)
+        #: the deployments that name rewards, bound to the reward functions' names (`reward_names`)
+        self.reward_names, self.deployments = _bind_deployments(deployments, self.reward_funcs)
         self.reward_weights = reward_weights
         self.reference_model = reference_model
         self.tokenizer = tokenizer
@@ -140,6 +149,7 @@ class InferenceWinRateCallback(TrainerCallback):
         self._reference = None  # resolved reference model
         self._reference_path = None
         self._reference_rewards = None  # cached (P_local, m) rewards of the reference samples
+        self._reference_per_func = None  # cached (P_local, m, F): each reward function's score of them
         self._local = None
         self._last_step = -1
 
@@ -240,27 +250,35 @@ class InferenceWinRateCallback(TrainerCallback):
                     torch.manual_seed(self.seed * 1_000_003 + 2 * rank + 1)
                     ref = _sample_and_score(reference, tokenizer, prompts, columns, self.reward_funcs,
                                             self.reward_processing_classes, self.reward_weights, **common)
-                    self._reference_rewards = ref.rewards
+                    self._reference_rewards, self._reference_per_func = ref.rewards, ref.per_func
                 else:
                     self._reference_rewards = torch.zeros(0, self.num_samples, dtype=torch.float64)
+                    self._reference_per_func = torch.zeros(0, self.num_samples, len(self.reward_funcs),
+                                                           dtype=torch.float64)
             if prompts:
                 torch.manual_seed(self.seed * 1_000_003 + 2 * rank + 1_000 * (self._last_step + 1))
                 pol = _sample_and_score(model, tokenizer, prompts, columns, self.reward_funcs,
                                         self.reward_processing_classes, self.reward_weights, **common)
                 lp, lr = _policy_sample_logps(model, reference, tokenizer, pol.completions, self.num_samples,
                                               self.batch_size)
-                pr, lengths = pol.rewards, _completion_lengths(pol.completions)
+                pr, pf, lengths = pol.rewards, pol.per_func, _completion_lengths(pol.completions)
             else:
                 pr = lp = lr = lengths = torch.zeros(0, self.num_samples, dtype=torch.float64)
+                pf = torch.zeros(0, self.num_samples, len(self.reward_funcs), dtype=torch.float64)
         finally:
             model.train(was_training)
             # do not perturb the trainer's sampling stream
             torch.random.set_rng_state(rng_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state_all(cuda_state)
-        pr, rr, lp, lr, lengths = _gather_rows(dist, self._local, pr, self._reference_rewards, lp, lr, lengths)
-        return evaluate_scored(pr, rr, self.ns, self.inference_procedures, lp, lr, num_bootstrap=self.num_bootstrap,
-                               seed=self.seed, metadata=self._metadata(args, step, lengths))
+        pr, rr, lp, lr, lengths, pf, rf = _gather_rows(dist, self._local, pr, self._reference_rewards, lp, lr, lengths,
+                                                       pf, self._reference_per_func)
+        by_reward = {} if not self.deployments else dict(
+            policy_rewards_by_reward=_by_reward(self.reward_names, pf),
+            reference_rewards_by_reward=_by_reward(self.reward_names, rf))
+        return evaluate_scored(pr, rr, self.ns, self.inference_procedures + self.deployments, lp, lr,
+                               num_bootstrap=self.num_bootstrap, seed=self.seed,
+                               metadata=self._metadata(args, step, lengths), **by_reward)
 
     def _metadata(self, args, step, lengths) -> dict:
         """What was evaluated: the run (output_dir) at its step, the reference, and the sampling settings."""
