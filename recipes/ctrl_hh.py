@@ -57,7 +57,8 @@ class ScriptArguments(TrlScriptArguments):
     data_dir: str | None = field(
         default=None,
         metadata={"help": "Subset directory of the dataset: `helpful-base` (helpfulness, BoN) or `harmless-base` "
-                  "(harmlessness / jailbreak, WoN) for Anthropic/hh-rlhf."},
+                  "(harmlessness / jailbreak, WoN) for Anthropic/hh-rlhf; several, comma-separated "
+                  "(`helpful-base,harmless-base`), are concatenated with the prompt budget split evenly."},
     )
     dataset_prompt_column: str = field(
         default="prompt",
@@ -69,6 +70,13 @@ class ScriptArguments(TrlScriptArguments):
     reward_model_name_or_path: str = field(
         default="OpenAssistant/reward-model-deberta-v3-large-v2",
         metadata={"help": "Sequence-classification reward model: Hub id or local directory."},
+    )
+    reward_models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Several rewards, one `name=path` entry each (e.g. `helpful=OpenAssistant/reward-model-"
+                  "deberta-v3-large-v2`); the names are the ones the deployment spec judges on "
+                  "(`inference_procedure: mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless`). Replaces "
+                  "reward_model_name_or_path; the reference pass then stores each reward's K values."},
     )
     reward_model_input: str = field(
         default="pair",
@@ -98,12 +106,34 @@ def is_local(name_or_path: str) -> bool:
 
 
 def load_prompts(script_args: ScriptArguments, split: str, max_prompts: int | None, seed: int | None = None):
+    from datasets import concatenate_datasets
+
     from trl_infalign.hh import load_hh_prompts
 
-    return load_hh_prompts(
-        script_args.dataset_name, data_dir=script_args.data_dir, split=split, max_prompts=max_prompts,
-        name=script_args.dataset_config, prompt_column=script_args.dataset_prompt_column, seed=seed,
-    )
+    subsets = [d.strip() for d in script_args.data_dir.split(",")] if script_args.data_dir else [None]
+    share = None if max_prompts is None else max(1, max_prompts // len(subsets))
+    parts = [
+        load_hh_prompts(
+            script_args.dataset_name, data_dir=subset, split=split, max_prompts=share,
+            name=script_args.dataset_config, prompt_column=script_args.dataset_prompt_column, seed=seed,
+        )
+        for subset in subsets
+    ]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def named_reward_models(script_args: ScriptArguments) -> list[tuple[str | None, str]]:
+    """(name, path) of each reward model: `reward_models` entries `name=path`, else the one reward model."""
+    if not script_args.reward_models:
+        return [(None, script_args.reward_model_name_or_path)]
+    pairs = []
+    for entry in script_args.reward_models:
+        name, eq, path = entry.partition("=")
+        if not eq or not name.strip() or not path.strip():
+            raise SystemExit(f"--reward_models entries look like name=path (e.g. helpful=OpenAssistant/reward-model-"
+                             f"deberta-v3-large-v2), got {entry!r}.")
+        pairs.append((name.strip(), path.strip()))
+    return pairs
 
 
 def load_reward(script_args: ScriptArguments, model_args, training_args):
@@ -112,20 +142,31 @@ def load_reward(script_args: ScriptArguments, model_args, training_args):
 
     from trl_infalign.hh import TextPairRewardModel
 
-    path = script_args.reward_model_name_or_path
     kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
     if model_args.dtype not in (None, "auto"):
         kwargs["dtype"] = model_args.dtype
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if script_args.reward_model_input == "text":
-        # TRL loads and places (DDP / DeepSpeed / FSDP) reward models given as paths itself.
-        return [path], [tokenizer]
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    reward = TextPairRewardModel(model, tokenizer, batch_size=script_args.reward_batch_size,
-                                 max_length=script_args.reward_max_length)
-    return [reward], [None]
+    funcs, classes = [], []
+    for name, path in named_reward_models(script_args):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=training_args.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if script_args.reward_model_input == "text":
+            # TRL loads and places (DDP / DeepSpeed / FSDP) reward models given as paths itself, naming each by its
+            # path's last segment.
+            if name is not None and name != path.rstrip("/").split("/")[-1]:
+                raise SystemExit(
+                    f"--reward_models {name}={path} with reward_model_input=text: TRL names a reward model by its path's "
+                    f"last segment ({path.rstrip('/').split('/')[-1]!r}); use that name in the deployment spec, or "
+                    "reward_model_input=pair (which takes any name)."
+                )
+            funcs.append(path)
+            classes.append(tokenizer)
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        funcs.append(TextPairRewardModel(model, tokenizer, batch_size=script_args.reward_batch_size,
+                                         max_length=script_args.reward_max_length, name=name))
+        classes.append(None)
+    return funcs, classes
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
@@ -186,6 +227,8 @@ def evaluate(trainer, script_args, training_args, model_args, reward_funcs, rewa
 
     prompts = load_prompts(script_args, script_args.dataset_test_split, script_args.max_eval_prompts)
     procedures = ["standard", "bon", "won"]  # same samples: all three cost one evaluation pass
+    if training_args.is_multi_reward:  # each component on its own reward, and the deployment's win rate
+        procedures = [training_args.inference_procedure]
     ns = sorted(set(script_args.eval_ns) | {training_args.inference_n})
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as policy:
         result = evaluate_policy(
