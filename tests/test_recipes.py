@@ -187,6 +187,13 @@ def test_recipe_config_parses_into_ctrl_config(recipe, path):
     script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
         args=["--config", path, "--bf16", "false", "--use_cpu", "true", "--output_dir", "/tmp/unused-ctrl-out"])
     assert isinstance(training_args, CTRLArguments)  # CTRLConfig (RLOO) or CTRLGRPOConfig
+    name = os.path.basename(path)
+    if training_args.is_multi_reward:  # a deployment on named rewards: one reward model per name
+        names = [entry.split("=")[0] for entry in script_args.reward_models]
+        assert training_args.deployment.bind(names).rewards == tuple(names)
+        assert training_args.fits_on_references and training_args.kl_budget is not None
+        assert (name, script_args.data_dir) == ("ctrl_hh_helpful_harmless.yaml", "helpful-base,harmless-base")
+        return
     assert training_args.inference_procedure in ("bon", "won")
     assert training_args.resolved_transform.split(":")[0] == training_args.inference_procedure
     assert training_args.per_device_train_batch_size % training_args.num_generations == 0
@@ -194,7 +201,6 @@ def test_recipe_config_parses_into_ctrl_config(recipe, path):
     assert script_args.eval_num_samples >= training_args.inference_n
     assert script_args.reward_model_input in ("pair", "text")
     assert model_args.model_name_or_path
-    name = os.path.basename(path)
     if name.startswith("ctrl_hh_helpful"):
         assert (script_args.dataset_name, script_args.data_dir, training_args.inference_procedure, training_args.inference_n) == (
             "Anthropic/hh-rlhf", "helpful-base", "bon", 4)
