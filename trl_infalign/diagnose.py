@@ -56,7 +56,8 @@ import numpy as np
 from .procedures import BestOfN, InferenceProcedure, Standard, WorstOfN, get_procedure
 from .transforms import EXP_FAMILIES
 
-__all__ = ["METHODS", "DiagnosisResult", "diagnose", "load_reference_rewards"]
+__all__ = ["METHODS", "DiagnosisResult", "diagnose", "load_reference_rewards", "fit_deployment", "DeploymentFit",
+           "DeploymentDiagnosis", "diagnose_deployment", "DEPLOYMENT_METHODS", "two_reward_example"]
 
 #: Built-in method names, in report order.  Any transform spec ("bon:t=10", "log", "lsc:centre=median") also works.
 METHODS = ("raw_reward", "identity", "best_t", "optimal", "lsc", "par", "vbon")
@@ -382,12 +383,33 @@ class _Fit:
     won: np.ndarray | None
 
 
-def _fit(phi: np.ndarray, atoms: _Atoms, kl: float, procedure: InferenceProcedure, what: str,
-         all_procedures: bool = True, lam: float | None = None) -> _Fit:
-    phi = _shift(phi, atoms)
+def _power_of_two_scale(phi: np.ndarray) -> float:
+    """1, or the power of two that brings max |Φ| (Φ shifted, ≤ 0) into [½, 1) when it lies outside [1e-150, 1e150]:
+    there Var_p(Φ) would overflow (rewards around 1e300) or underflow.  Scaling Φ by 2^e and λ by 2^−e is exact in
+    floating point, so the tilt is unchanged."""
+    size = float(np.max(np.abs(phi))) if phi.size else 0.0
+    if size == 0.0 or 1e-150 < size < 1e150:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(size)[1])
+
+
+def _tilt_at_budget(phi: np.ndarray, atoms, kl: float, what: str, lam: float | None = None):
+    """(λ, p, KL_x) of p ∝ exp(λΦ) per row for shifted Φ, λ root-found to the weighted-mean KL `kl` unless given;
+    Φ is rescaled by a power of two when its magnitude would overflow its variance (:func:`_power_of_two_scale`)."""
+    scale = _power_of_two_scale(phi)
+    if scale != 1.0:
+        phi = phi * scale
+        lam = None if lam is None else lam / scale
     if lam is None:
         lam = _solve_lambda(phi, atoms, kl, what)
     p, kl_x, _, _ = _tilt(phi, atoms, lam)
+    return lam * scale, p, kl_x
+
+
+def _fit(phi: np.ndarray, atoms: _Atoms, kl: float, procedure: InferenceProcedure, what: str,
+         all_procedures: bool = True, lam: float | None = None) -> _Fit:
+    phi = _shift(phi, atoms)
+    lam, p, kl_x = _tilt_at_budget(phi, atoms, kl, what, lam)
     win = _win_rates(p, atoms, procedure)
     standard = win if procedure.is_standard else _win_rates(p, atoms, Standard())
     bon = won = None
@@ -549,6 +571,22 @@ def _method(name: str, data: _Data, kl: float, notes: list[str], all_procedures:
     return out, fit
 
 
+def _row_mean_std(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row mean and std (ddof 0) of the valid entries; the squares are taken relative to the row's largest
+    deviation when they would overflow (rewards around 1e300)."""
+    values = np.where(mask, values, 0.0)
+    k = mask.sum(axis=1).astype(np.float64)
+    mean = values.sum(axis=1) / k
+    dev = np.where(mask, values - mean[:, None], 0.0)
+    with np.errstate(over="ignore"):
+        std = np.sqrt(np.sum(dev**2, axis=1) / k)
+    bad = ~np.isfinite(std)
+    if bad.any():
+        size = np.max(np.abs(dev[bad]), axis=1)
+        std[bad] = size * np.sqrt(np.sum((dev[bad] / size[:, None]) ** 2, axis=1) / k[bad])
+    return mean, std
+
+
 def _quantiles(x: np.ndarray) -> dict:
     p10, p50, p90 = (float(v) for v in np.quantile(x, [0.1, 0.5, 0.9]))
     return {"p10": p10, "p50": p50, "p90": p90}
@@ -556,10 +594,7 @@ def _quantiles(x: np.ndarray) -> dict:
 
 def _heterogeneity(data: _Data, raw_fit: _Fit | None) -> dict:
     atoms = data.atoms
-    values = np.where(atoms.mask, atoms.values, 0.0)
-    k = atoms.count.astype(np.float64)
-    mean = values.sum(axis=1) / k
-    std = np.sqrt(np.sum(np.where(atoms.mask, (values - mean[:, None]) ** 2, 0.0), axis=1) / k)
+    mean, std = _row_mean_std(atoms.values, atoms.mask)
     scale = _quantiles(std)
     scale["p90_p10_ratio"] = scale["p90"] / scale["p10"] if scale["p10"] > 0 else None
     positive = std > 0
@@ -609,16 +644,21 @@ class DiagnosisResult:
     methods: dict[str, dict]
     heterogeneity: dict
     warnings: list[str]
+    k_sensitivity: list[dict] | None = None
     _data: _Data | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (non-finite numbers become None)."""
-        return _finite_or_none({
+        """JSON-ready dict (non-finite numbers become None); `k_sensitivity` only when it was computed."""
+        out = {
             "procedure": self.procedure, "spec": self.spec, "n": self.n, "kl": self.kl, "num_prompts": self.num_prompts,
             "K": self.K,
             "K_min": self.K_min, "max_kl": self.max_kl, "methods": self.methods,
             "heterogeneity": self.heterogeneity, "warnings": list(self.warnings),
-        })
+        }
+        if self.k_sensitivity is not None:
+            out["k_sensitivity"] = self.k_sensitivity
+            out["k_sensitivity_summary"] = _k_sensitivity_summary(self.k_sensitivity)
+        return _finite_or_none(out)
 
     def _win_name(self) -> str:
         return f"{get_procedure(self.spec).label} win"
@@ -626,6 +666,7 @@ class DiagnosisResult:
     def to_markdown(self) -> str:
         """A Markdown report: the methods table, then heterogeneity and warnings."""
         raw = self.methods.get("raw_reward")
+        raw = raw if raw is not None and "error" not in raw else None  # Δ vs raw needs raw's win rate
         k_text = str(self.K) if self.K == self.K_min else f"{self.K_min}–{self.K}"
         lines = [
             f"Predicted at KL {self.kl:g} nats (one global β per method) from {self.num_prompts} prompts × K = "
@@ -656,6 +697,8 @@ class DiagnosisResult:
             lines.append(f"- raw_reward's per-prompt KL at its β: p10 {k['p10']:.3g}, p50 {k['p50']:.3g}, p90 "
                          f"{k['p90']:.3g}, max {k['max']:.3g} (budget {self.kl:g}); the top 10% of prompts spend "
                          f"{share} of it")
+        if self.k_sensitivity is not None:
+            lines.append(f"- {_k_sensitivity_line(self.k_sensitivity)}")
         for note in self.warnings:
             lines.append(f"- warning: {note}")
         return "\n".join(lines)
@@ -711,6 +754,120 @@ class DiagnosisResult:
         return ax
 
 
+def _subsample_index(count: np.ndarray, divisor: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(index (B, k') into each row's first count_x entries, mask): max(2, K_x // divisor) of them per row, drawn
+    without replacement and kept in their original order."""
+    keep = np.maximum(2, count // divisor)
+    width = int(keep.max())
+    index = np.zeros((count.size, width), dtype=np.int64)
+    for i in range(count.size):
+        index[i, : keep[i]] = np.sort(rng.choice(int(count[i]), size=int(keep[i]), replace=False))
+    return index, np.arange(width)[None, :] < keep[:, None]
+
+
+#: K-sensitivity: the divisors of K predicted from (K/2, K/4) and the default number of random subsamples of each.
+K_SENSITIVITY_DIVISORS = (2, 4)
+K_SENSITIVITY_REPEATS = 4
+
+
+def _k_sensitivity(results: dict, k: int, run_level, repeats: int, seed: int) -> list[dict]:
+    """[{"k": K, "methods": {name: {win_rate, kl}}} (= `results`), then for K/2 and K/4 the mean and the spread
+    (sample std) over `repeats` random subsamples of each prompt's references (each prompt keeps max(2, K_x/d))].
+    `run_level(divisor, rng)` reruns every method on one subsample."""
+    repeats = int(repeats)
+    if repeats < 1:
+        raise ValueError(f"k_repeats must be an integer >= 1, got {repeats!r}.")
+
+    def short(m: dict) -> dict:
+        return {"error": m["error"]} if "error" in m else {"win_rate": m["win_rate"], "kl": m["kl"]}
+
+    entries = [{"k": int(k), "methods": {name: short(m) for name, m in results.items()}}]
+    rng = np.random.default_rng(seed)
+    seen = {int(k)}
+    for divisor in K_SENSITIVITY_DIVISORS:
+        level = max(2, int(k) // divisor)
+        if level in seen:
+            continue
+        seen.add(level)
+        draws = []
+        for _ in range(repeats):
+            try:
+                draws.append(run_level(divisor, rng))
+            except ValueError as error:
+                draws.append({name: {"error": str(error)} for name in results})
+        methods = {}
+        for name in results:
+            ok = [d[name] for d in draws if name in d and "error" not in d[name]]
+            if not ok:
+                methods[name] = {"error": next((d[name]["error"] for d in draws if name in d), "not computed")}
+                continue
+            win = np.array([m["win_rate"] for m in ok])
+            methods[name] = {"win_rate": float(win.mean()), "win_rate_std": float(win.std(ddof=1)) if win.size > 1
+                             else 0.0, "kl": float(np.mean([m["kl"] for m in ok])), "repeats": len(ok)}
+        entries.append({"k": level, "repeats": repeats, "methods": methods})
+    return entries
+
+
+def _k_sensitivity_summary(entries: list[dict]) -> dict | None:
+    """The largest |win rate at K − mean win rate at K/2| over methods (points = 100×), and its method."""
+    if len(entries) < 2:
+        return None
+    full, half = entries[0], entries[1]
+    moves = {name: m["win_rate"] - half["methods"][name]["win_rate"] for name, m in full["methods"].items()
+             if "error" not in m and "error" not in half["methods"].get(name, {"error": ""})}
+    if not moves:
+        return None
+    name = max(moves, key=lambda k: abs(moves[k]))
+    return {"k": full["k"], "half_k": half["k"], "method": name, "shift": float(moves[name]),
+            "points": float(100 * abs(moves[name])),
+            "spread": float(half["methods"][name].get("win_rate_std", 0.0))}
+
+
+def _k_sensitivity_line(entries: list[dict]) -> str:
+    s = _k_sensitivity_summary(entries)
+    if s is None:
+        return "K-sensitivity: not available (K too small to subsample, or every method failed at K/2)."
+    return (f"K-sensitivity: from K = {s['half_k']} to K = {s['k']} references the predictions moved by up to "
+            f"{s['points']:.2f} points ({s['method']}; subsample spread ±{100 * s['spread']:.2f}); more references "
+            f"would move the prediction by ~{s['points']:.1f} points (if the change halves with each doubling of K).")
+
+
+def _per_reward_rows(rows: Any, column: str) -> Any:
+    """A per-reward column ({name: [K floats]} rows) with one reward: its plain rows; several: a clear error."""
+    if isinstance(rows, (list, tuple)) and rows and isinstance(rows[0], dict):
+        from .calibration import CalibrationError, select_reference_rewards
+
+        try:
+            return select_reference_rewards(rows, None, column=column)
+        except CalibrationError as error:
+            raise ValueError(str(error)) from None
+    return rows
+
+
+def _run_single(prepared: _Data, kl: float, methods: Sequence[str], notes: list[str]) -> tuple[dict, _Fit | None]:
+    results: dict[str, dict] = {}
+    raw_fit = None
+    for name in methods:
+        try:
+            summary, fit = _method(name, prepared, kl, notes)
+        except ValueError as error:
+            if len(methods) == 1:
+                raise
+            results[name] = {"error": str(error)}
+            notes.append(f"{name}: {error}")
+            continue
+        results[name] = summary
+        if name == "raw_reward":
+            raw_fit = fit
+    return results, raw_fit
+
+
+def _prepare_single(values: np.ndarray, mask: np.ndarray, procedure: InferenceProcedure, lsc_centre: Any) -> _Data:
+    atoms = _Atoms.from_matrix(values, mask)
+    patterns, inverse = atoms.patterns()
+    return _Data(atoms, patterns, inverse, procedure, lsc_centre)
+
+
 def diagnose(
     data: Any,
     procedure: "str | InferenceProcedure" = "bon",
@@ -721,24 +878,45 @@ def diagnose(
     *,
     split: str | None = None,
     lsc_centre: str | float = "mean",
-) -> DiagnosisResult:
+    k_sensitivity: bool = False,
+    k_repeats: int = K_SENSITIVITY_REPEATS,
+    seed: int = 0,
+) -> "DiagnosisResult | DeploymentDiagnosis":
     r"""Predict KL and win rates of each alignment method at a KL budget from reference rewards alone.
 
     Args:
         data: per-prompt reference rewards — a (ragged) list of K-lists, a 2-D array/tensor, a `datasets.Dataset`
             (or `DatasetDict` with `split`), or a path (.jsonl/.json/.parquet, a `save_to_disk` directory such as
-            `trl-infalign build-reference`'s output).  K ≥ 2 finite rewards per prompt.
+            `trl-infalign build-reference`'s output).  K ≥ 2 finite rewards per prompt.  A per-reward column
+            ({name: [K floats]} per row) or a dict {reward: rows} serves a deployment over several rewards.
         procedure, n: inference procedure — "standard", "bon", "won" with N = `n` (forced to 1 for "standard"), or
             a spec with its own N ("bon:n=8", "mixture:0.5*standard+0.5*bon:n=16", :mod:`trl_infalign.procedures`).
+            A spec naming rewards ("mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless") diagnoses that deployment
+            on the shared reference atoms and returns a
+            :class:`~trl_infalign.diagnose_deployment.DeploymentDiagnosis` (methods
+            :data:`~trl_infalign.diagnose_deployment.DEPLOYMENT_METHODS`).
         kl: KL budget in nats, the prompt-averaged KL(π*‖π_ref) every method is given (< the discrete limit
             mean_x log(K_x / #top ties) ≤ log K).
         methods: names from :data:`METHODS` (default: all) and/or transform specs ("bon:t=10", "log", "par").
         column: the reference-rewards column of a dataset/file.
         lsc_centre: r_ref(x) of `lsc`: "mean", "median" or a quantile level.
+        k_sensitivity: also predict from K/2 and K/4 references per prompt (`k_repeats` random subsamples each,
+            seeded by `seed`) — ``result.k_sensitivity``, and ``k_sensitivity`` in the JSON.  Costs about
+            2·`k_repeats` reruns of the methods on smaller data.
 
     π*_x ∝ π_ref,x·exp(Φ_x/β) on the K reference atoms, one global β per method root-found to the budget; KL and
     win rates are exact for the discrete reference (module docstring; InfAlign, arXiv 2412.19792; notes §8).
     """
+    from .deployment import Deployment, is_multi_reward_spec
+
+    if is_multi_reward_spec(procedure) or (isinstance(procedure, Deployment) and procedure.is_multi_reward):
+        from .diagnose_deployment import diagnose_deployment
+
+        references = data
+        if not (isinstance(data, dict) and column not in data):  # else: already {reward: rows}
+            references = load_reference_rewards(data, column, split)
+        return diagnose_deployment(references, procedure, kl=kl, methods=methods, column=column,
+                                   k_sensitivity=k_sensitivity, k_repeats=k_repeats, seed=seed)
     bare = isinstance(procedure, str) and ":" not in procedure
     procedure = get_procedure(procedure, n if bare else None)
     n = procedure.n
@@ -763,10 +941,10 @@ def diagnose(
             get_transform("lsc", centre=lsc_centre)
         except TransformError as error:
             raise ValueError(f"lsc_centre={lsc_centre!r}: {error}") from None
-    values, mask = _reference_matrix(load_reference_rewards(data, column, split), column)
-    atoms = _Atoms.from_matrix(values, mask)
-    patterns, inverse = atoms.patterns()
-    prepared = _Data(atoms, patterns, inverse, procedure, lsc_centre)
+    rows = _per_reward_rows(load_reference_rewards(data, column, split), column)
+    values, mask = _reference_matrix(rows, column)
+    prepared = _prepare_single(values, mask, procedure, lsc_centre)
+    atoms = prepared.atoms
     max_kl = _mean(atoms.max_kl(), atoms.weight)
     if not kl < max_kl * (1.0 - 1e-9):
         raise _unreachable(kl, max_kl, int(atoms.count.max()))
@@ -782,30 +960,39 @@ def diagnose(
     constant = int(np.sum(atoms.max_kl() == 0))
     if constant:
         notes.append(f"{constant} prompts have all-equal reference rewards: they stay at the reference (KL 0, win ½).")
-    results: dict[str, dict] = {}
-    raw_fit = None
-    for name in methods:
-        try:
-            summary, fit = _method(name, prepared, kl, notes)
-        except ValueError as error:
-            if len(methods) == 1:
-                raise
-            results[name] = {"error": str(error)}
-            notes.append(f"{name}: {error}")
-            continue
-        results[name] = summary
-        if name == "raw_reward":
-            raw_fit = fit
+    results, raw_fit = _run_single(prepared, kl, methods, notes)
     if raw_fit is None:
         try:
             raw_fit = _method("raw_reward", prepared, kl, [], all_procedures=False)[1]
         except ValueError:
             raw_fit = None
+    sensitivity = None
+    if k_sensitivity:
+        count = mask.sum(axis=1)
+
+        def run_level(divisor: int, rng: np.random.Generator) -> dict:
+            index, sub_mask = _subsample_index(count, divisor, rng)
+            sub = np.where(sub_mask, np.take_along_axis(values, index, axis=1), 0.0)
+            return _run_single(_prepare_single(sub, sub_mask, procedure, lsc_centre), kl, methods, [])[0]
+
+        sensitivity = _k_sensitivity(results, int(atoms.count.max()), run_level, k_repeats, seed)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return DiagnosisResult(
         procedure=procedure.short_name or procedure.spec, spec=procedure.spec, n=n,
         kl=kl, num_prompts=int(values.shape[0]), K=int(atoms.count.max()),
         K_min=int(atoms.count.min()), max_kl=max_kl, methods=results,
-        heterogeneity=_heterogeneity(prepared, raw_fit), warnings=notes, _data=prepared,
+        heterogeneity=_heterogeneity(prepared, raw_fit), warnings=notes, k_sensitivity=sensitivity, _data=prepared,
     )
+
+
+_DEPLOYMENT_EXPORTS = ("DEPLOYMENT_METHODS", "DeploymentDiagnosis", "DeploymentFit", "diagnose_deployment",
+                       "fit_deployment", "two_reward_example")
+
+
+def __getattr__(name: str):  # re-exported lazily: trl_infalign.diagnose_deployment builds on the helpers above
+    if name in _DEPLOYMENT_EXPORTS:
+        from . import diagnose_deployment
+
+        return getattr(diagnose_deployment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
