@@ -188,24 +188,46 @@ WEIGHTS = {"helpful": 0.5, "harmless": 0.5}
 SPEC = "bon:t=3@helpful+won:t=4@harmless"
 
 
-@pytest.mark.slow
-def test_ctrl_trainer_lands_on_the_two_reward_tilt(tmp_path):
+def test_explicit_per_reward_transforms_build_the_reward_step(tmp_path):
     path, tokenizer, pi_ref, rewards, column, dataset, funcs = make_two_reward_bandit(tmp_path)
-    beta = 3.0
-    target = two_reward_optimum(pi_ref, rewards, column, TRANSFORMS, WEIGHTS, beta)
+    args = bandit_config(tmp_path / "out", SPEC, 3.0, inference_procedure=DEPLOYMENT, reward_weights=[2.0, 1.0])
+    with pytest.warns(UserWarning, match=r"reward_weights=\[2.0, 1.0\] is ignored"):
+        trainer = CTRLTrainer(model=path, reward_funcs=list(funcs), args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+    assert trainer.ctrl_fit is None and args.beta == 3.0 and args.resolved_transform == SPEC
+    low, high = 0.5 * 1 - 0.5 * 1, 0.5 * math.exp(3) - 0.5 * math.exp(-4)
+    assert (trainer.ctrl_offset, trainer.ctrl_scale) == pytest.approx((low, high - low))
+    assert trainer.beta == pytest.approx(3.0 / (high - low))  # RLOO's β on the normalised Φ
+    with pytest.raises(ProcedureError, match=r"names reward\(s\) \['harmless'\]"):
+        CTRLTrainer(model=path, reward_funcs=[funcs[0]], args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+@pytest.mark.slow
+def test_ctrl_trainer_fitted_for_a_two_reward_deployment_lands_on_its_tilt(tmp_path):
+    """`transform="auto"` with a KL budget: t's and β come from the training references (exact on the atoms); with
+    the β held fixed RLOO must land on π_ref·exp(Σ_r W_r Φ_r(c_r)/β)/Z and its KL on the budget."""
+    path, tokenizer, pi_ref, rewards, column, dataset, funcs = make_two_reward_bandit(tmp_path)
+    args = bandit_config(tmp_path / "out", "auto", 1.0, inference_procedure=DEPLOYMENT, kl_budget=0.5,
+                         kl_control="fixed")
+    trainer = CTRLTrainer(model=path, reward_funcs=list(funcs), args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    fit = trainer.ctrl_fit
+    assert args.beta == fit.beta and fit.kl == pytest.approx(0.5, abs=1e-6)
+    assert fit.t["helpful"] < 1 < 3 < fit.t["harmless"]  # a flat BoN reward, a steep WoN reward (notes §9)
+    transforms = {r: t.spec for r, t in fit.transforms.transforms.items()}
+    target = two_reward_optimum(pi_ref, rewards, column, transforms, WEIGHTS, fit.beta)
     assert total_variation(target, pi_ref) > 0.15 and target.max().item() < 0.7
     # calibrating the summed reward (the package before several rewards) trains somewhere else, at any β
     summed = {"sum": [a + b for a, b in zip(column["helpful"], column["harmless"])]}
     assert min(total_variation(target, two_reward_optimum(pi_ref, [rewards[0] + rewards[1]], summed,
                                                           {"sum": "identity"}, {"sum": 1.0}, b))
-               for b in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)) > 0.2
+               for b in (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)) > 0.1
 
-    args = bandit_config(tmp_path / "out", SPEC, beta, inference_procedure=DEPLOYMENT)
-    trainer = CTRLTrainer(model=path, reward_funcs=list(funcs), args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
     trainer.train()
     trained = bandit_next_token_probs(trainer.model, tokenizer)
     assert total_variation(trained, target) < 0.03, (trained, target)
+    kl = (trained * torch.log(trained / pi_ref)).sum().item()
+    assert kl == pytest.approx(0.5, rel=0.1)
     logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     for key in ("ctrl/calibrated_reward/helpful", "ctrl/calibrated_reward/harmless", "ctrl/bon@4_win_rate/helpful",
                 "ctrl/won@4_win_rate/harmless", "ctrl/deployment_win_rate", "ctrl/calibration_saturation"):
