@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -580,16 +581,14 @@ class CDFMapProcedure(InferenceProcedure):
                 )
             if samples == 1 and not self._identity:
                 raise ProcedureError(
-                    f"procedure {self.spec!r}: samples=1, but output_cdf is not the identity f(G) = G, and one sample's "
-                    "output has the CDF of one sample: give the number of samples a request draws."
+                    f"procedure {self.spec!r}: samples=1, but output_cdf is not the identity f(G) = G (a request that "
+                    "draws one sample serves it, so its output has CDF G): give the number of samples a request draws."
                 )
             return samples
         if degree is not None:
             return degree
         if self._identity:
             return 1
-        import warnings
-
         warnings.warn(
             f"procedure {self.spec!r} was registered without samples=, and its output_cdf is neither the identity nor "
             "given as a polynomial, so the number of samples one request draws is unknown (n is reported as 1 "
