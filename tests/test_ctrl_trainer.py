@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_infalign import CTRLConfig, CTRLTrainer, HubUploadError, get_transform, theory
+from trl_infalign import CTRLConfig, CTRLTrainer, HubUploadError, get_procedure, get_transform, theory
 
 PROMPTS = ["the movie was", "this film is", "the plot felt", "the cast was"]
 
@@ -69,6 +69,63 @@ def test_auto_transform_resolution(tmp_path):
 
     optimal = config(tmp_path, transform="optimal", inference_procedure="won", inference_n=2, beta=0.2)
     assert optimal.resolved_transform == "optimal:procedure=won,n=2,beta=0.2"
+
+
+def test_optimal_spec_parameters_are_kept_or_their_override_announced(tmp_path):
+    """issue 20: `optimal:procedure=bon,n=4,beta=0.1` with kl_budget=0.5 silently became beta=0.216613, and a
+    `procedure=won` inside it silently became bon.  Now the budget's beta replaces the spec's with a warning naming
+    both, the spec's procedure is kept (a mismatch with inference_procedure warns with the cost), and without a budget
+    the spec's beta is the trainer's."""
+    import warnings
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    budget_beta = theory.optimal_policy("bon:n=4", kl=0.5).beta
+    with pytest.warns(UserWarning, match=r"beta=0.1 in transform='optimal:procedure=bon,n=4,beta=0.1' is replaced by "
+                      + f"{budget_beta:.6g}"):
+        cfg = CTRLConfig(**common, transform="optimal:procedure=bon,n=4,beta=0.1", kl_budget=0.5)
+    assert cfg.beta == pytest.approx(budget_beta) and cfg.resolved_transform == f"optimal:procedure=bon,n=4,beta={budget_beta:.6g}"
+
+    won = theory.optimal_policy("won:n=4", kl=0.5)
+    with pytest.warns(UserWarning, match="optimal transform for Worst-of-4, but inference_procedure='bon'") as record:
+        cfg = CTRLConfig(**common, inference_procedure="bon", transform="optimal:procedure=won,n=4", kl_budget=0.5)
+    assert cfg.resolved_transform == f"optimal:procedure=won,n=4,beta={won.beta:.6g}" and cfg.beta == pytest.approx(won.beta)
+    message = str(next(w.message for w in record if "optimal transform for" in str(w.message)))
+    given, best = won.win_rate("bon:n=4"), theory.best_t("bon:n=4", kl=0.5).win_rate
+    assert f"{given:.3f}" in message and f"{best:.3f}" in message and given < best - 0.1
+
+    with warnings.catch_warnings():  # no budget: the spec's beta is the trainer's, nothing is overridden
+        warnings.simplefilter("error", UserWarning)
+        cfg = CTRLConfig(**common, transform="optimal:procedure=bon,n=4,beta=0.1")
+        assert (cfg.beta, cfg.resolved_transform) == (0.1, "optimal:procedure=bon,n=4,beta=0.1")
+        cfg = CTRLConfig(**common, transform="optimal", kl_budget=0.5)  # the config's own procedure: no warning
+        assert cfg.resolved_transform == f"optimal:procedure=bon,n=4,beta={budget_beta:.6g}"
+    with pytest.raises(ValueError, match=r"optimal transform at beta=0.1, but CTRLConfig.beta=0.3"):
+        CTRLConfig(**common, transform="optimal:procedure=bon,n=4,beta=0.1", beta=0.3)
+
+
+@pytest.mark.parametrize("transform,procedure", [("log", "won"), ("identity", "won"), ("identity", "bon:n=16"),
+                                                 ("log", "bon:n=4")])
+def test_calibrated_transforms_that_miss_the_deployment_warn_with_the_cost(tmp_path, transform, procedure):
+    """issue 20: `log` for won warned nothing while `bon:t` did.  Every calibrated transform whose theory win rate
+    for the deployment is clearly below auto's at the same KL warns, with both numbers."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.warns(UserWarning, match=f"does not align for inference_procedure='{procedure}'") as record:
+        CTRLConfig(**common, inference_procedure=procedure, transform=transform, kl_budget=0.5)
+    message = str(next(w.message for w in record if "does not align" in str(w.message)))
+    given = theory.policy(transform, theory.beta_for_kl(transform, 0.5)).win_rate(get_procedure(procedure))
+    best = theory.best_t(get_procedure(procedure), kl=0.5).win_rate
+    assert f"{given:.3f}" in message and f"{best:.3f}" in message and given < best - 0.01
+
+
+def test_transforms_that_fit_the_deployment_do_not_warn(tmp_path):
+    import warnings
+
+    common = dict(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CTRLConfig(**common, inference_procedure="bon", transform="bon:t=5", kl_budget=0.5)  # its own family
+        CTRLConfig(**common, inference_procedure="won", transform="auto", kl_budget=0.5)
+        CTRLConfig(**common, inference_procedure="standard", inference_n=1, transform="identity", kl_budget=0.5)
 
 
 # ------------------------------------------------------------------------------------------------- reward hand-off

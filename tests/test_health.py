@@ -129,6 +129,8 @@ def test_warn_and_off_let_a_mismatched_run_train(tmp_path, references):
     assert trainer.state.global_step == 2 and trainer.ctrl_calibration_health.failed
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
+        # the config's advice that identity is behind for the default Best-of-4 deployment is not this test's business
+        warnings.filterwarnings("ignore", message=".*does not align for inference_procedure", category=UserWarning)
         trainer = train(tmp_path / "off", references, reward=scaled_length_reward, calibration_check="off")
     assert trainer.ctrl_calibration_health is None
 

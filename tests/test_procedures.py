@@ -239,3 +239,131 @@ def test_theory_cli_takes_a_procedure_spec_and_plots_its_frontier(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["theory", "--best-t", "--procedure", "mixture:0.5*standard+0.4*bon:n=4", "--kl", "0.5"])
     assert "sum to 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- user procedures are validated (issue 20)
+def _register_once(name, *args, **kwargs):
+    if name not in available_procedures():
+        register_procedure(name, *args, **kwargs)
+    return name
+
+
+def test_a_map_that_dips_only_between_the_old_grid_points_is_rejected_where_it_dips():
+    """f(G) = G + 0.01·sin(2π·512·G) equals G on the 257 points of the old check (its period is 1/512) and
+    decreases over half of [0, 1]; the error names an interval where it really decreases."""
+    import re
+
+    def wiggle(G):
+        return G + 0.01 * np.sin(2 * np.pi * 512 * G)
+
+    assert np.allclose(wiggle(np.linspace(0, 1, 257)), np.linspace(0, 1, 257), atol=1e-12)  # invisible there
+    with pytest.raises(ProcedureError, match="'wiggle_test'.*non-decreasing.*decreases between G = ") as error:
+        register_procedure("wiggle_test", wiggle)
+    a, b = map(float, re.search(r"decreases between G = ([\d.e-]+) and G = ([\d.e-]+)", str(error.value)).groups())
+    assert a < b and wiggle(b) < wiggle(a)
+    assert "wiggle_test" not in available_procedures()  # a bad map is never registered
+
+
+def test_the_non_monotone_error_says_where_f_decreases():
+    """f = G + 0.3·sin(2πG) has f(0) = 0, f(1) = 1 and f' = 1 + 0.6π·cos(2πG) < 0 exactly on (0.3390, 0.6610):
+    the error reports an interval inside it, not the (correct) end values."""
+    import re
+
+    lo = math.acos(-1 / (0.6 * math.pi)) / (2 * math.pi)
+    with pytest.raises(ProcedureError) as error:
+        register_procedure("sine_dip_test", lambda G: G + 0.3 * np.sin(2 * np.pi * G))
+    message = str(error.value)
+    assert "got f(0) = 0, f(1) = 1" not in message
+    a, b = map(float, re.search(r"decreases between G = ([\d.e-]+) and G = ([\d.e-]+)", message).groups())
+    assert lo - 1e-4 <= a < b <= 1 - lo + 1e-4
+    with pytest.raises(ProcedureError, match=r"f\(0\) = 0 to f\(1\) = 1.*got f\(0\) = 0.5\.$"):
+        register_procedure("offset_test", lambda G: 0.5 + 0.5 * G)
+
+
+def test_a_wrong_derivative_is_caught_against_finite_differences():
+    """f = G² with f' = 1 (the issue: it moved the optimal win rate from 0.792 to 0.882): the error names the
+    procedure, a G where the two disagree and both values there."""
+    import re
+
+    with pytest.raises(ProcedureError, match="'square_wrong_derivative_test': derivative= disagrees") as error:
+        register_procedure("square_wrong_derivative_test", lambda G: G**2, derivative=lambda G: np.ones_like(G))
+    x, given, fd = map(float, re.search(r"at G = ([\d.e-]+) it gives f'\(G\) = ([\d.e-]+), but central differences "
+                                        r"of output_cdf give ([\d.e-]+)", str(error.value)).groups())
+    assert given == 1.0 and fd == pytest.approx(2 * x, rel=1e-4, abs=1e-9) and abs(2 * x - 1) > 0.1
+    with pytest.raises(ProcedureError, match="derivative= must be >= 0"):
+        register_procedure("negative_derivative_test", lambda G: G**2, derivative=lambda G: 2 * G - 0.5)
+    # exact derivatives pass, also where central differences cannot resolve them (G^(10^5) near G = 1)
+    _register_once("steep_bon_test", lambda G, n=100000: G**n, derivative=lambda G, n=100000: n * G ** (n - 1),
+                   samples=lambda n=100000: n)
+    _register_once("won7_derivative_test", lambda G: 1 - (1 - G) ** 7, derivative=lambda G: 7 * (1 - G) ** 6, samples=7)
+    assert get_procedure("steep_bon_test").n == 100000 and get_procedure("won7_derivative_test").n == 7
+
+
+@pytest.mark.parametrize("samples", [-2, 0, 2.5, True, float("nan")])
+def test_invalid_samples_are_rejected_at_registration(samples):
+    with pytest.raises(ProcedureError, match=r"samples \(the number of samples one request draws\) must be an integer >= 1"):
+        register_procedure(f"bad_samples_test_{samples}", lambda G: G**2, samples=samples)
+
+
+def test_samples_from_a_callable_or_against_the_map_are_checked():
+    with pytest.raises(ProcedureError, match="'bad_callable_samples_test'.*must be an integer >= 1, got -2"):
+        register_procedure("bad_callable_samples_test", lambda G, n=2: G**n, samples=lambda n=2: n - 4)
+    with pytest.raises(ProcedureError, match="samples=2, but its polynomial has degree 3"):
+        register_procedure("short_polynomial_test", polynomial=[0.0, 0.5, 0.0, 0.5], samples=2)
+    with pytest.raises(ProcedureError, match="samples=1, but output_cdf is not the identity"):
+        register_procedure("one_sample_square_test", lambda G: G**2, samples=1)
+    assert get_procedure(_register_once("polynomial_samples_test", polynomial=[0.0, 0.5, 0.0, 0.5])).n == 3
+    identity = get_procedure(_register_once("identity_map_test", lambda G: G))
+    assert identity.n == 1 and identity.samples_known and identity.is_standard
+
+
+def test_is_standard_is_decided_by_the_map_not_by_n():
+    """A user subclass that leaves n at its default 1 but serves Best-of-3 is not plain sampling (before: it was,
+    and `auto` trained the identity for it)."""
+    from trl_infalign.procedures import InferenceProcedure
+
+    class Best3(InferenceProcedure):
+        def output_cdf(self, G, one_minus_G=None):
+            return np.asarray(G, dtype=np.float64) ** 3
+
+        def output_cdf_derivative(self, G, one_minus_G=None):
+            return 3 * np.asarray(G, dtype=np.float64) ** 2
+
+    assert Best3().n == 1 and not Best3().is_standard
+    assert Standard().is_standard and BestOfN(1).is_standard and not BestOfN(2).is_standard
+    assert get_procedure("mixture:0.5*standard+0.5*bon:n=1").is_standard
+    assert not get_procedure("mixture:0.5*standard+0.5*bon:n=2").is_standard
+
+
+def test_a_user_map_without_samples_is_never_trained_as_one_sample(tmp_path):
+    """The docstring's own example without samples=: before, CTRLConfig trained the identity with inference_n=1 and
+    said nothing (identity wins 0.805 under G^12, bon:t≈60 0.955).  Now the number of samples is unknown: a
+    warning at registration, and the config refuses with the fix — also under the bare name, whose old advice
+    ("set inference_n=1") led into the same trap."""
+    name = "bon_of_bon_nosamples_test"
+    if name not in available_procedures():
+        with pytest.warns(UserWarning, match="registered without samples=.*unknown"):
+            register_procedure(name, lambda G, n=2, m=2: G ** (n * m))
+    assert not get_procedure(f"{name}:n=3,m=4").samples_known
+    for spec, extra in ((f"{name}:n=3,m=4", {}), (name, {}), (name, {"inference_n": 1})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with pytest.raises(ValueError, match="number of samples one request draws is unknown.*samples="):
+                _config(tmp_path, inference_procedure=spec, kl_budget=0.5, **extra)
+
+
+def test_a_user_map_with_samples_gets_the_best_exp_transform_and_its_n(tmp_path):
+    """With samples=, `auto` for f = G^12 is the theory's best exp member for Best-of-12 (the same map), at
+    inference_n = 12; under a bare name the map takes inference_n as its n and inference_n becomes its sample count,
+    with a warning."""
+    name = _register_once("bon_of_bon_samples_test", lambda G, n=2, m=2: G ** (n * m), samples=lambda n=2, m=2: n * m)
+    cfg = _config(tmp_path, inference_procedure=f"{name}:n=3,m=4", kl_budget=0.5)
+    assert cfg.inference_n == 12 and cfg.resolved_transform.startswith(("bon:t=", "won:t="))
+    best = theory.best_t("bon:n=12", kl=0.5)
+    won = theory.policy(cfg.resolved_transform, cfg.beta).win_rate(cfg.procedure)
+    assert won == pytest.approx(best.win_rate, abs=2e-4)
+    assert won > theory.policy("identity", theory.beta_for_kl("identity", 0.5)).win_rate("bon:n=12") + 0.1
+    with pytest.warns(UserWarning, match=f"'{name}' takes inference_n=3 as its n.*draws 6 samples"):
+        bare = _config(tmp_path, inference_procedure=name, inference_n=3, transform="bon:t=5", kl_budget=0.5)
+    assert (bare.inference_procedure, bare.inference_n) == (f"{name}:n=3", 6)
+    assert bare.procedure == get_procedure(f"{name}:n=3") and bare.procedure.n == get_procedure("bon:n=6").n

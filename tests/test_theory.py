@@ -452,3 +452,21 @@ def test_best_t_for_beta_floor():
 def test_best_t_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_optimal_at_ten_million_says_the_kl_budget_is_unreachable(tmp_path, capsys):
+    """issue 20: at N = 10⁷ the KL-0.5 solve (API, `trl-infalign theory`, CTRLConfig) ended in numpy's "need at least
+    one array to concatenate": building the policy's grid asked the ODE solution for an empty set of points past its
+    last step.  Now it is the same "KL budget unreachable" message as at N = 10⁶."""
+    from trl_infalign import CTRLConfig
+    from trl_infalign.cli import main
+
+    with pytest.raises(ValueError, match="KL budget 0.5 is unreachable for the optimal Best-of-10000000 policy.*"
+                                         "never spends"):
+        theory.optimal_policy("bon:n=10000000", kl=0.5)
+    assert main(["theory", "--transform", "optimal", "--procedure", "bon:n=10000000", "--kl", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "error: KL budget 0.5 is unreachable" in err and "concatenate" not in err
+    with pytest.raises(ValueError, match="CTRLConfig.kl_budget=0.5 with transform='optimal': KL budget 0.5 is unreachable"):
+        CTRLConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", transform="optimal",
+                   inference_procedure="bon:n=10000000", kl_budget=0.5)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from trl import RLOOConfig
 
 from .deployment import Deployment, get_deployment, is_multi_reward_spec, parse_reward_transforms
-from .procedures import InferenceProcedure, get_procedure
+from .procedures import PROCEDURES, InferenceProcedure, get_procedure
 
 
 @dataclass
@@ -201,11 +201,31 @@ class CTRLArguments:
         if self.is_multi_reward:
             self.inference_procedure, self.inference_n = self.deployment.spec, procedure.n
         bare = isinstance(self.inference_procedure, str) and ":" not in self.inference_procedure
-        if bare and procedure.is_standard and self.inference_n != 1:
+        if bare and procedure.name == "standard" and self.inference_n != 1:
             raise ValueError(
                 f"{self._ctrl_name}.inference_procedure='standard' means one sample: set inference_n=1, or use 'bon'/'won'."
             )
-        if not bare and not self.is_multi_reward:
+        unknown = [p for _, p in procedure.components() if not p.samples_known]
+        if unknown:
+            raise ValueError(
+                f"{self._ctrl_name}.inference_procedure={self.inference_procedure!r}: the number of samples one request "
+                f"draws is unknown for {', '.join(repr(p.spec) for p in unknown)} (registered without samples=, and its "
+                "output_cdf is neither the identity nor given as a polynomial), so inference_n, the model card and the "
+                f"evaluations cannot know it. Register it with samples=, e.g. register_procedure({unknown[0].name!r}, f, "
+                "samples=lambda **params: ...) (an int works too)."
+            )
+        user_bare = bare and procedure.name not in PROCEDURES  # a registered user procedure under its bare name
+        if user_bare and procedure.params.get("n") == self.inference_n and procedure.n != self.inference_n:
+            warnings.warn(
+                f"{self._ctrl_name}: inference_procedure={self.inference_procedure!r} takes inference_n="
+                f"{self.inference_n} as its n: it is {procedure.spec!r}, which draws {procedure.n} samples per request, "
+                f"so inference_n is set to {procedure.n}. Give the spec (inference_procedure={procedure.spec!r}) to "
+                "silence this.",
+                UserWarning,
+                stacklevel=4,
+            )
+            self.inference_procedure, self.inference_n = procedure.spec, procedure.n
+        elif (not bare or user_bare) and not self.is_multi_reward:
             default_n = next(f.default for f in fields(self) if f.name == "inference_n")
             if self.inference_n not in (default_n, procedure.n):
                 warnings.warn(
@@ -253,7 +273,9 @@ class CTRLArguments:
     def resolve_transform(self):
         """Turn `transform` into a concrete spec (stored in `resolved_transform`), setting `beta` from `kl_budget`.
 
-        Called at construction so that an invalid spec fails before any model is loaded.
+        Called at construction so that an invalid spec fails before any model is loaded.  What a spec states is kept,
+        or its override announced: see :meth:`_resolve_optimal` for the parameters of an ``optimal:…`` spec, and
+        :meth:`_warn_if_transform_family_mismatch` for a transform that aligns for another deployment.
         """
         from . import theory
         from .transforms import TransformError, get_transform
@@ -272,10 +294,8 @@ class CTRLArguments:
                     spec, self.beta = best.transform, best.beta
                 else:
                     spec = theory.best_t_for_beta(procedure, beta=self.beta, details=True).transform
-            elif spec.split(":", 1)[0] == "optimal":
-                if budget is not None:
-                    self.beta = theory.optimal_policy(procedure, kl=budget).beta
-                spec = get_transform("optimal", procedure=procedure, beta=float(f"{self.beta:.6g}")).spec
+            elif spec.split(":", 1)[0].strip() == "optimal":
+                spec = self._resolve_optimal(spec, procedure, budget, beta_given)
             transform = get_transform(spec)
             if budget is not None and transform.requires_raw_rewards:
                 if self.kl_control != "adaptive":
@@ -363,39 +383,120 @@ class CTRLArguments:
             )
         return None
 
+    def _resolve_optimal(self, spec: str, procedure: InferenceProcedure, budget: float | None, beta_given: bool) -> str:
+        """The concrete spec of an ``optimal[:procedure=…,n=…,beta=…]`` transform, setting `beta`.
+
+        - `procedure=` / `n=` in the spec are kept: the transform aligns for that procedure (a missing `procedure=`
+          with `n=` is `inference_procedure`'s name at that n), and a procedure other than `inference_procedure`
+          warns with the cost (:meth:`_warn_if_transform_family_mismatch`).  Without them it is `inference_procedure`.
+        - `beta=` in the spec: with `kl_budget`, the budget sets β (the β at which the optimum spends that KL) and a
+          different `beta=` is replaced with a warning naming both; without a budget it is the trainer's β, and a
+          different explicit `beta` raises (Φ* is optimal only when trained at its own β).
+        """
+        from . import theory
+        from .transforms import get_transform, parse_spec
+
+        _, given = parse_spec(spec)
+        get_transform(spec)  # validates the parameters (TransformError names them)
+        target = procedure
+        if "procedure" in given or "n" in given:
+            params = {"procedure": given.get("procedure", procedure.short_name or procedure)}
+            if "n" in given:
+                params["n"] = given["n"]
+            target = get_transform("optimal", **params).procedure
+        if budget is not None:
+            try:
+                self.beta = theory.optimal_policy(target, kl=budget).beta
+            except ValueError as error:
+                raise ValueError(f"{self._ctrl_name}.kl_budget={budget:g} with transform={self.transform!r}: {error}") from None
+            if "beta" in given and float(f"{float(given['beta']):.6g}") != float(f"{self.beta:.6g}"):
+                warnings.warn(
+                    f"{self._ctrl_name}: beta={float(given['beta']):g} in transform={self.transform!r} is replaced by "
+                    f"{self.beta:.6g}: kl_budget={budget:g} sets the trainer's beta, and the optimal transform is "
+                    f"tabulated at the beta where the optimal {target.label} policy spends {budget:g} nats. Drop beta= "
+                    f"from the transform to silence this, or drop kl_budget to train at beta={float(given['beta']):g}.",
+                    UserWarning,
+                    stacklevel=5,
+                )
+        elif "beta" in given:
+            written = float(given["beta"])
+            if beta_given and not math.isclose(self.beta, written, rel_tol=1e-9):
+                raise ValueError(
+                    f"{self._ctrl_name}.transform={self.transform!r} is the optimal transform at beta={written:g}, but "
+                    f"{self._ctrl_name}.beta={self.beta:g}: Phi* is optimal only when trained at its own beta. Give one: "
+                    f"drop beta= from the transform (it then takes {self._ctrl_name}.beta), or set beta={written:g}."
+                )
+            self.beta = written
+        return get_transform("optimal", procedure=target, beta=float(f"{self.beta:.6g}")).spec
+
+    #: A calibrated transform whose theory win rate for the deployment is this far below `auto`'s at the same KL warns.
+    _MISMATCH_MARGIN = 0.01
+
     def _warn_if_transform_family_mismatch(self, transform) -> None:
-        """A Best-of-N transform for a Worst-of-N deployment (or vice versa, or either for plain sampling) trains for
-        the wrong procedure: say what it costs at the run's KL, by the calibrated-space theory."""
+        """Warn, with what it costs at the run's KL by the calibrated-space theory, when the transform aligns for
+        another deployment than `inference_procedure`: always for an exp family of the other procedure (bon:t for won,
+        either for standard) and for the optimal transform of another procedure; for any other calibrated transform
+        (identity, log, a tabulated one, ...) when its win rate for the deployment is more than `_MISMATCH_MARGIN`
+        below what `auto` reaches at the same KL.  Not checked: `auto`, the procedure's own exp family (its t is the
+        user's choice), the optimal transform of this procedure and transforms of raw rewards."""
         from . import theory
         from .transforms import EXP_FAMILIES
 
         procedure = self.procedure
-        if transform.name not in EXP_FAMILIES or (not procedure.is_standard and transform.name in procedure.families):
+        if self.transform.strip() == "auto" or transform.requires_raw_rewards:
             return
+        if procedure.is_standard and transform.name == "identity":
+            return
+        family = transform.name in EXP_FAMILIES
+        if family and not procedure.is_standard and transform.name in procedure.families:
+            return
+        trained_for = getattr(transform, "procedure", None) if transform.name == "optimal" else None
+        if trained_for is not None and trained_for == procedure:
+            return
+        always = family or trained_for is not None
         try:
-            given = theory.policy(transform.spec, self.beta)
-            kl = given.kl()
-            if procedure.is_standard:
-                better, better_win = "identity", theory.policy("identity", theory.beta_for_kl("identity", kl)).win_rate()
-            else:
-                best = theory.best_t(procedure, kl=kl)
-                better, better_win = best.transform, best.win_rate
-        except ValueError:  # e.g. an unreachable KL: no numbers to give, the mismatch itself is still worth saying
-            given, better = None, "auto"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # best_t's own limit warnings are not this run's business
+                given = theory.policy(transform, self.beta)
+                kl = given.kl()
+                if self.kl_budget is not None and abs(kl - self.kl_budget) <= 1e-6 * self.kl_budget:
+                    kl = self.kl_budget  # the budget's own search is cached
+                given_win = given.win_rate(procedure)
+                if procedure.is_standard:
+                    better = "identity"
+                    better_win = theory.policy("identity", theory.beta_for_kl("identity", kl)).win_rate()
+                else:
+                    best = theory.best_t(procedure, kl=kl)
+                    better, better_win = best.transform, best.win_rate
+        except ValueError:  # e.g. an unreachable KL: no numbers to give, a mismatch is still worth saying
+            if not always:
+                return
+            given = None
+        if not always and given_win >= better_win - self._MISMATCH_MARGIN:
+            return
         label = procedure.label
+        called = "" if label == self.inference_procedure else f" ({label})"
         numbers = (
-            f" At its KL {kl:.3g} the theory gives a {label} win rate of {given.win_rate(procedure):.3f}; "
+            f" At its KL {kl:.3g} the theory gives a {label} win rate of {given_win:.3f}; "
             f"{better!r} gives {better_win:.3f} at the same KL."
             if given is not None
             else ""
         )
-        family_label = get_procedure(transform.name, max(procedure.n, 2)).label  # the deployment the family is for
-        warnings.warn(
-            f"{self._ctrl_name}: transform={transform.spec!r} is the {family_label} family, but "
-            f"inference_procedure={self.inference_procedure!r}.{numbers} Use transform='auto' to align for {label}.",
-            UserWarning,
-            stacklevel=4,
-        )
+        if family:
+            family_label = get_procedure(transform.name, max(procedure.n, 2)).label  # the deployment the family is for
+            head = f"transform={transform.spec!r} is the {family_label} family, but inference_procedure={self.inference_procedure!r}."
+            advice = f" Use transform='auto' to align for {label}."
+        elif trained_for is not None:
+            head = (
+                f"transform={self.transform!r} is the optimal transform for {trained_for.label}, but inference_procedure="
+                f"{self.inference_procedure!r}{called}; it is kept as written, so the run aligns for {trained_for.label}."
+            )
+            advice = (f" Use transform='optimal' (or 'auto') to align for {label}, or set inference_procedure="
+                      f"{trained_for.spec!r} if that is the deployment.")
+        else:
+            head = f"transform={transform.spec!r} does not align for inference_procedure={self.inference_procedure!r}{called}."
+            advice = f" Use transform='auto' (or 'optimal') to align for {label}."
+        warnings.warn(f"{self._ctrl_name}: {head}{numbers}{advice}", UserWarning, stacklevel=4)
 
 
 @dataclass

@@ -208,7 +208,8 @@ def _solve_cached(spec: str, beta: float) -> OptimalSolution:
             z = flip * (np.log(c) - np.log1p(-c))
         out = np.empty_like(c)
         inside = (z >= z_lo) & (z <= z_hi)
-        out[inside] = l1 + sol.sol(z[inside])[1] * scale
+        if inside.any():  # scipy's OdeSolution cannot be called on an empty array
+            out[inside] = l1 + sol.sol(z[inside])[1] * scale
         out[z > z_hi] = l1
         out[z < z_lo] = l1 + psi_end * scale  # past the last step (an early stop leaves g ≈ 0 there)
         return out

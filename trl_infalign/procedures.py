@@ -22,7 +22,8 @@ Spec: ``"mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32"``.
 
 A user-defined procedure is registered by its output-CDF map (:func:`register_procedure`)::
 
-    register_procedure("bon_of_bon", lambda G, n=2, m=2: G ** (n * m))     # spec "bon_of_bon:n=3,m=4"
+    register_procedure("bon_of_bon", lambda G, n=2, m=2: G ** (n * m),     # spec "bon_of_bon:n=3,m=4"
+                       samples=lambda n=2, m=2: n * m)                      # samples one request draws
 
 Sample estimators (:meth:`InferenceProcedure.per_prompt_win_rates`): bon, won, standard and procedures given as a
 polynomial in G are estimated without bias by the exact all-subsets U-statistic (a polynomial f = Σ_k a_k G^k is a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -192,8 +194,27 @@ class InferenceProcedure:
 
     @property
     def is_standard(self) -> bool:
-        """True when every request is one plain sample: then Φ*(c) = c, the identity, is exactly optimal."""
-        return all(p.n == 1 for _, p in self.components())
+        """True when every request's output is distributed as one plain sample (f(G) = G for every component):
+        then Φ*(c) = c, the identity, is exactly optimal.  Decided by the map, not by `n`."""
+        components = self.components()
+        if len(components) == 1 and components[0][1] is self:
+            return self._serves_one_sample()
+        return all(p.is_standard for _, p in components)
+
+    def _serves_one_sample(self) -> bool:
+        """A primitive's f is the identity (checked on a grid; `n == 1` when it has no `output_cdf`)."""
+        grid = np.linspace(0.0, 1.0, 1025)
+        try:
+            values = np.asarray(self.output_cdf(grid, 1.0 - grid), dtype=np.float64)
+        except NotImplementedError:
+            return self.n == 1
+        return values.shape == grid.shape and bool(np.max(np.abs(values - grid)) <= 1e-12)
+
+    @property
+    def samples_known(self) -> bool:
+        """False when the number of samples drawn per request is unknown (a user map registered without
+        `samples=` that is neither the identity nor given as a polynomial); :attr:`n` is then 1 only nominally."""
+        return all(p.samples_known for _, p in self.components() if p is not self)
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -376,6 +397,9 @@ class Standard(InferenceProcedure):
     def rank_weights(self, num_valid, width):
         return _subset_extreme_weights(num_valid, width, 1, largest=True)
 
+    def _serves_one_sample(self) -> bool:
+        return True
+
     def calibrated_win_rate(self, policy) -> float:
         return float(policy.standard_win_rate())
 
@@ -400,6 +424,9 @@ class _OrderStatistic(InferenceProcedure):
     @property
     def families(self) -> tuple[str, ...]:
         return (self.name,)
+
+    def _serves_one_sample(self) -> bool:
+        return self._n == 1
 
     @property
     def metric_key(self) -> str:
@@ -487,12 +514,39 @@ class WorstOfN(_OrderStatistic):
             return -np.expm1(self._n * base)
 
 
+def _check_grid() -> np.ndarray:
+    """Where a user map is checked: 65 537 equispaced points of [0, 1] plus 1e-k and 1 − 1e-k (k = 3..15), where
+    Best-of-N / Worst-of-N at large N live."""
+    ends = 10.0 ** -np.arange(3, 16, dtype=np.float64)
+    return np.unique(np.concatenate([np.linspace(0.0, 1.0, 65537), ends, 1.0 - ends]))
+
+
+_CHECK_GRID = _check_grid()
+
+
+def _check_samples(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or not math.isfinite(value) or (
+        int(value) != value or int(value) < 1
+    ):
+        raise ProcedureError(
+            f"{where}: samples (the number of samples one request draws) must be an integer >= 1, got {value!r}."
+        )
+    return int(value)
+
+
 class CDFMapProcedure(InferenceProcedure):
     r"""A user-defined primitive procedure given by its output-CDF map f(G) (:func:`register_procedure`).
 
-    f must map [0, 1] onto [0, 1] increasingly with f(0) = 0 and f(1) = 1.  `derivative` gives f' (else central
-    differences); `polynomial` gives the coefficients a_0..a_d of f(G) = Σ a_k G^k, which makes the sample estimator
-    unbiased (needs m ≥ d samples per prompt), else it is the plug-in estimator with bias O(1/m).
+    f must be non-decreasing on [0, 1] with f(0) = 0 and f(1) = 1 (checked on 65 537 points and near both ends;
+    the error says where it fails).  `derivative` gives f' (else central differences); it is checked against central
+    differences of f wherever those converge.  `polynomial` gives the coefficients a_0..a_d of f(G) = Σ a_k G^k,
+    which makes the sample estimator unbiased (needs m ≥ d samples per prompt), else it is the plug-in estimator
+    with bias O(1/m).
+
+    `samples` is the number of samples one request draws (an integer ≥ 1).  Without it: d for a polynomial of degree
+    d (a procedure keeping one of k samples by rank has an output CDF of degree ≤ k), 1 for the identity map, and
+    otherwise *unknown* (:attr:`samples_known` is False, :attr:`n` is 1 only nominally, a UserWarning says so and
+    the trainer configs refuse the procedure).
     """
 
     def __init__(self, name: str, output_cdf: Callable | None, params: dict[str, Any], *,
@@ -511,24 +565,112 @@ class CDFMapProcedure(InferenceProcedure):
                 )
         if self._f is None and self._poly is None:
             raise ProcedureError(f"procedure {name!r}: give output_cdf= or polynomial=.")
-        self._samples = samples if samples is not None else (self._poly.size - 1 if self._poly is not None else 1)
         self._label = label
         self._description = description
-        self._validate()
+        self._identity = self._validate()
+        self._samples = self._resolve_samples(samples)
 
-    def _validate(self) -> None:
-        grid = np.linspace(0.0, 1.0, 257)
+    def _resolve_samples(self, samples: Any) -> int | None:
+        degree = None if self._poly is None else int(np.max(np.nonzero(self._poly)[0]))
+        if samples is not None:
+            samples = _check_samples(samples, f"procedure {self.spec!r}")
+            if degree is not None and samples < degree:
+                raise ProcedureError(
+                    f"procedure {self.spec!r}: samples={samples}, but its polynomial has degree {degree}; a procedure "
+                    f"that keeps one of k samples by rank has an output CDF of degree <= k: give samples >= {degree}."
+                )
+            if samples == 1 and not self._identity:
+                raise ProcedureError(
+                    f"procedure {self.spec!r}: samples=1, but output_cdf is not the identity f(G) = G (a request that "
+                    "draws one sample serves it, so its output has CDF G): give the number of samples a request draws."
+                )
+            return samples
+        if degree is not None:
+            return degree
+        if self._identity:
+            return 1
+        warnings.warn(
+            f"procedure {self.spec!r} was registered without samples=, and its output_cdf is neither the identity nor "
+            "given as a polynomial, so the number of samples one request draws is unknown (n is reported as 1 "
+            f"nominally). Register it with samples=<int> or samples=lambda **params: ... "
+            f"(register_procedure({self.name!r}, f, samples=...)).",
+            UserWarning,
+            stacklevel=5,
+        )
+        return None
+
+    def _validate(self) -> bool:
+        """Check f (and f' when given) densely; returns whether f is the identity."""
+        grid = _CHECK_GRID
         try:
             values = np.asarray(self.output_cdf(grid), dtype=np.float64)
         except Exception as error:  # noqa: BLE001 - the user's function
             raise ProcedureError(f"procedure {self.spec!r}: output_cdf failed on a grid of [0, 1]: {error}") from error
         if values.shape != grid.shape or not np.all(np.isfinite(values)):
             raise ProcedureError(f"procedure {self.spec!r}: output_cdf must return finite values of the input's shape.")
-        if abs(values[0]) > 1e-9 or abs(values[-1] - 1.0) > 1e-9 or np.any(np.diff(values) < -1e-12):
+        wrong_ends = [f"f({x:g}) = {v:.6g}" for x, v, want in ((0, values[0], 0.0), (1, values[-1], 1.0))
+                      if abs(v - want) > 1e-9]
+        if wrong_ends:
             raise ProcedureError(
                 f"procedure {self.spec!r}: output_cdf must increase from f(0) = 0 to f(1) = 1 (it is the CDF of the "
-                f"procedure's output when one sample has CDF G); got f(0) = {values[0]:.6g}, f(1) = {values[-1]:.6g}."
+                f"procedure's output when one sample has CDF G); got {' and '.join(wrong_ends)}."
             )
+        steps = np.diff(values)
+        down = np.nonzero(steps < -1e-12)[0]
+        if down.size:
+            i, worst = int(down[0]), int(down[np.argmin(steps[down])])
+            raise ProcedureError(
+                f"procedure {self.spec!r}: output_cdf must be non-decreasing on [0, 1] (it is the CDF of the "
+                f"procedure's output when one sample has CDF G), but it decreases between G = {grid[i]:.9g} and "
+                f"G = {grid[i + 1]:.9g} (f = {values[i]:.9g} → {values[i + 1]:.9g}); {down.size} of {steps.size} "
+                f"checked intervals decrease, the most between G = {grid[worst]:.9g} and {grid[worst + 1]:.9g} "
+                f"(by {-steps[worst]:.3g})."
+            )
+        if self._derivative is not None:
+            self._check_derivative()
+        return bool(np.max(np.abs(values - grid)) <= 1e-12)
+
+    def _check_derivative(self) -> None:
+        """f' from `derivative=` against central differences of f, at points where those converge (the differences
+        at steps h and h/2 agree to 1e-6); non-negative everywhere."""
+        grid = _CHECK_GRID
+        try:
+            given = np.asarray(self.output_cdf_derivative(grid), dtype=np.float64)
+        except Exception as error:  # noqa: BLE001 - the user's function
+            raise ProcedureError(f"procedure {self.spec!r}: derivative failed on a grid of [0, 1]: {error}") from error
+        if given.shape != grid.shape or not np.all(np.isfinite(given)):
+            raise ProcedureError(f"procedure {self.spec!r}: derivative must return finite values of the input's shape.")
+        negative = np.nonzero(given < -1e-9 * (1.0 + np.abs(given)))[0]
+        if negative.size:
+            i = int(negative[0])
+            raise ProcedureError(
+                f"procedure {self.spec!r}: derivative= must be >= 0 (f is non-decreasing), but f'({grid[i]:.9g}) = "
+                f"{given[i]:.6g}. Fix derivative= or drop it (central differences of output_cdf are used then)."
+            )
+        x = np.concatenate([np.linspace(0.0, 1.0, 2049)[1:-1], 10.0 ** -np.arange(3, 9), 1.0 - 10.0 ** -np.arange(3, 9)])
+        h = np.minimum(1e-5, 0.25 * np.minimum(x, 1.0 - x))
+        f = self.output_cdf
+        fd1 = (f(x + h) - f(x - h)) / (2 * h)
+        fd2 = (f(x + h / 2) - f(x - h / 2)) / h
+        at = np.asarray(self.output_cdf_derivative(x), dtype=np.float64)
+        converged = np.abs(fd1 - fd2) <= 1e-6 * (1.0 + np.abs(fd2))
+        bad = converged & (np.abs(at - fd2) > 1e-4 * (1.0 + np.abs(fd2)) + 10 * np.abs(fd1 - fd2))
+        if bad.any():
+            idx = np.nonzero(bad)[0]
+            i = int(idx[np.argmax(np.abs(at - fd2)[idx])])
+            raise ProcedureError(
+                f"procedure {self.spec!r}: derivative= disagrees with output_cdf: at G = {x[i]:.6g} it gives "
+                f"f'(G) = {at[i]:.6g}, but central differences of output_cdf give {fd2[i]:.6g} ({idx.size} of "
+                f"{int(converged.sum())} checked points disagree). derivative(G, **params) must be df/dG with the same "
+                "parameters: fix it, or drop it (central differences of output_cdf are used then)."
+            )
+
+    def _serves_one_sample(self) -> bool:
+        return self._identity
+
+    @property
+    def samples_known(self) -> bool:
+        return self._samples is not None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -536,7 +678,7 @@ class CDFMapProcedure(InferenceProcedure):
 
     @property
     def n(self) -> int:
-        return self._samples
+        return 1 if self._samples is None else self._samples
 
     @property
     def unbiased(self) -> bool:
@@ -680,10 +822,15 @@ def register_procedure(name: str, output_cdf: Callable | None = None, *, derivat
 
     Two forms:
 
-    - ``register_procedure("bon_of_bon", lambda G, n=2, m=2: G ** (n * m))``: a primitive given by its output-CDF
-      map f(G; params) (keyword parameters become spec parameters).  Optional `derivative(G, **params)` = f'(G);
-      `polynomial(**params)` (or a sequence) = coefficients a_0..a_d of f(G) = Σ a_k G^k, which makes the sample
-      estimator unbiased; `samples(**params)` (or an int) = samples drawn per request.
+    - ``register_procedure("bon_of_bon", lambda G, n=2, m=2: G ** (n * m), samples=lambda n=2, m=2: n * m)``: a
+      primitive given by its output-CDF map f(G; params) (keyword parameters become spec parameters).
+      `samples(**params)` (or an int ≥ 1) = samples drawn per request: give it unless f is a polynomial given by
+      `polynomial=` (then it is the degree) or the identity (1) — otherwise the number is unknown, a UserWarning says
+      so and the trainer configs refuse the procedure.  Optional `derivative(G, **params)` = f'(G) (checked against
+      central differences of f); `polynomial(**params)` (or a sequence) = coefficients a_0..a_d of f(G) = Σ a_k G^k,
+      which makes the sample estimator unbiased.  f must be non-decreasing with f(0) = 0 and f(1) = 1: it is
+      checked densely when a procedure is built, and at registration when every parameter has a default, so a bad
+      map is never registered.
     - as a class decorator, ``@register_procedure("name")`` on an :class:`InferenceProcedure` subclass (or a factory
       ``(**params) -> InferenceProcedure``).
 
@@ -695,17 +842,34 @@ def register_procedure(name: str, output_cdf: Callable | None = None, *, derivat
     add = registrar(_REGISTRY, name, "procedure", InferenceProcedure)
     if output_cdf is None and polynomial is None:
         return add
+    if samples is not None and not callable(samples):
+        samples = _check_samples(samples, f"register_procedure({name!r})")
+    built: dict[tuple, CDFMapProcedure] = {}  # the checks run once per parameter set
 
     def factory(**params):
+        key = tuple(sorted(params.items()))
+        try:
+            if key in built:
+                return built[key]
+        except TypeError:  # an unhashable parameter value: build it anew
+            key = None
+
         def value_of(x):
             return x(**params) if callable(x) else x
 
-        return CDFMapProcedure(name, output_cdf, params, derivative=derivative, polynomial=value_of(polynomial),
-                               samples=value_of(samples), label=label, description=description)
+        procedure = CDFMapProcedure(name, output_cdf, params, derivative=derivative,
+                                    polynomial=value_of(polynomial), samples=value_of(samples), label=label,
+                                    description=description)
+        if key is not None and len(built) < 256:
+            built[key] = procedure
+        return procedure
 
     source = output_cdf if output_cdf is not None else polynomial
-    factory.parameters = list(inspect.signature(source).parameters)[1 if output_cdf is not None else 0:] if (
+    declared = list(inspect.signature(source).parameters.values())[1 if output_cdf is not None else 0:] if (
         callable(source)) else []
+    factory.parameters = [p.name for p in declared]
+    if all(p.default is not inspect.Parameter.empty for p in declared):
+        factory()  # check the map at its defaults before it is registered (raises ProcedureError)
     return add(factory)
 
 
