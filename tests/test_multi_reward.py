@@ -258,3 +258,19 @@ def test_stock_grpo_trainer_with_calibrated_rewards_lands_on_the_tilt_at_beta_g_
     trained = bandit_next_token_probs(trainer.model, tokenizer)
     assert total_variation(trained, target) < 0.03, (trained, target)
     assert total_variation(trained, target) < total_variation(trained, at_beta)
+
+
+def test_ctrl_grpo_trainer_takes_a_two_reward_deployment(tmp_path):
+    from bandit_utils import grpo_bandit_config
+    from trl_infalign import CTRLGRPOTrainer
+
+    path, tokenizer, pi_ref, rewards, column, dataset, funcs = make_two_reward_bandit(tmp_path)
+    args = grpo_bandit_config(tmp_path / "out", SPEC, 3.0, inference_procedure=DEPLOYMENT, max_steps=2,
+                              logging_steps=1, per_device_train_batch_size=16)
+    trainer = CTRLGRPOTrainer(model=path, reward_funcs=list(funcs), args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+    low, high = 0.5 * 1 - 0.5 * 1, 0.5 * math.exp(3) - 0.5 * math.exp(-4)
+    assert trainer.beta == pytest.approx(3.0 * (4 - 1) / 4 / (high - low))  # β·(G−1)/G on the normalised Φ
+    trainer.train()
+    logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    assert {"ctrl/bon@4_win_rate/helpful", "ctrl/won@4_win_rate/harmless", "ctrl/deployment_win_rate"} <= set(logs)
