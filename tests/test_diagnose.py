@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -352,3 +353,55 @@ def test_large_n_for_k_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         diagnose(stratified(4, 16, 0.5), n=4, kl=0.5, methods=["identity"])  # the default case stays quiet
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# issue 20 item 6b: rewards around 1e300; issue 18 item 2: K-sensitivity
+def test_rewards_around_1e300_are_diagnosed(tmp_path, capsys):
+    """Var_p(Φ) of raw rewards ~1e300 overflowed: raw_reward and lsc reported "math domain error" and the table
+    crashed (KeyError 'win_rate'). Raw-reward RLHF is scale-free (β scales with the reward): same policy at 1e300."""
+    base = stratified(10, 16, 0.5)
+    small = quiet(base, kl=0.5, methods=["raw_reward", "identity", "lsc"])
+    huge = quiet(base * 1e300, kl=0.5, methods=["raw_reward", "identity", "lsc"])
+    for name in ("raw_reward", "identity", "lsc"):
+        assert "error" not in huge.methods[name], huge.methods[name]
+        assert huge.methods[name]["kl"] == pytest.approx(0.5, abs=1e-9)
+    raw, raw_small = huge.methods["raw_reward"], small.methods["raw_reward"]
+    assert raw["win_rate"] == pytest.approx(raw_small["win_rate"], abs=1e-9)
+    assert raw["beta"] == pytest.approx(raw_small["beta"] * 1e300, rel=1e-9)
+    assert huge.heterogeneity["ref_std"]["p50"] == pytest.approx(small.heterogeneity["ref_std"]["p50"] * 1e300)
+    assert huge.methods["identity"] == small.methods["identity"]
+    assert "| raw_reward |" in huge.to_markdown() and "+0.0000 |" in huge.to_markdown()
+    failed = dataclasses.replace(huge, methods={**huge.methods, "raw_reward": {"error": "math domain error"}})
+    table = failed.to_markdown()  # a failed raw_reward: its row says so, and there is no Δ vs raw column
+    assert "| raw_reward | — | — | — | math domain error |" in table and "Δ vs raw" not in table
+    out = run_json(capsys, "--dataset", write_jsonl(tmp_path / "d.jsonl", (base * 1e300).tolist()), "--methods",
+                   "raw_reward", "lsc", "identity", "--kl", "0.5")
+    assert not [n for n, m in out["methods"].items() if "error" in m] and not out["warnings"]
+    assert main(["diagnose", "--dataset", str(tmp_path / "d.jsonl"), "--kl", "0.5", "--no-k-sensitivity",
+                 "--methods", "raw_reward", "lsc", "identity"]) == 0
+    assert "| lsc |" in capsys.readouterr().out
+
+
+def test_k_sensitivity_at_k_equals_methods_and_subsamples_are_exact(tmp_path, capsys):
+    rows = stratified(6, 32, 1.0)  # distinct rewards: a calibrated method sees only K, not which K samples
+    result = quiet(rows, kl=0.4, methods=["raw_reward", "identity", "best_t"], k_sensitivity=True, k_repeats=3)
+    ks = result.k_sensitivity
+    assert [entry["k"] for entry in ks] == [32, 16, 8] and [e.get("repeats") for e in ks] == [None, 3, 3]
+    assert ks[0]["methods"] == {name: {"win_rate": m["win_rate"], "kl": m["kl"]} for name, m in result.methods.items()}
+    for entry in ks[1:]:
+        exact = quiet(rows[:, : entry["k"]], kl=0.4, methods=["identity", "best_t"]).methods
+        for name in ("identity", "best_t"):
+            assert entry["methods"][name]["win_rate"] == pytest.approx(exact[name]["win_rate"], abs=1e-9)
+            assert entry["methods"][name]["win_rate_std"] == pytest.approx(0.0, abs=1e-9)
+        assert entry["methods"]["raw_reward"]["win_rate_std"] > 0  # which references are kept matters for raw
+    summary = result.to_dict()["k_sensitivity_summary"]
+    moves = {n: ks[0]["methods"][n]["win_rate"] - ks[1]["methods"][n]["win_rate"] for n in result.methods}
+    assert summary["points"] == pytest.approx(100 * max(abs(v) for v in moves.values()))
+    assert f"~{summary['points']:.1f} points" in result.to_markdown()
+    assert "k_sensitivity" not in quiet(rows, kl=0.4, methods=["identity"]).to_dict()  # off by default in Python
+    out = run_json(capsys, "--dataset", write_jsonl(tmp_path / "d.jsonl", rows.tolist()), "--kl", "0.4",
+                   "--methods", "identity", "raw_reward", "--k-repeats", "2")  # on by default in the CLI
+    assert out["k_sensitivity"][0]["methods"] == {n: {"win_rate": m["win_rate"], "kl": m["kl"]}
+                                                  for n, m in out["methods"].items()}
+    assert [e["k"] for e in out["k_sensitivity"]] == [32, 16, 8]

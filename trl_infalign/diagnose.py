@@ -384,9 +384,9 @@ class _Fit:
 
 
 def _power_of_two_scale(phi: np.ndarray) -> float:
-    """1, or the power of two that brings max |Φ| (Φ shifted, ≤ 0) into [½, 1) when it lies outside [1e-150, 1e150]:
-    there Var_p(Φ) would overflow (rewards around 1e300) or underflow.  Scaling Φ by 2^e and λ by 2^−e is exact in
-    floating point, so the tilt is unchanged."""
+    """1, or the power of two that brings max |Φ| (Φ shifted, ≤ 0) into [½, 1) when it lies outside
+    [1e-150, 1e150]: there Var_p(Φ) would overflow (rewards around 1e300) or underflow.  Scaling Φ by 2^e and λ by
+    2^−e is exact in floating point, so the tilt is unchanged."""
     size = float(np.max(np.abs(phi))) if phi.size else 0.0
     if size == 0.0 or 1e-150 < size < 1e150:
         return 1.0

@@ -28,19 +28,20 @@ calibrated_sum   c of Σ_r v_r, the identity: one calibration of the unweighted 
 normalized_sum   Σ_r W_r (v_r − mean_r)/std_r, mean and std (ddof 0) of the prompt's K references of r (GDPO-like);
                  a reward constant on a prompt contributes 0 there.
 identity         Σ_r W_r c_r.
-best_t           Σ_r W_r Φ_r(c_r), Φ_r = exp(t_r c) for a reward served by BoN/standard, −exp(−t_r c) for WoN (both
-                 tried for a reward served by both), the t_r searched jointly (a grid on log t, then Nelder–Mead).
+best_t           Σ_r W_r Φ_r(c_r), Φ_r = exp(t_r c) for a reward served by BoN/standard, −exp(−t_r c) for WoN
+                 (both tried for a reward served by both), the t_r searched jointly (log-t grid, then Nelder–Mead).
 optimal          the best *separable* Φ = Σ_r W_r Φ_r(c_r) with every Φ_r non-decreasing, tabulated at the reward's
-                 observed mid-ranks: L-BFGS-B on the increments of Φ_r (≥ 0) from best_t, with the exact gradient
-                 (implicit in β at the budget); so it is ≥ best_t.
+                 observed mid-ranks: projected L-BFGS on the increments of Φ_r (≥ 0) from best_t, with the exact
+                 gradient (implicit in β at the budget); so it is ≥ best_t.
 per_prompt_optimum  the unconstrained optimum, a free Φ per atom (each prompt on its own; an upper bound no
                  reward shape reaches).
 
-Gradient (notes §9).  With λ = 1/β, φ_xk = ∂J/∂p_xk (the first variation: Σ_j w_j times Σ_{v ≥ v_k} f'(F(v)) h(v) −
-Σ_{v > v_k} f'(F(v⁻)) h(v) on r_j, h the reference side above), and prompt weights ω̄_x:
+Gradient (notes §9).  With λ = 1/β, prompt weights ω̄_x and φ_xk = ∂J/∂p_xk, the first variation (Σ_j w_j times
+Σ_{v ≥ v_k} f'(F(v)) h(v) − Σ_{v > v_k} f'(F(v⁻)) h(v) on r_j, h = ½[f(H(v⁻)) + f(H(v))] the reference side):
 
-    dJ/dΦ_xk |_KL  = ω̄_x λ p_xk [(φ_xk − E_x φ) − (C̄ / V̄)(Φ_xk − E_x Φ)],   C̄ = Σ_x ω̄_x Cov_x(φ, Φ), V̄ = Σ_x ω̄_x Var_x(Φ)
-    d(J − βKL)/dΦ_xk |_β = ω̄_x λ p_xk [(φ_xk − E_x φ) − (Φ_xk − E_x Φ)]     (when β is given instead of the KL)
+    dJ/dΦ_xk |_KL        = ω̄_x λ p_xk [(φ_xk − E_x φ) − (C̄ / V̄)(Φ_xk − E_x Φ)],
+                           C̄ = Σ_x ω̄_x Cov_x(φ, Φ), V̄ = Σ_x ω̄_x Var_x(Φ)     (β implicit: the KL stays at the budget)
+    d(J − βKL)/dΦ_xk |_β = ω̄_x λ p_xk [(φ_xk − E_x φ) − (Φ_xk − E_x Φ)]           (when β is given instead of the KL)
 """
 
 from __future__ import annotations
@@ -164,83 +165,64 @@ def _as_rows(rows: Any) -> Any:
     return rows
 
 
-def _reward_rows(references: Any, rewards: Sequence, column: str) -> dict:
-    """{reward: rows} for the deployment's rewards from {reward: rows} or per-reward column rows [{name: [K]}]."""
+def _reward_rows(references: Any, deployment: Deployment, column: str) -> dict:
+    """{reward: rows} for the deployment's rewards, from {reward: rows}, the per-reward column's rows [{name: [K]}]
+    or, for a deployment with one reward, plain rows; errors name the unknown rewards, or the reward and the row."""
     from .calibration import CalibrationError, select_reference_rewards
 
+    rewards = deployment.rewards
+    references = references if isinstance(references, Mapping) else _as_rows(references)
     if isinstance(references, Mapping):
         known = list(references)
-        return {r: _as_rows(references[r]) for r in rewards if r in references}, known
-    references = _as_rows(references)
-    if not isinstance(references, (list, tuple)):
+    elif not isinstance(references, (list, tuple)):
         raise ValueError(f"reference rewards: expected {{reward: rows}} or a list of per-reward rows ({{name: [K "
                          f"floats]}}), got {type(references).__name__}.")
-    if not references:
+    elif not references:
         raise ValueError(f"column {column!r} has no rows: the fit needs at least one prompt's reference rewards.")
-    if not isinstance(references[0], Mapping):  # plain rows: the one reward
+    elif not isinstance(references[0], Mapping):  # plain rows: the one reward
         if len(rewards) != 1:
             raise ValueError(
                 f"column {column!r} holds one list of reference rewards per prompt, but the deployment judges "
                 f"{len(rewards)} rewards {list(rewards)}: build per-reward references ({{name: [K floats]}}; "
                 "`build_reference_rewards(..., per_reward=True)`).")
-        return {rewards[0]: references}, [rewards[0]]
-    known = list(dict.fromkeys(name for row in references if isinstance(row, Mapping) for name in row))
-    out = {}
-    for r in rewards:
-        if r not in known:
-            continue
-        try:
-            out[r] = select_reference_rewards(references, r, column=column)
-        except CalibrationError as error:
-            raise ValueError(str(error)) from None
-    return out, known
-
-
-def _bind(deployment: Deployment, known: Sequence) -> Deployment:
-    """Name an unnamed single reward after the references' only reward; check every named reward is known."""
-    if deployment.rewards == (None,):
-        if len(known) == 1 and known[0] is not None:
-            return get_deployment(f"{deployment.procedure.spec}@{known[0]}") if isinstance(known[0], str) else \
-                deployment
-        return deployment
-    unknown = [r for r in deployment.rewards if r not in known]
-    if unknown:
-        raise ProcedureError(
-            f"Deployment {deployment.spec!r} names reward(s) {unknown}, but the reference rewards hold "
-            f"{list(known)}: use those names after '@' (the reward functions' names as TRL derives them), or rebuild "
-            "the references with those reward functions.")
-    return deployment
+        return {rewards[0]: references}
+    else:
+        known = list(dict.fromkeys(name for row in references if isinstance(row, Mapping) for name in row))
+    if rewards == (None,):  # a deployment without '@': the references' only reward
+        if len(known) != 1:
+            raise ValueError(f"the reference rewards hold several rewards {known}: name the one to judge in the "
+                             "procedure spec ('bon:n=4@name'), or one per component.")
+        rewards_in = {None: known[0]}
+    else:
+        unknown = [r for r in rewards if r not in known]
+        if unknown:
+            raise ProcedureError(
+                f"Deployment {deployment.spec!r} names reward(s) {unknown}, but the reference rewards hold {known}: "
+                "use those names after '@' (the reward functions' names as TRL derives them), or rebuild the "
+                "references with those reward functions.")
+        rewards_in = {r: r for r in rewards}
+    if isinstance(references, Mapping):
+        return {r: _as_rows(references[name]) for r, name in rewards_in.items()}
+    try:
+        return {r: select_reference_rewards(references, name, column=column) for r, name in rewards_in.items()}
+    except CalibrationError as error:
+        raise ValueError(str(error)) from None
 
 
 def _prepare(references: Any, deployment: "str | Deployment", column: str = "ref_rewards") -> tuple[_Joint, Deployment]:
+    """The shared atoms of the deployment's rewards, after checking that each row has the same K for every reward."""
     deployment = get_deployment(deployment)
-    if None in deployment.rewards and deployment.is_multi_reward:
+    if None in deployment.rewards and len(deployment.rewards) > 1:
         raise ProcedureError(f"Deployment {deployment.spec!r}: with several rewards every component needs '@name'.")
-    probe = tuple(r for r in deployment.rewards if r is not None) or (None,)
-    if isinstance(references, Mapping) and probe == (None,) and len(references) == 1:
-        probe = tuple(references)
-    rows, known = _reward_rows(references, probe, column)
-    if probe == (None,) and not rows:
-        raise ValueError(f"reference rewards for one reward expected, got rewards {list(known)}: name the reward "
-                         "in the procedure spec ('bon:n=4@name').")
-    deployment = _bind(deployment, known if probe != (None,) else list(rows))
+    rows = _reward_rows(references, deployment, column)
     rewards = deployment.rewards
-    if rewards != (None,) and isinstance(references, Mapping):
-        rows = {r: _as_rows(references[r]) for r in rewards}
-    elif rewards != (None,) and set(rows) != set(rewards):
-        rows, _ = _reward_rows(references, rewards, column)
-    if rewards == (None,):
-        rows = {None: next(iter(rows.values()))}
-    matrices = {}
-    for r in rewards:
-        label = column if r is None else f"{column}[{r!r}]"
-        matrices[r] = _reference_matrix(rows[r], label)
+    matrices = {r: _reference_matrix(rows[r], column if r is None else f"{column}[{r!r}]") for r in rewards}
     first = rewards[0]
-    lengths = {r: m[1].sum(axis=1) for r, m in matrices.items()}
     num = {r: m[0].shape[0] for r, m in matrices.items()}
     if len(set(num.values())) > 1:
         raise ValueError(f"the rewards' reference columns have different numbers of rows {num}: each row is one "
                          "prompt, scored by every reward.")
+    lengths = {r: m[1].sum(axis=1) for r, m in matrices.items()}
     for r in rewards[1:]:
         bad = np.nonzero(lengths[r] != lengths[first])[0]
         if bad.size:
@@ -250,12 +232,9 @@ def _prepare(references: Any, deployment: "str | Deployment", column: str = "ref
                 f"{int(lengths[first][i])}{f' (and {bad.size - 1} more rows)' if bad.size > 1 else ''}: the "
                 "rewards must score the same K reference completions of each prompt (entry k of every reward is "
                 "completion k).")
-    width = max(m[0].shape[1] for m in matrices.values())
-    values, mask = {}, None
-    for r, (v, m) in matrices.items():
-        pad = width - v.shape[1]
-        values[r] = np.pad(v, ((0, 0), (0, pad)))
-        mask = np.pad(m, ((0, 0), (0, pad))) if mask is None else mask
+    mask = matrices[first][1]  # valid entries come first in every row, so equal counts mean equal masks
+    width = mask.shape[1]
+    values = {r: np.pad(v, ((0, 0), (0, width - v.shape[1])))[:, :width] for r, (v, _) in matrices.items()}
     return _Joint(rewards, values, mask), deployment
 
 
@@ -278,7 +257,8 @@ def _wmean(x: np.ndarray, weight: np.ndarray) -> float:
 
 def _fit_joint(phi: np.ndarray, joint: _Joint, deployment: Deployment, kl: float | None, what: str,
                lam: float | None = None) -> _JointFit:
-    """The tilt p ∝ exp(Φ/β) on the shared atoms, one global β (λ = 1/β) at the KL budget unless `lam` is given."""
+    """The tilt p ∝ exp(Φ/β) on the shared atoms, one global β (λ = 1/β) at the KL budget unless `lam` is
+    given."""
     phi = _shift(phi, joint)
     lam, p, kl_x = _tilt_at_budget(phi, joint, kl, what, lam)
     wins = {c.metric_key: _win_rates(joint.sort(c.reward, p), joint.atoms[c.reward], c.procedure)
@@ -288,8 +268,9 @@ def _fit_joint(phi: np.ndarray, joint: _Joint, deployment: Deployment, kl: float
 
 
 def _first_variation(p_sorted: np.ndarray, atoms: _Atoms, procedure) -> np.ndarray:
-    """∂W/∂p per sorted position for a primitive procedure: Σ_{v ≥ v_k} f'(F(v)) h(v) − Σ_{v > v_k} f'(F(v⁻)) h(v)
-    (h = ½[f(H(v⁻)) + f(H(v))], the reference side); 0 in padding."""
+    """∂W/∂p per sorted position for a (mixture of) primitive procedure(s):
+    Σ_{v ≥ v_k} f'(F(v)) h(v) − Σ_{v > v_k} f'(F(v⁻)) h(v), h = ½[f(H(v⁻)) + f(H(v))] the reference side; 0 in
+    padding."""
     head_incl = np.minimum(np.cumsum(p_sorted, axis=1), 1.0)
     head_excl = np.zeros_like(head_incl)
     head_excl[:, 1:] = head_incl[:, :-1]
@@ -314,7 +295,8 @@ def _first_variation(p_sorted: np.ndarray, atoms: _Atoms, procedure) -> np.ndarr
     return total
 
 
-def _phi_gradient(phi: np.ndarray, fit: _JointFit, joint: _Joint, deployment: Deployment, fixed_beta: bool) -> np.ndarray:
+def _phi_gradient(phi: np.ndarray, fit: _JointFit, joint: _Joint, deployment: Deployment,
+                  fixed_beta: bool) -> np.ndarray:
     """dJ/dΦ per atom at the KL budget (β implicit), or d(J − βKL)/dΦ at a fixed β (module docstring)."""
     varphi = np.zeros_like(fit.p)
     for c in deployment.components:
@@ -377,7 +359,8 @@ def _score(fit: _JointFit, beta: float | None) -> float:
 def _search_t(joint: _Joint, deployment: Deployment, kl: float | None, beta: float | None
               ) -> tuple[dict, dict, list[str]]:
     """Jointly best t per reward ({reward: family}, {reward: t}, notes): per family combination, a grid on log t
-    (3 points per decade; every combination when ≤ 400 points, else coordinate sweeps), then bounded Nelder–Mead from the best point."""
+    (3 points per decade; every combination when ≤ 400 points, else coordinate sweeps), then bounded Nelder–Mead
+    from the best grid point.  The score is the win rate at the KL budget, or win rate − β·KL at a fixed β."""
     from scipy.optimize import minimize
 
     rewards = deployment.rewards
@@ -442,8 +425,8 @@ def _maximize(fun, x0: np.ndarray, nonnegative: bool, maxiter: int = _OPTIMAL_MA
     """argmax of a smooth `fun(x) -> (value, gradient)` by L-BFGS (two-loop recursion), projected onto x ≥ 0 when
     `nonnegative` (the direction is restricted to the free coordinates, those not held at 0 by an outward
     gradient; Armijo backtracking along the projected path).  Vector operations only: scipy's L-BFGS-B makes LAPACK
-    calls that are slow under OpenBLAS threading on a loaded machine (scipy issue #22438).  Returns the best point
-    evaluated."""
+    calls that are slow under OpenBLAS threading on a loaded machine (scipy issue #22438).  Accepted steps only
+    increase `fun`; returns the last accepted point."""
     project = (lambda x: np.maximum(x, 0.0)) if nonnegative else (lambda x: x)
     x = project(np.asarray(x0, dtype=np.float64))
     f, g = fun(x)
@@ -579,9 +562,9 @@ class DeploymentFit:
     """CTRL's reward shape for a deployment, fitted exactly on the shared reference atoms (:func:`fit_deployment`).
 
     `transforms`: Φ = Σ_r W_r Φ_r(c_r) (a :class:`~trl_infalign.deployment.RewardTransforms`); `beta`: the KL
-    coefficient in the units of this unnormalised Φ; `kl`: the prompt-averaged KL(π*‖π_ref) on the atoms; `objective`:
-    the predicted deployment win rate Σ_j w_j W_j; `win_rates`: {component metric_key: W_j}; `t`: {reward: t} for
-    exp-family transforms (None for the others); `families`: {reward: "bon" | "won" | None}."""
+    coefficient in the units of this unnormalised Φ; `kl`: the prompt-averaged KL(π*‖π_ref) on the atoms;
+    `objective`: the predicted deployment win rate Σ_j w_j W_j; `win_rates`: {component metric_key: W_j}; `t`:
+    {reward: t} for exp-family transforms (None for the others); `families`: {reward: "bon" | "won" | None}."""
 
     transforms: RewardTransforms
     beta: float
