@@ -28,6 +28,7 @@ _EXPORTS = {
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
     "ctrl_grpo_trainer": ["CTRLGRPOTrainer"],
     "reference": ["build_reference_rewards", "validate_reference_rewards"],
+    "reference_config": ["ReferenceConfig"],
     "evaluation": ["inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult"],
     "callbacks": ["InferenceWinRateCallback"],
     "kl_control": ["AdaptiveKLController"],
@@ -69,4 +70,6 @@ if TYPE_CHECKING:  # pragma: no cover
         get_procedure,
         register_procedure,
     )
+    from .reference import build_reference_rewards, validate_reference_rewards
+    from .reference_config import ReferenceConfig
     from .transforms import get_transform, register_transform
