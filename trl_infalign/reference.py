@@ -219,14 +219,17 @@ def resolve_reference_config(args: ReferenceConfig | None, overrides: dict) -> t
         return ReferenceConfig(**settings), runtime
     if not isinstance(args, ReferenceConfig):
         raise TypeError(f"args must be a trl_infalign.ReferenceConfig (or None), got {type(args).__name__}.")
-    changed = {k: v for k, v in settings.items() if getattr(args, k) != v}
+    if not settings:
+        return args, runtime
+    config = dataclasses.replace(args, **settings)
+    changed = [k for k in settings if getattr(config, k) != getattr(args, k)]  # compared after normalisation
     if changed:
         warnings.warn(
             "build_reference_rewards: keyword argument(s) override the ReferenceConfig passed as args: "
-            + ", ".join(f"{k}={v!r} (args.{k}={getattr(args, k)!r})" for k, v in changed.items()),
+            + ", ".join(f"{k}={getattr(config, k)!r} (args.{k}={getattr(args, k)!r})" for k in changed),
             UserWarning, stacklevel=3,
         )
-    return (dataclasses.replace(args, **settings) if settings else args), runtime
+    return config, runtime
 
 
 def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig | None = None, **overrides):
