@@ -261,36 +261,12 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
             - `progress`: show a progress bar (default True);
             - `return_stats`: return `(dataset, ReferenceStats)` — chunks computed / resumed, timing — instead.
     """
-    from datasets import Dataset, DatasetDict
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
     config, run = resolve_reference_config(args, overrides)
-    # ---- validation -----------------------------------------------------------------------------------------------
-    if isinstance(dataset, DatasetDict):
-        raise TypeError(
-            f"dataset is a DatasetDict with splits {list(dataset)}: pass one split, e.g. dataset['train']."
-        )
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
-    if config.prompt_column not in dataset.column_names:
-        raise ValueError(
-            f"prompt_column={config.prompt_column!r} is not a column of the dataset (columns: {dataset.column_names}); "
-            "pass `prompt_column=` naming the column that holds the prompts."
-        )
-    if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there are no prompts to build reference rewards for.")
+    dataset = _prepare_dataset(dataset, config)
     provenance_column = provenance_column_name(config.output_column)
-    outputs = [config.output_column, provenance_column] + ([config.completions_column] if config.keep_completions else [])
-    for name in outputs:
-        if name in dataset.column_names and not config.overwrite:
-            raise ValueError(
-                f"The dataset already has a column {name!r}: pass `overwrite=True` to rebuild it, or choose another "
-                "`output_column` / `completions_column`."
-            )
-    drop = [c for c in (config.output_column, provenance_column, config.completions_column) if c in dataset.column_names]
-    if drop and config.overwrite:
-        dataset = dataset.remove_columns(drop)
 
     # ---- processes and cache: probe writability before loading or computing anything -----------------------------
     state = resolve_process_state(run["accelerator"])
@@ -393,6 +369,34 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     stats.extra["per_reward"] = bool(reward_names)
     stats.seconds = time.perf_counter() - start_time
     return (out, stats) if run["return_stats"] else out
+
+
+def _prepare_dataset(dataset, config: ReferenceConfig):
+    """`dataset` checked against `config` (one split, the prompt column, not empty, no output column unless
+    `overwrite`), with the old output columns dropped when `overwrite`."""
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        raise TypeError(f"dataset is a DatasetDict with splits {list(dataset)}: pass one split, e.g. dataset['train'].")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}.")
+    if config.prompt_column not in dataset.column_names:
+        raise ValueError(
+            f"prompt_column={config.prompt_column!r} is not a column of the dataset (columns: {dataset.column_names}); "
+            "pass `prompt_column=` naming the column that holds the prompts."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty: there are no prompts to build reference rewards for.")
+    provenance_column = provenance_column_name(config.output_column)
+    outputs = [config.output_column, provenance_column] + ([config.completions_column] if config.keep_completions else [])
+    for name in outputs:
+        if name in dataset.column_names and not config.overwrite:
+            raise ValueError(
+                f"The dataset already has a column {name!r}: pass `overwrite=True` to rebuild it, or choose another "
+                "`output_column` / `completions_column`."
+            )
+    drop = [c for c in (config.output_column, provenance_column, config.completions_column) if c in dataset.column_names]
+    return dataset.remove_columns(drop) if drop and config.overwrite else dataset
 
 
 def _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows) -> None:
