@@ -3,7 +3,9 @@
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/build_reference.py \
         --config recipes/configs/ctrl_hh_helpful_bon.yaml --reference_cache_dir runs/ref-hh-helpful
 
-Same arguments (and YAML) as recipes/ctrl_hh.py. Chunks of `reference_batch_size` prompts are sharded over the
+Same arguments (and YAML) as recipes/ctrl_hh.py: the pass is the `ReferenceConfig` that `ctrl_hh.reference_config`
+derives from the training config (`ReferenceConfig.from_training_args`: K, max_completion_length, every sampling
+field, reward weights, seed, ...), so it draws the references the way that training run samples. Chunks of `reference_batch_size` prompts are sharded over the
 processes and appended to `reference_cache_dir` as they finish; rerunning resumes. Point ctrl_hh.py at the same
 `reference_cache_dir` (same policy, reward model, K, seed, sampling settings) and it trains without recomputing.
 The finished dataset (prompt + ref_rewards) is also written to `<reference_cache_dir>/dataset` (`load_from_disk`).

@@ -182,29 +182,28 @@ def reference_cache_dir(script_args: ScriptArguments, training_args) -> str:
     return script_args.reference_cache_dir or training_args.output_dir.rstrip("/\\") + "-reference-cache"
 
 
+def reference_config(script_args, training_args, model_args):
+    """The reference pass that matches the training run: `ReferenceConfig.from_training_args` reads K, the sampling
+    fields (temperature, top_p, top_k, min_p, repetition_penalty, generation_kwargs), max_completion_length, reward
+    weights, seed, nonfinite_rewards, use_vllm and the column from the training config, so the references are drawn
+    the way the trainer samples; the recipe adds the cache and the chunk size."""
+    from trl_infalign import ReferenceConfig
+
+    return ReferenceConfig.from_training_args(
+        training_args,
+        cache_dir=reference_cache_dir(script_args, training_args),
+        batch_size=script_args.reference_batch_size,
+        model_init_kwargs=model_init_kwargs(model_args, training_args),
+    )
+
+
 def build_reference(dataset, script_args, training_args, model_args, reward_funcs, reward_classes):
     """Add `ref_rewards` (K reference rewards per prompt), resuming from / writing to the cache dir."""
     from trl_infalign import build_reference_rewards
 
     return build_reference_rewards(
-        dataset, model_args.model_name_or_path, reward_funcs,
-        num_samples=training_args.num_reference_samples,
-        reward_processing_classes=reward_classes,
-        reward_weights=training_args.reward_weights,
-        output_column=training_args.reference_rewards_column,
-        cache_dir=reference_cache_dir(script_args, training_args),
-        batch_size=script_args.reference_batch_size,
-        max_new_tokens=training_args.max_completion_length,
-        temperature=training_args.temperature,
-        top_p=training_args.top_p,
-        top_k=training_args.top_k or 0,
-        generation_kwargs=training_args.generation_kwargs,
-        chat_template_kwargs=training_args.chat_template_kwargs,
-        seed=training_args.seed,
-        nonfinite=training_args.nonfinite_rewards,
-        use_vllm=training_args.use_vllm,
-        model_init_kwargs=model_init_kwargs(model_args, training_args),
-        progress=not training_args.disable_tqdm,
+        dataset, model_args.model_name_or_path, reward_funcs, reference_config(script_args, training_args, model_args),
+        reward_processing_classes=reward_classes, progress=not training_args.disable_tqdm,
     )
 
 

@@ -213,3 +213,62 @@ def test_read_back_several_builds(setup):
     assert sorted(count for _, count in builds) == [2, 4]
     with pytest.raises(ValueError, match="2 different reference builds"):
         read_reference_provenance(mixed)
+
+
+# ---------------------------------------------------------------------------------------------------- per reward (#19)
+def _fake_trainer(setup, policy, reward_funcs, names, weights):
+    """What `check_reference_provenance` reads from a trainer, without building one (TRL's names and weights)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        reference_provenance_check="raise", reference_rewards_column="ref_rewards", temperature=1.0, top_p=1.0, top_k=0,
+        min_p=None, repetition_penalty=1.0, max_completion_length=BUILD["max_new_tokens"], generation_kwargs=None,
+        chat_template_kwargs=None, use_vllm=False,
+    )
+    return SimpleNamespace(args=args, accelerator=None, model=policy, processing_class=setup["tokenizer"],
+                           reward_funcs=reward_funcs, reward_func_names=names, reward_weights=weights)
+
+
+def test_per_reward_provenance_is_checked_per_reward_in_any_order(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.provenance import check_reference_provenance, read_per_reward_identities
+
+    prompts = Dataset.from_dict({"prompt": TINY_PROMPTS})
+    built = build_reference_rewards(prompts, setup["policy"], [setup["rm_a"], length_reward], per_reward=True, **BUILD)
+    recorded = read_per_reward_identities(built)
+    assert sorted(recorded) == ["length_reward", "rm_a"] and recorded["rm_a"]["fingerprint"]
+    policy = AutoModelForCausalLM.from_pretrained(setup["policy"])
+    rm_a, rm_b = setup["rm_a"], setup["rm_b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the same functions in another order, with other weights (each reward is stored unweighted), or one of them
+        check_reference_provenance(_fake_trainer(setup, policy, [length_reward, rm_a], ["length_reward", "rm_a"], [2.0, 1.0]), built, "train")
+        check_reference_provenance(_fake_trainer(setup, policy, [rm_a], ["rm_a"], [1.0]), built, "train")
+    with pytest.raises(ValueError, match=r"reward 'rm_b': the per-reward references hold no rewards for it \(they hold "
+                                         r"\['length_reward', 'rm_a'\]\)"):
+        check_reference_provenance(_fake_trainer(setup, policy, [rm_b, length_reward], ["rm_b", "length_reward"], [1.0, 1.0]), built, "train")
+    impostor = tmp_path / "elsewhere" / "rm_a"  # another reward model under a recorded name
+    shutil.copytree(rm_b, impostor)
+    with pytest.raises(ValueError, match=r"reward 'rm_a': recorded reward model '.*/rm_a' \(weights [0-9a-f]+\), this run "
+                                         r"reward model '.*elsewhere/rm_a'"):
+        check_reference_provenance(_fake_trainer(setup, policy, [str(impostor), length_reward], ["rm_a", "length_reward"], [1.0, 1.0]), built, "train")
+
+
+# ------------------------------------------------------------------------------------------- effective sampling (#20.8)
+def test_trainer_check_sees_the_min_p_that_generate_uses(setup, tmp_path):
+    import json
+
+    leaky = tmp_path / "policy-min-p"
+    shutil.copytree(setup["policy"], leaky)
+    config = json.loads((leaky / "generation_config.json").read_text())
+    (leaky / "generation_config.json").write_text(json.dumps({**config, "min_p": 0.2}))
+    prompts = Dataset.from_dict({"prompt": TINY_PROMPTS})
+    built = build_reference_rewards(prompts, str(leaky), [setup["rm_a"], length_reward], reward_weights=[1.0, 0.5], **BUILD)
+    assert read_reference_provenance(built)["sampling"]["min_p"] == 0.2  # what generate used
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, ds=built, model=str(leaky))  # min_p=None: TRL's generate takes 0.2 as well
+    assert provenance_warnings(caught) == []
+    with pytest.raises(ValueError, match=r"min_p: the references were sampled with min_p=0.2, this run samples with min_p=0.0"):
+        make_trainer(tmp_path, setup, ds=built, model=str(leaky), min_p=0.0)

@@ -211,6 +211,23 @@ def test_recipe_config_parses_into_ctrl_config(recipe, path):
         assert (script_args.dataset_name, script_args.dataset_prompt_column) == ("trl-lib/tldr", "prompt")
 
 
+def test_recipe_reference_pass_samples_like_the_trainer(recipe, tmp_path):
+    """The reference pass gets every sampling field of the training config (issue #20 item 8), min_p and
+    repetition_penalty included, through one ReferenceConfig."""
+    from trl_infalign import ReferenceConfig
+
+    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
+        args=["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path / "out"), "--min_p", "0.05",
+              "--repetition_penalty", "1.3", "--temperature", "0.9", "--top_k", "7"])
+    config = recipe.reference_config(script_args, training_args, model_args)
+    assert isinstance(config, ReferenceConfig)
+    assert (config.min_p, config.repetition_penalty, config.temperature, config.top_k) == (0.05, 1.3, 0.9, 7)
+    assert (config.num_samples, config.max_new_tokens, config.seed, config.batch_size) == (
+        training_args.num_reference_samples, training_args.max_completion_length, training_args.seed,
+        script_args.reference_batch_size)
+    assert config.cache_dir == recipe.reference_cache_dir(script_args, training_args)
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "accelerate_configs" / "*.yaml"))), ids=os.path.basename)
 def test_accelerate_config_parses(path):
     import yaml

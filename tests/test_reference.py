@@ -471,3 +471,174 @@ def test_two_concurrent_builders_share_one_cache(tiny, tmp_path, baseline):
         assert json.loads(out.read_text())["ref_rewards"] == baseline
     rows = [json.loads(line)["index"] for line in (cache / "rank-00000.jsonl").read_text().splitlines()]
     assert sorted(rows) == list(range(len(PROMPTS)))  # each row written once, no interleaved or torn lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-reward references (issue #19 item 2)
+
+
+def _reward_names_type(dataset, column="ref_rewards"):
+    import pyarrow as pa
+
+    arrow_type = dataset.data.column(column).type
+    assert pa.types.is_struct(arrow_type), arrow_type
+    assert all(pa.types.is_list(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    return sorted(arrow_type.field(i).name for i in range(arrow_type.num_fields))
+
+
+def test_per_reward_rows_hold_each_reward_for_the_same_completions(tiny, baseline):
+    from trl_infalign.provenance import read_per_reward_identities, read_reference_provenance
+
+    out = _build(tiny, per_reward=True, keep_completions=True)  # reward model "reward" + length_reward, weights 1, 0.5
+    assert _reward_names_type(out) == ["length_reward", "reward"]  # TRL's names: the model's directory, __name__
+    k = SETTINGS["num_samples"]
+    for row, completions, combined in zip(out["ref_rewards"], out["ref_completions"], baseline):
+        assert len(row["reward"]) == len(row["length_reward"]) == k
+        assert row["length_reward"] == [_f32(len(t) / 10.0) for t in completions]  # unweighted, this row's completions
+        # same seed, same completions: the combined build is the weighted sum of the per-reward values
+        assert combined == pytest.approx([a + 0.5 * b for a, b in zip(row["reward"], row["length_reward"])], rel=1e-6)
+    record = read_reference_provenance(out)
+    assert record["per_reward"] is True and sorted(record["rewards"]) == ["length_reward", "reward"]
+    assert record["rewards"]["length_reward"] == {"kind": "callable", "name": "build_reference_script:length_reward"}
+    assert record["rewards"]["reward"]["kind"] == "model" and record["rewards"]["reward"]["fingerprint"]
+    assert read_per_reward_identities(out) == record["rewards"]
+    validate_reference_rewards(out, min_samples=k)
+
+
+def test_per_reward_with_one_reward_keeps_the_plain_list(tiny):
+    from trl_infalign.provenance import read_per_reward_identities, read_reference_provenance
+
+    plain = _build(tiny, [length_reward])
+    single = _build(tiny, [length_reward], per_reward=True)
+    assert single["ref_rewards"] == plain["ref_rewards"] and isinstance(single["ref_rewards"][0], list)
+    assert read_reference_provenance(single) == read_reference_provenance(plain)
+    assert read_per_reward_identities(single) is None
+
+
+def test_per_reward_names_must_differ(tiny):
+    with pytest.raises(ValueError, match=r"reward functions 0 and 1 are both named '<lambda>'.*per_reward=True"):
+        _build(tiny, [lambda completions, **kw: [0.0] * len(completions),
+                      lambda completions, **kw: [1.0] * len(completions)], per_reward=True)
+
+
+def constant_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_per_reward_nonfinite_skip_drops_the_sample_for_every_reward(tiny):
+    k = SETTINGS["num_samples"]
+    full = _build(tiny, [length_reward, constant_reward], per_reward=True, keep_completions=True)
+    out = _build(tiny, [length_reward, _nan_for({(3, 1), (5, 0), (5, 2)})], per_reward=True, nonfinite="skip",
+                 keep_completions=True)
+    assert [len(r["length_reward"]) for r in out["ref_rewards"]] == [k, k, k, k - 1, k, k - 2, k]
+    assert [len(r["nan_reward"]) for r in out["ref_rewards"]] == [k, k, k, k - 1, k, k - 2, k]
+    dropped = {3: {1}, 5: {0, 2}}
+    for row in range(len(PROMPTS)):
+        keep = [j for j in range(k) if j not in dropped.get(row, set())]
+        assert out["ref_completions"][row] == [full["ref_completions"][row][j] for j in keep]
+        assert out["ref_rewards"][row]["length_reward"] == [full["ref_rewards"][row]["length_reward"][j] for j in keep]
+    with pytest.raises(ValueError, match=r"Dataset row 3: reference sample 1 got a non-finite reward \(nan\) from "
+                                         r"'nan_reward'.*nonfinite='skip'"):
+        _build(tiny, [length_reward, _nan_for({(3, 1)})], per_reward=True)
+
+
+def test_cache_keys_on_per_reward_and_checks_per_reward_records(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    _build(tiny, [length_reward, constant_reward], cache_dir=cache)
+    with pytest.raises(ValueError, match=r"'per_reward' is '<missing>' in meta.json but \['length_reward', 'constant_reward'\] now"):
+        _build(tiny, [length_reward, constant_reward], cache_dir=cache, per_reward=True)
+
+    cache = tmp_path / "per-reward-cache"
+    first = _build(tiny, [CountingReward(), length_reward], cache_dir=cache, per_reward=True)
+    idle = CountingReward()
+    assert _build(tiny, [idle, length_reward], cache_dir=cache, per_reward=True)["ref_rewards"] == first["ref_rewards"]
+    assert idle.calls == 0  # resumed in full
+    shard = cache / "rank-00000.jsonl"
+    lines = shard.read_text().splitlines()
+    record = json.loads(lines[2])
+    del record["ref_rewards"]["length_reward"]  # a per-reward record without one of its rewards
+    lines[2] = json.dumps(record)
+    shard.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"row 2: ref_rewards is not a per-reward record of \['CountingReward', 'length_reward'\]"):
+        again = _build(tiny, [CountingReward(), length_reward], cache_dir=cache, per_reward=True)
+    assert again["ref_rewards"] == first["ref_rewards"]
+
+
+def test_validate_per_reward_rows():
+    good = Dataset.from_dict({"ref_rewards": [{"a": [0.1, 0.2], "b": [1.0, 2.0]}, {"a": [0.3], "b": [3.0]}]})
+    validate_reference_rewards(good)  # rows may differ in length (nonfinite="skip"), a row's entries may not
+    with pytest.raises(ValueError, match=r"row 1: reward 'a': 1 reward\(s\), fewer than min_samples=2"):
+        validate_reference_rewards(good, min_samples=2)
+    missing = Dataset.from_list([{"ref_rewards": {"a": [1.0], "b": [2.0]}}, {"ref_rewards": {"a": [1.0]}}])
+    with pytest.raises(ValueError, match=r"row 1: no rewards for reward 'b' \(the row holds \['a'\]\)"):
+        validate_reference_rewards(missing)
+    with pytest.raises(ValueError, match=r"row 0: reward 'b': element 1 is nan"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [{"a": [1.0, 2.0], "b": [1.0, float("nan")]}]}))
+    with pytest.raises(ValueError, match=r"row 0: the rewards hold different numbers of values \(\{'a': 2, 'b': 1\}\)"):
+        validate_reference_rewards(Dataset.from_dict({"ref_rewards": [{"a": [1.0, 2.0], "b": [1.0]}]}))
+    with pytest.raises(ValueError, match=r"row 0: no rewards for reward 'c'"):
+        validate_reference_rewards(good, reward_names=["a", "c"])
+    with pytest.raises(ValueError, match=r"row 1: expected per-reward rewards \{name: list\} for \['a'\], got list"):
+        validate_reference_rewards({"ref_rewards": [{"a": [1.0]}, [1.0]]})
+
+
+def test_cli_per_reward_writes_a_struct_column_and_json_objects(tiny, tmp_path, capsys):
+    from datasets import load_from_disk
+
+    from trl_infalign.cli import main
+
+    second = build_tiny_reward_model(tiny["tokenizer"], tmp_path / "harmless", hidden_size=16, seed=1)
+    output = tmp_path / "out"
+    argv = ["build-reference", "--model", tiny["policy"], "--reward-model", tiny["reward"], "--reward-model",
+            str(tmp_path / "harmless"), "--dataset", str(tiny["data"]), "--num-samples", "2", "--max-new-tokens", "3",
+            "--batch-size", "4", "--per_reward", "--output", str(output), "--no-progress"]
+    assert main(argv) == 0
+    summary = capsys.readouterr().out
+    assert "reward: reward mean" in summary and "harmless: reward mean" in summary
+    dataset = load_from_disk(str(output))
+    assert _reward_names_type(dataset) == ["harmless", "reward"]
+    lines = [json.loads(line) for line in (output / "ref_rewards.jsonl").read_text().splitlines()]
+    assert [line["ref_rewards"] for line in lines] == dataset["ref_rewards"]
+    assert set(lines[0]["ref_rewards"]) == {"reward", "harmless"} and len(lines[0]["ref_rewards"]["harmless"]) == 2
+    provenance = json.loads((output / "reference_provenance.json").read_text())
+    assert sorted(provenance["rewards"]) == ["harmless", "reward"]
+    del second
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling as TRL samples (issue #20 item 8)
+
+
+def _policy_with_generation_config(tiny, tmp_path, **values) -> str:
+    import shutil
+
+    path = tmp_path / "policy-gc"
+    shutil.copytree(tiny["policy"], path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, **values}))
+    return str(path)
+
+
+def test_generation_config_repetition_penalty_does_not_leak_into_the_references(tiny, tmp_path):
+    from trl_infalign.provenance import read_reference_provenance
+
+    leaky = _policy_with_generation_config(tiny, tmp_path, repetition_penalty=3.0)
+    settings = dict(num_samples=4, max_new_tokens=8, batch_size=4, seed=1, keep_completions=True, progress=False)
+    clean = build_reference_rewards(tiny["dataset"], tiny["policy"], length_reward, **settings)
+    out = build_reference_rewards(tiny["dataset"], leaky, length_reward, cache_dir=tmp_path / "cache", **settings)
+    assert out["ref_completions"] == clean["ref_completions"]  # repetition_penalty=1.0, as TRL passes it
+    assert read_reference_provenance(out)["sampling"]["repetition_penalty"] == 1.0
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["generation_config_overridden"] == {"repetition_penalty": 3.0}  # an old leaky cache is not resumed
+    penalised = build_reference_rewards(tiny["dataset"], leaky, length_reward, repetition_penalty=3.0, **settings)
+    assert penalised["ref_completions"] != clean["ref_completions"]  # asked for explicitly, it applies
+    assert read_reference_provenance(penalised)["sampling"]["repetition_penalty"] == 3.0
+
+
+def test_generation_config_min_p_is_recorded_as_used(tiny, tmp_path):
+    from trl_infalign.provenance import read_reference_provenance
+
+    path = _policy_with_generation_config(tiny, tmp_path, min_p=0.2)
+    out = build_reference_rewards(tiny["dataset"].select([0]), path, length_reward, num_samples=2, max_new_tokens=2,
+                                  progress=False)
+    assert read_reference_provenance(out)["sampling"]["min_p"] == 0.2  # TRL's generate takes it too (min_p=None)

@@ -30,6 +30,7 @@ _EXPORTS = {
     "ctrl_grpo_config": ["CTRLGRPOConfig"],
     "ctrl_grpo_trainer": ["CTRLGRPOTrainer"],
     "reference": ["build_reference_rewards", "validate_reference_rewards"],
+    "reference_config": ["ReferenceConfig"],
     "evaluation": [
         "inference_win_rate", "kl_estimates", "evaluate_policy", "evaluate_scored", "WinRateResult", "EvaluationResult",
         "DeploymentResult",
@@ -42,6 +43,7 @@ _EXPORTS = {
         "ReferenceProvenanceWarning",
     ],
     "diagnose": ["diagnose", "DiagnosisResult", "load_reference_rewards"],
+    "diagnose_deployment": ["fit_deployment", "DeploymentFit", "DeploymentDiagnosis"],
 }
 _NAME_TO_MODULE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_NAME_TO_MODULE)
@@ -76,4 +78,6 @@ if TYPE_CHECKING:  # pragma: no cover
         get_procedure,
         register_procedure,
     )
+    from .reference import build_reference_rewards, validate_reference_rewards
+    from .reference_config import ReferenceConfig
     from .transforms import get_transform, register_transform

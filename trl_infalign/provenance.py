@@ -49,11 +49,6 @@ PROVENANCE_FORMAT = 1
 PROVENANCE_SUFFIX = "_provenance"
 _FINGERPRINT_TENSORS = 4
 _FINGERPRINT_VALUES = 4096
-#: generation kwargs that do not change the sampling distribution (ignored when comparing).
-_NON_DISTRIBUTIONAL_GENERATION_KWARGS = frozenset(
-    {"use_cache", "cache_implementation", "disable_compile", "compile_config", "pad_token_id", "bos_token_id",
-     "output_scores", "output_logits", "return_dict_in_generate", "num_return_sequences", "do_sample"}
-)
 _HOW_TO_GET_PROVENANCE = (
     "Build the column with `trl_infalign.build_reference_rewards(...)` or `trl-infalign build-reference`, which record "
     "how the references were made in a `<column>_provenance` column."
@@ -201,47 +196,91 @@ def prompt_fingerprint(prompt) -> str:
 
 def sampling_settings(*, temperature, top_p, top_k, max_new_tokens, generation_kwargs=None, min_p=None,
                       repetition_penalty=None) -> dict:
-    """The effective sampling settings, with neutral values normalised (top_k None ≡ 0, top_p None ≡ 1, ...) and
-    `generation_kwargs` applied on top, as `model.generate` sees them."""
-    settings = {
-        "temperature": 1.0 if temperature is None else float(temperature),
-        "top_p": 1.0 if top_p is None else float(top_p),
-        "top_k": 0 if top_k is None else int(top_k),
-        "min_p": 0.0 if min_p is None else float(min_p),
-        "repetition_penalty": 1.0 if repetition_penalty is None else float(repetition_penalty),
-        "max_new_tokens": None if max_new_tokens is None else int(max_new_tokens),
-    }
-    for key, value in sorted((generation_kwargs or {}).items()):
-        if key in _NON_DISTRIBUTIONAL_GENERATION_KWARGS:
-            continue
-        settings[key] = json.loads(json.dumps(value, default=repr))
-    for key, neutral in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0), ("temperature", 1.0)):
-        if settings.get(key) is None:
-            settings[key] = neutral
-    return settings
+    """The sampling settings as recorded, with neutral values normalised (top_k None ≡ 0, top_p None ≡ 1, ...) and
+    `generation_kwargs` applied on top, as `model.generate` sees them (:meth:`SamplingSettings.record`)."""
+    from .sampling import SamplingSettings
+
+    return SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, generation_kwargs=generation_kwargs,
+    ).record()
 
 
-def build_provenance(*, reference_model: dict, reward_funcs: list[dict], reward_weights, prompt_format: str,
-                     chat_template: str | None, chat_template_kwargs: dict | None, sampling: dict, num_samples: int,
-                     seed: int, batch_size: int, nonfinite: str, sampler: str) -> dict:
-    """The ``build`` record of a reference-rewards build (see the module docstring)."""
+def build_provenance(config, *, reference_model: dict, reward_funcs: list[dict], reward_names: list[str] | None = None,
+                     prompt_format: str, chat_template: str | None, sampling: dict | None = None) -> dict:
+    """The ``build`` record of a reference-rewards build (see the module docstring) made with `config` (a
+    :class:`~trl_infalign.ReferenceConfig`): K, seed, chunk size, `nonfinite`, the chat-template kwargs, the weights
+    and the sampler come from it; `sampling` is the effective record (:meth:`SamplingSettings.resolved`, default: the
+    config's own settings). A per-reward build (`config.per_reward` with several reward functions) also records
+    ``"per_reward": true`` and ``"rewards"``: each reward function's identity under its name."""
     from . import __version__
 
-    return {
+    weights = config.reward_weights if config.reward_weights is not None else [1.0] * len(reward_funcs)
+    build = {
         "format": PROVENANCE_FORMAT,
         "trl_infalign": __version__,
         "reference_model": reference_model,
-        "reward_funcs": [{**identity, "weight": float(w)} for identity, w in zip(reward_funcs, reward_weights, strict=True)],
+        "reward_funcs": [{**identity, "weight": float(w)} for identity, w in zip(reward_funcs, weights, strict=True)],
         "prompt_format": prompt_format,
         "chat_template_sha256": chat_template if prompt_format == "conversational" else None,
-        "chat_template_kwargs": json.loads(json.dumps(chat_template_kwargs or {}, default=repr, sort_keys=True)),
-        "sampling": sampling,
-        "sampler": sampler,
-        "num_samples": int(num_samples),
-        "seed": int(seed),
-        "batch_size": int(batch_size),
-        "nonfinite": nonfinite,
+        "chat_template_kwargs": json.loads(json.dumps(config.chat_template_kwargs or {}, default=repr, sort_keys=True)),
+        "sampling": sampling if sampling is not None else config.sampling.resolved(sampler=_sampler(config)).record(),
+        "sampler": _sampler(config),
+        "num_samples": int(config.num_samples),
+        "seed": int(config.seed),
+        "batch_size": int(config.batch_size),
+        "nonfinite": config.nonfinite,
     }
+    if config.per_reward and len(reward_funcs) > 1:
+        if reward_names is None or len(reward_names) != len(reward_funcs):
+            raise ValueError("a per-reward provenance record needs one name per reward function (reward_names).")
+        build["per_reward"] = True
+        build["rewards"] = {name: dict(identity) for name, identity in zip(reward_names, reward_funcs, strict=True)}
+    return build
+
+
+def _sampler(config) -> str:
+    return "vllm" if config.use_vllm else "transformers"
+
+
+def per_reward_identities(build: dict) -> dict[str, dict] | None:
+    """``{name: identity}`` of a per-reward build record (identity: ``kind``, ``name``, and for a model ``revision``
+    and ``fingerprint``), or None for a build whose column holds one (combined) list per row."""
+    if not build.get("per_reward"):
+        return None
+    rewards = build.get("rewards")
+    if not isinstance(rewards, dict) or not rewards:
+        raise ValueError("a per-reward provenance record without its 'rewards' (name -> identity): rebuild the "
+                         "references with build_reference_rewards(..., per_reward=True).")
+    return {str(name): dict(identity) for name, identity in rewards.items()}
+
+
+def read_per_reward_identities(dataset, column: str = "ref_rewards") -> dict[str, dict] | None:
+    """The recorded ``{name: identity}`` of a per-reward build in `dataset` (see :func:`per_reward_identities`);
+    None without a provenance column or for a plain build. Several builds raise, as :func:`read_reference_provenance`."""
+    build = read_reference_provenance(dataset, column)
+    return None if build is None else per_reward_identities(build)
+
+
+def compare_reward_identities(recorded: dict[str, dict], run: dict[str, dict]) -> list[str]:
+    """Per-reward comparison: one line (naming the reward and the fix) for each of the run's rewards that the
+    references do not hold, or hold for another function. Order does not matter; recorded rewards that the run does
+    not use are not a problem (their entries are just not read)."""
+    problems = []
+    for name, current in run.items():
+        if name not in recorded:
+            problems.append(
+                f"reward {name!r}: the per-reward references hold no rewards for it (they hold {sorted(recorded)}). "
+                f"Fix: rebuild the references with this run's reward functions (build_reference_rewards(..., "
+                "per_reward=True) / build-reference --per_reward), or train with the recorded ones."
+            )
+        elif not _reward_matches(recorded[name], current):
+            problems.append(
+                f"reward {name!r}: recorded {_describe_reward(recorded[name])}, this run {_describe_reward(current)}. "
+                "Fix: pass the reward function the references were scored with under this name, or rebuild the "
+                "references with this one."
+            )
+    return problems
 
 
 def encode_provenance(build: dict) -> str:
@@ -356,6 +395,8 @@ def describe_trainer(trainer) -> dict:
 
     from torch import nn
 
+    from .sampling import SamplingSettings
+
     def unwrap(model):
         return accelerator.unwrap_model(model) if accelerator is not None and isinstance(model, nn.Module) else model
 
@@ -373,11 +414,10 @@ def describe_trainer(trainer) -> dict:
         "reward_weights": weights,
         "chat_template_sha256": chat_template_sha256(trainer.processing_class),
         "chat_template_kwargs": json.loads(json.dumps(getattr(args, "chat_template_kwargs", None) or {}, default=repr, sort_keys=True)),
-        "sampling": sampling_settings(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_completion_length,
-            generation_kwargs=args.generation_kwargs, min_p=getattr(args, "min_p", None),
-            repetition_penalty=getattr(args, "repetition_penalty", None),
-        ),
+        # the values TRL's generate uses: min_p=None takes the policy's generation config (transformers) or 0 (vLLM)
+        "sampling": SamplingSettings.from_args(args).resolved(
+            unwrap(trainer.model), sampler="vllm" if getattr(args, "use_vllm", False) else "transformers"
+        ).record(),
     }
 
 
@@ -422,6 +462,12 @@ def _describe_reward(identity: dict) -> str:
     return f"callable {identity.get('name')}"
 
 
+def _identity_tail(identity: dict) -> str:
+    """A reward's TRL-style name from its identity (when the run's names are not known)."""
+    name = str(identity.get("name", ""))
+    return name.rpartition(":")[2] if identity.get("kind") == "callable" else name.split("/")[-1]
+
+
 def compare_provenance(build: dict, run: dict, prompt_format: str | None) -> list[str]:
     """Each difference between a recorded ``build`` record and the run (:func:`describe_trainer`), as one line naming
     the field, the recorded value, the run's value and the fix. `prompt_format` is the training rows' format."""
@@ -438,7 +484,17 @@ def compare_provenance(build: dict, run: dict, prompt_format: str | None) -> lis
         )
     recorded_funcs = build.get("reward_funcs") or []
     current_funcs, names = run["reward_funcs"], run.get("reward_func_names") or []
-    if len(recorded_funcs) != len(current_funcs):
+    try:
+        recorded_rewards = per_reward_identities(build)
+    except ValueError as error:
+        problems.append(f"reward functions: {error}")
+        recorded_rewards = {}
+    if recorded_rewards is not None:
+        # Each reward is stored unweighted under its name: compare by name, in any order; weights do not enter.
+        if len(names) != len(current_funcs):
+            names = [_identity_tail(identity) for identity in current_funcs]
+        problems += compare_reward_identities(recorded_rewards, dict(zip(names, current_funcs)))
+    elif len(recorded_funcs) != len(current_funcs):
         problems.append(
             f"reward functions: recorded {len(recorded_funcs)} ({', '.join(_describe_reward(f) for f in recorded_funcs)}), "
             f"this run has {len(current_funcs)} ({', '.join(_describe_reward(f) for f in current_funcs)}). Fix: pass "
@@ -593,6 +649,9 @@ __all__ = [
     "check_reference_provenance",
     "read_reference_provenance",
     "read_reference_provenances",
+    "read_per_reward_identities",
+    "per_reward_identities",
+    "compare_reward_identities",
     "provenance_column_name",
     "weights_fingerprint",
 ]

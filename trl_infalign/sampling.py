@@ -14,6 +14,8 @@ meaningful if both sides format the prompt, decode the completion and read the r
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -96,12 +98,117 @@ def model_name(model) -> str:
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return []
-    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    """The token ids that end a completion: the union of the model's `generation_config.eos_token_id` (e.g. an
+    end-of-turn token) and the tokenizer's EOS, tokenizer's first, as `RLOOTrainer.__init__` builds them."""
+    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) is not None else None
+    ids = [] if ids is None else (list(ids) if isinstance(ids, (list, tuple)) else [ids])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in ids:
+        ids = [eos, *ids]
+    return ids
+
+
+#: generation kwargs that do not change the sampling distribution (left out of the provenance record).
+_NON_DISTRIBUTIONAL_GENERATION_KWARGS = frozenset(
+    {"use_cache", "cache_implementation", "disable_compile", "compile_config", "pad_token_id", "bos_token_id",
+     "output_scores", "output_logits", "return_dict_in_generate", "num_return_sequences", "do_sample"}
+)
+#: Sampling fields that TRL passes to `generate` explicitly (`RLOOTrainer.__init__`), with their neutral values.
+SAMPLING_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled: the one object shared by the reference pass, the trainer's provenance check and
+    the provenance record, so that all three see the values `generate` really uses.
+
+    CTRL calibrates a policy completion's reward against rewards of reference samples (InfAlign §1); that is only
+    meaningful if both are drawn the same way. TRL's `RLOOTrainer` passes `temperature`, `top_p`, `top_k`, `min_p`
+    and `repetition_penalty` to `generate` explicitly and stops on the union of the tokenizer's and the generation
+    config's EOS ids; transformers then fills every value left at None from the model's `generation_config.json`.
+    :meth:`resolved` applies the same rule (on the transformers path only `min_p=None` is filled in: TRL passes every
+    other field; vLLM gets `min_p=0.0`, as TRL gives it), so a repetition penalty in a model's generation config no
+    longer changes the reference samples while TRL trains with 1.0.
+    """
+
+    max_new_tokens: int | None = 64
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = 0
+    min_p: float | None = None
+    repetition_penalty: float | None = 1.0
+    generation_kwargs: dict | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "SamplingSettings":
+        """Read from a TRL config (`max_completion_length`, ...) or a `ReferenceConfig` (`max_new_tokens`, ...)."""
+        max_new_tokens = getattr(args, "max_new_tokens", None)
+        if max_new_tokens is None:
+            max_new_tokens = getattr(args, "max_completion_length", None)
+        return cls(
+            max_new_tokens=max_new_tokens,
+            temperature=getattr(args, "temperature", 1.0),
+            top_p=getattr(args, "top_p", 1.0),
+            top_k=getattr(args, "top_k", 0),
+            min_p=getattr(args, "min_p", None),
+            repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+            generation_kwargs=dict(getattr(args, "generation_kwargs", None) or {}) or None,
+        )
+
+    def resolved(self, model=None, sampler: str = "transformers") -> "SamplingSettings":
+        """The effective settings: `min_p=None` takes `model.generation_config.min_p` on the transformers path (as it
+        does inside TRL's `generate`) and 0.0 on vLLM; other None values take their neutral value."""
+        values = {}
+        for name, neutral in SAMPLING_FIELDS.items():
+            value = getattr(self, name)
+            if value is None and name == "min_p" and sampler == "transformers" and model is not None:
+                value = getattr(getattr(model, "generation_config", None), "min_p", None)
+            values[name] = neutral if value is None else value
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, generation_kwargs=self.generation_kwargs, **values)
+
+    def generate_kwargs(self, tokenizer, eos_ids: Sequence[int]) -> dict:
+        """`model.generate` kwargs, as `RLOOTrainer` builds them: every sampling field explicit, EOS ids given,
+        `generation_kwargs` applied last. Call on :meth:`resolved` settings."""
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=list(eos_ids) or None,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p or None,  # 0 is "off": no warper, as when TRL's None meets a generation config without it
+            repetition_penalty=self.repetition_penalty,
+        )
+        kwargs.update(self.generation_kwargs or {})
+        return kwargs
+
+    def vllm_kwargs(self, n: int) -> dict:
+        """`vllm.SamplingParams` kwargs, as TRL's colocate engine builds them (`min_p=None` is 0.0)."""
+        kwargs = dict(n=n, max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                      top_k=self.top_k, min_p=0.0 if self.min_p is None else self.min_p,
+                      repetition_penalty=self.repetition_penalty)
+        kwargs.update(self.generation_kwargs or {})
+        return kwargs
+
+    def record(self) -> dict:
+        """The provenance record: the sampling fields with neutral values for None, `max_new_tokens`, and every
+        distribution-changing `generation_kwargs` entry on top (as `generate` sees them)."""
+        settings = {name: (neutral if getattr(self, name) is None else getattr(self, name)) for name, neutral in SAMPLING_FIELDS.items()}
+        settings = {
+            "temperature": float(settings["temperature"]), "top_p": float(settings["top_p"]), "top_k": int(settings["top_k"]),
+            "min_p": float(settings["min_p"]), "repetition_penalty": float(settings["repetition_penalty"]),
+            "max_new_tokens": None if self.max_new_tokens is None else int(self.max_new_tokens),
+        }
+        for key, value in sorted((self.generation_kwargs or {}).items()):
+            if key in _NON_DISTRIBUTIONAL_GENERATION_KWARGS:
+                continue
+            settings[key] = json.loads(json.dumps(value, default=repr))
+        for key, neutral in SAMPLING_FIELDS.items():
+            if settings.get(key) is None:
+                settings[key] = neutral
+        return settings
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +242,8 @@ def generate_completions(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     batch_size: int = 32,
     generation_kwargs: dict | None = None,
     chat_template_kwargs: dict | None = None,
@@ -142,8 +251,10 @@ def generate_completions(
 ) -> Completions:
     """Sample `num_completions` completions per prompt with `model.generate`, batched over prompt copies.
 
-    Sampling settings mirror TRL's defaults (`do_sample=True`, temperature 1, no top-k/top-p truncation), so that
-    reference samples come from the same distribution the trainer's reference policy defines.
+    Sampling mirrors `RLOOTrainer`: `do_sample=True`, every sampling field passed explicitly (defaults: temperature
+    1, no top-k/top-p truncation, repetition penalty 1; `min_p=None` takes the model's generation config, as in TRL),
+    generation stops at the union of the tokenizer's and the generation config's EOS ids (see
+    :class:`SamplingSettings`). So reference samples come from the distribution the trainer samples from.
     """
     if num_completions < 1:
         raise ValueError(f"num_completions must be >= 1, got {num_completions}.")
@@ -157,16 +268,11 @@ def generate_completions(
     flat = [(p, j) for p in range(len(prompts)) for j in range(num_completions)]
     device = next(model.parameters()).device
     stop_ids = eos_token_ids(model, tokenizer)
-    kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop_ids or None,
-    )
-    kwargs.update(generation_kwargs or {})
+    settings = SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, generation_kwargs=generation_kwargs,
+    ).resolved(model)
+    kwargs = settings.generate_kwargs(tokenizer, stop_ids)
     ids: list[list[list[int]]] = [[[] for _ in range(num_completions)] for _ in prompts]
     desc = progress if isinstance(progress, str) else "Sampling"
     was_training = model.training
@@ -269,8 +375,16 @@ def load_reward_funcs(
 
 
 def reward_func_name(func) -> str:
+    """The reward function's name as TRL derives it (`RLOOTrainer.reward_func_names`): a model's
+    `config._name_or_path.split("/")[-1]`, a callable's `__name__` (a `functools.partial` unwrapped, an object by its
+    class name). Per-reward references are keyed by it. A model without a config is named after its class."""
     if isinstance(func, nn.Module):
-        return str(getattr(func.config, "_name_or_path", "") or type(func).__name__).rstrip("/").split("/")[-1]
+        config = getattr(func, "config", None)
+        if config is None:
+            return type(func).__name__
+        return str(getattr(config, "_name_or_path", "")).split("/")[-1]
+    while isinstance(func, functools.partial):
+        func = func.func
     return getattr(func, "__name__", type(func).__name__)
 
 

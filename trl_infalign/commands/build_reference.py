@@ -1,6 +1,7 @@
 """`trl-infalign build-reference`: sample K reference completions per prompt, score them, save a `ref_rewards` column.
 
     trl-infalign build-reference --model sft-model --reward-model rm --dataset prompts.jsonl --num-samples 16 --output out/
+    trl-infalign build-reference ... --reward-model helpful --reward-model harmless --per_reward   # {name: [K floats]}
     accelerate launch --multi_gpu --num_processes 8 -m trl_infalign.cli build-reference ...   # sharded
     torchrun --nproc_per_node 8 -m trl_infalign.cli build-reference ...
 
@@ -9,49 +10,63 @@ The output directory is a `save_to_disk` dataset (read it back with `load_from_d
 the same record is in the dataset's `ref_rewards_provenance` column, which `CTRLTrainer` checks) and, unless
 `--cache-dir` says otherwise, the resumable cache `<output>/cache`: rerun the same command after a crash to resume.
 `--output` and the cache directory are probed for writability before anything is loaded.
+
+Every option after the CLI's own (`--model`, `--reward-model`, `--dataset`, `--dataset-config`, `--split`, `--output`,
+`--no-progress`) is a `trl_infalign.ReferenceConfig` field, added as `TrlParser((ReferenceConfig,))` adds it
+(`--num_samples` and `--num-samples`; dict fields as JSON): a new reference option is defined once, in the config.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 from pathlib import Path
 
-from . import positive_float, top_k_value, top_p_value
-
-
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    """The CLI's own arguments (what to read and where to write), then every `ReferenceConfig` field, as
+    `TrlParser((ReferenceConfig,))` adds them: `--num_samples` and `--num-samples`, JSON for the dict fields."""
     parser.add_argument("--model", required=True, help="Reference policy (usually the SFT model): local path or hub id.")
     parser.add_argument(
         "--reward-model", action="append", required=True, dest="reward_models", metavar="PATH",
-        help="Sequence-classification reward model (path or hub id); repeat for several (combined with --reward-weights).",
+        help="Sequence-classification reward model (path or hub id); repeat for several (combined with --reward-weights, "
+        "or stored per reward with --per_reward).",
     )
-    parser.add_argument("--reward-weights", type=float, nargs="+", default=None, help="One weight per --reward-model.")
     parser.add_argument(
         "--dataset", required=True,
         help="A local .json/.jsonl/.parquet/.csv file, a `save_to_disk` directory, or a hub dataset name.",
     )
     parser.add_argument("--dataset-config", default=None, help="Hub dataset configuration name.")
     parser.add_argument("--split", default="train", help="Split to use (default: train).")
-    parser.add_argument("--prompt-column", default="prompt")
-    parser.add_argument("--output-column", default="ref_rewards")
-    parser.add_argument("--num-samples", "-k", type=int, default=16, help="K reference samples per prompt (default 16).")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32, help="Prompts per chunk (unit of seeding/caching/sharding).")
-    parser.add_argument("--generation-batch-size", type=int, default=None, help="Completions per generate call.")
-    parser.add_argument("--temperature", type=positive_float, default=1.0)
-    parser.add_argument("--top-p", type=top_p_value, default=1.0)
-    parser.add_argument("--top-k", type=top_k_value, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nonfinite", choices=["raise", "skip"], default="raise", help="NaN/inf reference rewards.")
-    parser.add_argument("--keep-completions", action="store_true", help="Also store the reference completions.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output column.")
     parser.add_argument("--output", required=True, help="Output directory.")
-    parser.add_argument("--cache-dir", default=None, help="Resumable cache (default: <output>/cache).")
-    parser.add_argument("--use-vllm", action="store_true", help="Sample with vLLM (pip install trl-infalign[vllm]).")
     parser.add_argument("--no-progress", action="store_true")
+    add_config_arguments(parser.add_argument_group("reference settings (trl_infalign.ReferenceConfig)"))
+
+
+def add_config_arguments(group) -> None:
+    """Add one option per `ReferenceConfig` field to `group`, exactly as `HfArgumentParser` / `TrlParser` does."""
+    import copy
+    import dataclasses
+    import typing
+
+    from transformers import HfArgumentParser
+
+    from ..reference_config import ReferenceConfig
+
+    hints = typing.get_type_hints(ReferenceConfig)
+    for config_field in dataclasses.fields(ReferenceConfig):
+        config_field = copy.copy(config_field)  # HfArgumentParser rewrites `type` in place
+        config_field.type = hints[config_field.name]
+        HfArgumentParser._parse_dataclass_field(group, config_field)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The `ReferenceConfig` of parsed CLI arguments (its checks raise `ValueError` naming the field)."""
+    from ..reference_config import ReferenceConfig
+
+    return ReferenceConfig(**{name: getattr(args, name) for name in ReferenceConfig.field_names()})
 
 
 def load_prompts(path: str, split: str = "train", config: str | None = None):
@@ -80,40 +95,38 @@ def load_prompts(path: str, split: str = "train", config: str | None = None):
 def run(args: argparse.Namespace) -> int:
     from ..reference import _build_reference_rewards, probe_writable, resolve_process_state
 
+    config = config_from_args(args)
     state = resolve_process_state()
     output = Path(args.output)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else output / "cache"
+    cache_dir = Path(config.cache_dir) if config.cache_dir else output / "cache"
     # Before loading the dataset or any model: an unwritable --output used to fail only after the whole build.
     if state.is_main_process:
         probe_writable(output, "--output", "choose a writable output directory, or fix its permissions")
-    probe_writable(cache_dir, "--cache-dir" if args.cache_dir else "--cache-dir (default <output>/cache)",
+    probe_writable(cache_dir, "--cache-dir" if config.cache_dir else "--cache-dir (default <output>/cache)",
                    "pass a writable --cache-dir, or fix the permissions")
     dataset = load_prompts(args.dataset, args.split, args.dataset_config)
+    config = dataclasses.replace(config, cache_dir=str(cache_dir))
     result, stats = _build_reference_rewards(
-        dataset, args.model, list(args.reward_models), num_samples=args.num_samples,
-        reward_weights=args.reward_weights, prompt_column=args.prompt_column, output_column=args.output_column,
-        keep_completions=args.keep_completions, cache_dir=cache_dir, batch_size=args.batch_size,
-        generation_batch_size=args.generation_batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, nonfinite=args.nonfinite,
-        overwrite=args.overwrite, use_vllm=args.use_vllm, accelerator=state, progress=not args.no_progress,
+        dataset, args.model, list(args.reward_models), config, accelerator=state, progress=not args.no_progress,
     )
+    column = config.output_column
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         result.save_to_disk(str(output))  # load_from_disk(output) gives the dataset back
         tmp = output / "ref_rewards.jsonl.tmp"
         with open(tmp, "w") as f:
-            for index, values in enumerate(result[args.output_column]):
+            for index, values in enumerate(result[column]):  # per-reward rows are JSON objects {name: [...]}
                 f.write(json.dumps({"index": index, "ref_rewards": values}) + "\n")
         os.replace(tmp, output / "ref_rewards.jsonl")
         tmp = output / "reference_provenance.json.tmp"
         tmp.write_text(json.dumps(stats.extra["provenance"], indent=2, sort_keys=True) + "\n")
         os.replace(tmp, output / "reference_provenance.json")
-        flat = [v for row in result[args.output_column] for v in row]
-        mean = sum(flat) / len(flat)
-        std = math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat) - 1, 1))
-        lines = [
-            f"Reference rewards: {stats.num_rows} rows x K={stats.num_samples} -> {output}",
-            f"  reward mean {mean:.4g}, std {std:.4g} ({len(flat)} values)",
+        rows = list(result[column])
+        per_reward = {name: [row[name] for row in rows] for name in stats.extra["reward_names"]} if stats.extra["per_reward"] else {"": rows}
+        lines = [f"Reference rewards: {stats.num_rows} rows x K={stats.num_samples} -> {output}"]
+        for name, values in per_reward.items():
+            lines.append(f"  {name + ': ' if name else ''}{_summary(values)}")
+        lines += [
             f"  chunks: {stats.num_chunks} ({stats.chunks_resumed} resumed from {cache_dir}), processes: {stats.world_size}",
             f"  time: {stats.seconds:.1f} s",
         ]
@@ -122,3 +135,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(lines), flush=True)
     state.wait_for_everyone()
     return 0
+
+
+def _summary(rows) -> str:
+    flat = [v for row in rows for v in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((v - mean) ** 2 for v in flat) / max(len(flat) - 1, 1))
+    return f"reward mean {mean:.4g}, std {std:.4g} ({len(flat)} values)"
