@@ -299,6 +299,37 @@ def test_recipe_end_to_end_cli(tiny_models, tmp_path):
     assert json.loads((cache / "meta.json").read_text())["num_samples"] == 4
 
 
+def test_helpful_harmless_recipe_end_to_end_on_the_tiny_fixture(tiny_models, tmp_path):
+    """`ctrl_hh_helpful_harmless.yaml` (BoN-4 on helpfulness + WoN-4 on harmlessness, one run), shrunk to the tiny
+    offline models: per-reward references, the fit on them, training, the deployment's evaluation and the card."""
+    from trl_infalign.tiny import build_tiny_reward_model
+
+    second = tmp_path / "rm2"
+    build_tiny_reward_model(tiny_models["tokenizer"], second, seed=1)
+    out = tmp_path / "out"
+    tiny = {"dtype": "float32", "bf16": "false", "use_cpu": "true", "num_generations": "2",
+            "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1", "max_completion_length": "8",
+            "max_steps": "2", "max_train_prompts": "8", "max_eval_prompts": "4", "num_reference_samples": "4",
+            "min_reference_samples": "2", "reference_batch_size": "4", "eval_num_samples": "4", "logging_steps": "1",
+            "save_strategy": "no", "warmup_steps": "0", "learning_rate": "1e-3", "disable_tqdm": "true",
+            "gradient_checkpointing": "false", "seed": "0"}
+    cmd = [sys.executable, str(RECIPES / "ctrl_hh.py"), "--config", str(RECIPES / "configs" / "ctrl_hh_helpful_harmless.yaml"),
+           "--model_name_or_path", tiny_models["policy"], "--dataset_name", str(FIXTURE), "--output_dir", str(out),
+           "--reward_models", f"helpful={tiny_models['rm']}", f"harmless={second}",
+           *[item for key, value in tiny.items() for item in (f"--{key}", value)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    evaluation = json.loads((out / "infalign_eval.json").read_text())
+    (deployment,) = evaluation["deployments"]
+    assert deployment["spec"] == "mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"
+    assert {c["reward"] for c in deployment["components"]} == {"helpful", "harmless"}
+    state = json.loads((out / "ctrl_calibration.json").read_text())
+    assert state["resolved_transform"].startswith("bon:t=") and "@helpful+won:t=" in state["resolved_transform"]
+    card = (out / "README.md").read_text()
+    assert "@helpful" in card and "@harmless" in card
+
+
 class _FakeHub:
     """Replaces the network calls of huggingface_hub: repos are folders under `root`."""
 
