@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -356,6 +357,32 @@ class _FakeHub:
         return f"https://huggingface.co/{repo_id}/commit/0000"
 
 
+def best_exp_t_at_beta(n: int, beta: float) -> float:
+    """argmax_t W_BoN-n(g_t) − β·KL(g_t) for g_t ∝ exp(exp(t·c)/β) on c ∈ [0, 1] (InfAlign's BoN family at a fixed KL
+    coefficient, notes §2): W = ∫ n G^{n−1} g c^n dc, KL = ∫ g log g dc, trapezoids on 20 001 points, bounded Brent on
+    log t over [0.01, 60]."""
+    import math
+
+    import numpy as np
+    from scipy.integrate import cumulative_trapezoid
+    from scipy.optimize import minimize_scalar
+
+    c = np.linspace(0.0, 1.0, 20_001)
+
+    def objective(t: float) -> float:
+        log_g = np.exp(t * c) / beta
+        log_g -= log_g.max()
+        log_g -= math.log(np.trapezoid(np.exp(log_g), c))
+        g = np.exp(log_g)
+        cdf = cumulative_trapezoid(g, c, initial=0.0)
+        cdf /= cdf[-1]
+        return float(np.trapezoid(n * cdf ** (n - 1) * g * c**n, c) - beta * np.trapezoid(g * log_g, c))
+
+    found = minimize_scalar(lambda u: -objective(math.exp(u)), bounds=(math.log(0.01), math.log(60.0)),
+                            method="bounded", options={"xatol": 1e-10})
+    return math.exp(found.x)
+
+
 def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp_path, monkeypatch, capfd):
     from huggingface_hub import HfApi
 
@@ -373,11 +400,15 @@ def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp
     assert not list(repo.glob("*reference*")), "the reference cache must not be uploaded"
     card = (repo / "README.md").read_text()
     evaluation = json.loads((out / "infalign_eval.json").read_text())
+    t = re.search(r"\| t \| ([0-9.eE+-]+) \|", card)
+    assert t, "the card names the transform's t"
     for needle in ("CTRL", "InfAlign", "2412.19792", "| inference-time procedure | `bon` |", "| N | 2 |",
-                   "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", "bon:t=0.562306",
-                   "| t | 0.562306 |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
+                   "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", f"bon:t={t[1]}",
+                   "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
                    f"{evaluation['kl']['k1']['estimate']:.4f}", "me/tiny-ctrl"):
         assert needle in card, needle
+    # transform=auto at β = 0.1 for BoN-2: the card's t is the best exp(t·c) for that β, derived here by quadrature
+    assert float(t[1]) == pytest.approx(best_exp_t_at_beta(n=2, beta=0.1), rel=1e-4)
     for row in evaluation["win_rates"]:
         assert f"| {row['procedure']} | {row['n']} | {row['estimate']:.3f} |" in card
     # the token reached the Hub calls (through HF_TOKEN) but nothing written or printed
