@@ -133,8 +133,10 @@ def test_warn_and_off_let_a_mismatched_run_train(tmp_path, references):
     assert trainer.ctrl_calibration_health is None
 
 
-def test_resumed_run_skips_the_check(tmp_path, references):
-    """After a resume the policy is no longer the reference: the check must not run (here it would fail)."""
+def test_resumed_run_skips_the_check(tmp_path, references, monkeypatch):
+    """After a resume the policy is no longer the reference: the check must not run, nor draw completions.
+    (A resume with another reward, which the check would have flagged, is refused by the run record:
+    tests/test_ctrl_trainer.py::test_resume_refuses_another_run_naming_each_difference.)"""
     first = train(tmp_path, references, max_steps=1, save_strategy="steps", save_steps=1)
     assert first.ctrl_calibration_health is not None
     path, tokenizer, built = references
@@ -143,7 +145,9 @@ def test_resumed_run_skips_the_check(tmp_path, references):
         max_steps=2, save_strategy="no", report_to="none", use_cpu=True, bf16=False, transform="identity", beta=0.5,
         disable_tqdm=True, reference_provenance_check="off",
     )
-    resumed = CTRLTrainer(model=path, reward_funcs=scaled_length_reward, args=args, train_dataset=built[6],
+    resumed = CTRLTrainer(model=path, reward_funcs=length_reward, args=args, train_dataset=built[6],
                           processing_class=tokenizer)
+    calls = []
+    monkeypatch.setattr(resumed, "_check_calibration_health", lambda *a, **k: calls.append(a))
     resumed.train(resume_from_checkpoint=True)
-    assert resumed.state.global_step == 2 and resumed.ctrl_calibration_health is None
+    assert resumed.state.global_step == 2 and resumed.ctrl_calibration_health is None and calls == []
