@@ -168,6 +168,34 @@ def test_model_card_names_method_paper_and_settings(tmp_path, tiny):
         assert needle in card, needle
 
 
+def test_card_numbers_are_readable_and_beta_is_given_on_the_normalised_transform(tmp_path, tiny):
+    """The demo's case: bon:t=17.3 with beta 7804817.927095893 -> 9.324e6. Every number with 4 significant digits,
+    beta also as RLOO applies it to (Phi - 1)/(e^17.3 - 1), and standard = BoN-1 = WoN-1 shown once."""
+    from trl_infalign.model_card import build_ctrl_model_card
+
+    start, end = 7804817.927095893, 9.324e6
+    trainer = make_trainer(tmp_path, tiny, length_reward_for_card, transform="bon:t=17.3", beta=start)
+    trainer.beta = trainer._ctrl_penalty_beta(end)  # where an adaptive run ends
+    row = {"ci_low": 0.4, "ci_high": 0.6, "unbiased": True}
+    trainer.record_evaluation({"win_rates": [
+        {"procedure": "standard", "n": 1, "estimate": 0.55, **row}, {"procedure": "bon", "n": 1, "estimate": 0.55, **row},
+        {"procedure": "won", "n": 1, "estimate": 0.55, **row}, {"procedure": "bon", "n": 4, "estimate": 0.61, **row},
+    ]})
+    card = build_ctrl_model_card(trainer).text
+    scale = math.exp(17.3) - 1  # Phi = exp(17.3 c) spans [1, e^17.3] on c in [0, 1]
+    assert "| β (KL coefficient) | 7.805e+06 at the start → 9.324e+06 at the end |" in card
+    assert (f"| β on the normalised Φ (RLOO's `beta` = β / 3.261e+07, for (Φ − 1) / 3.261e+07 ∈ [0, 1]) | "
+            f"{start / scale:.4g} at the start → {end / scale:.4g} at the end |") in card
+    assert f"{start / scale:.4g}" == "0.2394" and "| t | 17.3 |" in card
+    assert "7804817" not in card and "927095893" not in card
+    assert card.count("| standard | 1 | 0.550 |") == 1 and "| bon | 1 |" not in card and "| won | 1 |" not in card
+    assert "| bon | 4 | 0.610 | [0.400, 0.600] |" in card
+
+
+def length_reward_for_card(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
 def test_push_to_hub_offline_keeps_local_output_and_says_why(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     secret = "hf_THISISAFAKETOKEN1234567890"

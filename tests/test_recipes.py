@@ -321,11 +321,13 @@ def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp
     evaluation = json.loads((out / "infalign_eval.json").read_text())
     for needle in ("CTRL", "InfAlign", "2412.19792", "| inference-time procedure | `bon` |", "| N | 2 |",
                    "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", "bon:t=0.562306",
-                   "| t | 0.562306 |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
+                   "| t | 0.5623 |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
                    f"{evaluation['kl']['k1']['estimate']:.4f}", "me/tiny-ctrl"):
         assert needle in card, needle
-    for row in evaluation["win_rates"]:
-        assert f"| {row['procedure']} | {row['n']} | {row['estimate']:.3f} |" in card
+    for row in evaluation["win_rates"]:  # standard = BoN-1 = WoN-1: one row
+        procedure = "standard" if row["n"] == 1 else row["procedure"]
+        assert f"| {procedure} | {row['n']} | {row['estimate']:.3f} |" in card
+    assert card.count("| standard | 1 |") == 1 and "| bon | 1 |" not in card and "| won | 1 |" not in card
     # the token reached the Hub calls (through HF_TOKEN) but nothing written or printed
     captured = capfd.readouterr()
     leaks = [name for name, blob in (("stdout", captured.out.encode()), ("stderr", captured.err.encode()),
