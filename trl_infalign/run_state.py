@@ -69,14 +69,11 @@ def describe_run(trainer, train_dataset=None) -> dict:
 
     run = describe_trainer(trainer)
     names = run.get("reward_func_names") or []
-    prompt_format = None
-    if train_dataset is not None and "prompt" in (getattr(train_dataset, "column_names", None) or []):
-        try:
-            first = next(iter(train_dataset))["prompt"]
-        except (StopIteration, TypeError, KeyError):
-            first = None
-        if first is not None:
-            prompt_format = "conversational" if is_conversational_prompt(first) else "plain"
+    prompt_format = None  # map-style datasets only: reading an iterable one could start a download
+    if (hasattr(train_dataset, "__len__") and hasattr(train_dataset, "__getitem__") and len(train_dataset)
+            and "prompt" in (getattr(train_dataset, "column_names", None) or [])):
+        first = train_dataset[0]["prompt"]
+        prompt_format = "conversational" if is_conversational_prompt(first) else "plain"
     record = {
         "format": RUN_RECORD_FORMAT,
         "reference_model": run["reference_model"],
