@@ -245,8 +245,13 @@ def test_matched_small_batch_draws_extra_completions_and_passes(tmp_path, refere
     health = trainer.ctrl_calibration_health
     assert trainer.state.global_step == 1 and not health.failed and health.conclusive
     assert health.extra_completions > 0 and health.num_completions > 4
-    # the extra draws left TRL's bookkeeping alone: one generation batch of tokens and metrics
-    assert len([h for h in trainer.state.log_history if "completions/mean_length" in h]) == 1
+    # the extra draws left TRL's bookkeeping alone: the same token count and completion metrics as the same run
+    # without the check (the first batch is generated before the draws, so it is the same batch)
+    unchecked = small_batch_run(tmp_path / "off", references, length_reward, calibration_check="off", **setup)
+    assert trainer.state.num_input_tokens_seen == unchecked.state.num_input_tokens_seen
+    keys = ("num_tokens", "completions/mean_length", "completions/max_length", "completions/clipped_ratio")
+    logged, expected = ({k: t.state.log_history[0][k] for k in keys} for t in (trainer, unchecked))
+    assert logged == expected
 
 
 def test_inconclusive_check_warns_naming_the_setting_and_trains(tmp_path, references):
