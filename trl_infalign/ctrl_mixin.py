@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,14 +39,7 @@ from accelerate.utils import gather_object
 
 from . import preflight, run_state
 from .calibration import calibrate, pad_reference_rewards
-from .health import (
-    CalibrationHealth,
-    Step0Batch,
-    calibration_check_message,
-    inconclusive_message,
-    step0_health_check,
-)
-from .health import batch_shape as _health_batch_shape
+from .health import NOT_AT_HAND, CalibrationHealth, Step0Batch, report_calibration_health, step0_health_check
 from .hub import HubUploadError, hub_failure, hub_token_redacted
 from .kl_control import AdaptiveKLController
 from .model_card import INFALIGN_CITATION
@@ -325,36 +317,21 @@ class CTRLTrainerMixin:
         names it); completions are drawn until the test can decide (`calibration_check_max_samples`). Every process
         decides alike. Several rewards: call once per reward with `false_alarm_rate = α / J`."""
         self._ctrl_health_pending = False
-        args = self.args
-        config_name = type(args).__name__
         step0 = self._ctrl_step0
-        unavailable = step0.unavailable(self) if step0 is not None else (
-            "the reward step was called outside TRL's generation, so the batch's prompts are not at hand"
-        )
-        kwargs = {} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}
-        values = raw.detach().cpu().double().numpy()
+        unavailable = step0.unavailable(self) if step0 is not None else NOT_AT_HAND
+
+        def draw(rounds):
+            return self._ctrl_health_values(step0.draw(self, rounds), label).cpu().double().numpy()
+
         health = step0_health_check(
-            values, ref_rows, draw=None if unavailable else (
-                lambda rounds: self._ctrl_health_values(step0.draw(self, rounds), label).cpu().double().numpy()
-            ),
-            max_extra_completions=args.calibration_check_max_samples, label=label, **kwargs,
+            raw.detach().cpu().double().numpy(), ref_rows, draw=None if unavailable else draw,
+            max_extra_completions=self.args.calibration_check_max_samples, label=label,
+            **({} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}),
         )
         self.ctrl_calibration_health = health
-        if health is None:
-            return
-        self._metrics["train"]["ctrl/step0_calibrated_reward"].append(health.mean_calibrated)
-        if health.failed:
-            message = calibration_check_message(health, args.reference_rewards_column, config_name)
-            if args.calibration_check == "raise":
-                raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
-        elif not health.conclusive:
-            shape = _health_batch_shape(values, ref_rows)
-            warnings.warn(
-                inconclusive_message(health, args.reference_rewards_column, args.calibration_check_max_samples,
-                                     config_name, unavailable=unavailable, shape=shape),
-                UserWarning, stacklevel=2,
-            )
+        if health is not None:
+            self._metrics["train"]["ctrl/step0_calibrated_reward"].append(health.mean_calibrated)
+        report_calibration_health(health, self.args, unavailable)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Model card (`trl_infalign.model_card`)

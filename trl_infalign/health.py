@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class CalibrationHealth:
     separation_p_value: float = 0.0  # p of complete separation on these strata: the smallest p the check can give
     extra_completions: int = 0  # completions drawn for the check beyond the training batch
     label: str | None = None  # the reward checked (several rewards: one check each)
+    batch_shape: list | None = None  # (G_s, K_s) of the training batch's strata, before any extra completions
 
     @property
     def conclusive(self) -> bool:
@@ -253,7 +255,31 @@ def step0_health_check(
     if health is not None:
         health.extra_completions = rounds * len(reference_rows)
         health.label = label
+        health.batch_shape = shape
     return health
+
+
+#: Why no completions can be drawn when the reward step runs outside TRL's generation (a direct call).
+NOT_AT_HAND = "the reward step was called outside TRL's generation, so the batch's prompts are not at hand"
+
+
+def report_calibration_health(health: CalibrationHealth | None, args, unavailable: str | None = None) -> None:
+    """Act on a step-0 result as `args.calibration_check` says: a failed check raises (`raise`) or warns (`warn`);
+    an inconclusive one always warns, naming why and the setting to change."""
+    if health is None:
+        return
+    config_name = type(args).__name__
+    if health.failed:
+        message = calibration_check_message(health, args.reference_rewards_column, config_name)
+        if args.calibration_check == "raise":
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    elif not health.conclusive:
+        warnings.warn(
+            inconclusive_message(health, args.reference_rewards_column, args.calibration_check_max_samples,
+                                 config_name, unavailable=unavailable, shape=health.batch_shape),
+            UserWarning, stacklevel=3,
+        )
 
 
 def _for_reward(health: CalibrationHealth) -> str:
@@ -327,7 +353,7 @@ class Step0Batch:
     def unavailable(self, trainer) -> str | None:
         """Why no round can be drawn, or None."""
         if self.prompts is None or not self.inputs:
-            return "the reward step was called outside TRL's generation, so the batch's prompts are not at hand"
+            return NOT_AT_HAND
         if any(key in self.inputs[0] for key in ("image", "images")):
             return "multimodal prompts"
         for name in ("rollout_func", "tools", "environment_factories"):
