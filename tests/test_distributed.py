@@ -92,6 +92,9 @@ def check_each_rank_calibrated_against_its_own_references(records, steps=3):
     # the ranks trained on different prompts, and each reward call saw its own prompt's reference rewards
     assert records[0]["prompts"] != records[1]["prompts"]
     assert all(r["ref_matches_prompt"] for r in records)
+    # the step-0 health check drew its extra round on both ranks (4 prompts x 2 vs K = 7 is not decisive alone) and
+    # decided alike from gathered values
+    assert records[0]["health"] == records[1]["health"] and records[0]["health"]["extra_completions"] == 8
     for record in records:
         values = record["calibrated"]
         assert len(values) == steps * 4 * 2  # steps x per-device batch x processes (gathered)

@@ -400,17 +400,19 @@ def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp
     assert not list(repo.glob("*reference*")), "the reference cache must not be uploaded"
     card = (repo / "README.md").read_text()
     evaluation = json.loads((out / "infalign_eval.json").read_text())
-    t = re.search(r"\| t \| ([0-9.eE+-]+) \|", card)
+    t = re.search(r"`bon:t=([0-9.eE+-]+)`", card)
     assert t, "the card names the transform's t"
     for needle in ("CTRL", "InfAlign", "2412.19792", "| inference-time procedure | `bon` |", "| N | 2 |",
                    "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", f"bon:t={t[1]}",
-                   "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
+                   f"| t | {float(t[1]):.4g} |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
                    f"{evaluation['kl']['k1']['estimate']:.4f}", "me/tiny-ctrl"):
         assert needle in card, needle
     # transform=auto at β = 0.1 for BoN-2: the card's t is the best exp(t·c) for that β, derived here by quadrature
     assert float(t[1]) == pytest.approx(best_exp_t_at_beta(n=2, beta=0.1), rel=1e-4)
-    for row in evaluation["win_rates"]:
-        assert f"| {row['procedure']} | {row['n']} | {row['estimate']:.3f} |" in card
+    for row in evaluation["win_rates"]:  # standard = BoN-1 = WoN-1: one row
+        procedure = "standard" if row["n"] == 1 else row["procedure"]
+        assert f"| {procedure} | {row['n']} | {row['estimate']:.3f} |" in card
+    assert card.count("| standard | 1 |") == 1 and "| bon | 1 |" not in card and "| won | 1 |" not in card
     # the token reached the Hub calls (through HF_TOKEN) but nothing written or printed
     captured = capfd.readouterr()
     leaks = [name for name, blob in (("stdout", captured.out.encode()), ("stderr", captured.err.encode()),

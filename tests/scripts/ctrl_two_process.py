@@ -107,6 +107,10 @@ def run(trainer_kind: str, run_dir: Path) -> dict:
         "logged": [h for h in trainer.state.log_history if "ctrl/calibrated_reward" in h],
         "sequence_kl": [h["ctrl/sequence_kl"] for h in trainer.state.log_history if "ctrl/sequence_kl" in h],
         "beta": trainer.current_beta,
+        "health": None if trainer.ctrl_calibration_health is None else {
+            key: getattr(trainer.ctrl_calibration_health, key)
+            for key in ("num_completions", "extra_completions", "mean_calibrated", "p_value", "failed")
+        },
     })
     return record
 
