@@ -366,8 +366,9 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
             "Dropped %d non-finite reference rewards in %d row(s) (nonfinite='skip'%s); those rows hold fewer than K=%d rewards.",
             stats.num_dropped, stats.rows_with_dropped, ", for every reward" if reward_names else "", config.num_samples,
         )
-    out = dataset.add_column(config.output_column, [rec["ref_rewards"] for rec in records])
-    out = out.add_column(provenance_column, provenance_rows(provenance, _iter_column(dataset, config.prompt_column)))
+    values = [rec["ref_rewards"] for rec in records]
+    out = dataset.add_column(config.output_column, values)
+    out = out.add_column(provenance_column, provenance_rows(provenance, _iter_column(dataset, config.prompt_column), values))
     if config.keep_completions:
         out = out.add_column(config.completions_column, [rec["ref_completions"] for rec in records])
     stats.extra["provenance"] = provenance
