@@ -12,8 +12,9 @@ seeded with `seed + i` (vLLM: one seed per row), so a chunk's result depends nei
 on the process that runs it. With `cache_dir`, each process appends its finished chunks to its own
 `rank-XXXXX.jsonl` (`{"index": row, "ref_rewards": [...], "sha256": ...}` per row, flushed and fsync'ed per chunk)
 next to a `meta.json` describing the run; a restarted run skips every chunk whose rows are all on disk and pass the
-integrity check, so a resumed build is bit-identical to an uninterrupted one (floats go through JSON with exact
-round-trip). The cache directory is probed for writability before any model is loaded, and a chunk is only computed
+integrity check, so a resumed build is bit-identical to an uninterrupted one on the transformers path (floats go
+through JSON with exact round-trip); under vLLM, which is not batch-invariant, it draws from the same distribution
+with the same per-row seeds, not bit for bit. The cache directory is probed for writability before any model is loaded, and a chunk is only computed
 under its `flock` (`locks/chunk-XXXXXXXX.lock`), so concurrent builders on one cache split the work (see `_Cache`).
 
 Layout: :class:`~trl_infalign.ReferenceConfig` (reference_config.py) says how references are made; the pass is
@@ -57,7 +58,14 @@ from .reference_cache import (  # noqa: F401 - re-exported: imported from here b
     probe_writable,
 )
 from .reference_config import ReferenceConfig
-from .reference_sampling import effective_sampling, generation_config_overridden, load_policy, make_sampler
+from .reference_sampling import (
+    check_vllm_settings,
+    effective_sampling,
+    generation_config_overridden,
+    load_policy,
+    make_sampler,
+    vllm_model_identity,
+)
 from .reference_scoring import RewardScorer, _noop  # noqa: F401
 from .sampling import is_conversational_prompt, resolve_process_state
 
@@ -277,6 +285,7 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     # ---- processes and cache: probe writability before loading or computing anything -----------------------------
     state = resolve_process_state(run["accelerator"])
     rank, world_size = state.process_index, state.num_processes
+    check_vllm_settings(config, world_size, model)
     cache_path = Path(config.cache_dir) if config.cache_dir is not None else None
     if cache_path is not None:
         ReferenceCache(cache_path, rank, world_size, state, num_samples=config.num_samples, nonfinite=config.nonfinite,
@@ -287,7 +296,7 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     scorer = RewardScorer(reward_funcs, run["reward_processing_classes"], config)
     reward_names = scorer.names if scorer.per_reward else None
     policy, tokenizer = load_policy(model, run["tokenizer"], config.use_vllm, config.model_init_kwargs)
-    reference_identity = model_identity(model if config.use_vllm else policy)
+    reference_identity = vllm_model_identity(policy, config.model_init_kwargs) if config.use_vllm else model_identity(policy)
     sampling = effective_sampling(config, policy)
 
     # ---- provenance and cache key, from the config -------------------------------------------------------------
@@ -331,12 +340,20 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     # ---- compute own chunks ---------------------------------------------------------------------------------------
     other_columns = [c for c in dataset.column_names if c not in (config.prompt_column, "prompt", "completion", "completion_ids")]
     sampler = None
+    if config.use_vllm and _any_rank(state, bool(todo)):
+        # vLLM's external launcher builds the engine collectively: every process builds it when any has work (a
+        # process whose share is cached, or that has no chunk, would otherwise leave the others waiting)
+        sampler = make_sampler(policy, tokenizer, state, config, sampling)
+
+    scorer_moved = False
 
     def compute_chunk(chunk: int) -> dict[int, dict]:
-        nonlocal sampler
-        if sampler is None:  # started lazily: a fully cached run never moves the model or starts vLLM
+        nonlocal sampler, scorer_moved
+        if sampler is None:  # transformers: started lazily, a fully cached run never moves the model
             sampler = make_sampler(policy, tokenizer, state, config, sampling)
+        if not scorer_moved:
             scorer.to(state.device)
+            scorer_moved = True
         rows_range = chunk_rows(chunk)
         rows = dataset.select(rows_range)
         prompts = list(rows[config.prompt_column])
@@ -345,20 +362,26 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
 
     local: dict[int, dict] = {}
     error: str | None = None
-    if todo:
-        bar = tqdm(total=len(todo), desc="Reference rewards", unit="chunk", disable=not (run["progress"] and state.is_main_process))
-        try:
-            _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so no rank waits forever
-            if world_size == 1:
-                raise
-            error = f"rank {rank}: {type(exc).__name__}: {exc}"
-            logger.error("Reference building failed on %s", error)
-        finally:
-            bar.close()
+    try:
+        if todo:
+            bar = tqdm(total=len(todo), desc="Reference rewards", unit="chunk",
+                       disable=not (run["progress"] and state.is_main_process))
+            try:
+                _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so no rank waits forever
+                if world_size == 1:
+                    raise
+                error = f"rank {rank}: {type(exc).__name__}: {exc}"
+                logger.error("Reference building failed on %s", error)
+            finally:
+                bar.close()
 
-    # ---- merge ----------------------------------------------------------------------------------------------------
-    records = _merge(done, local, error, cache, state, num_rows, config.batch_size)
+        # ---- merge ------------------------------------------------------------------------------------------------
+        records = _merge(done, local, error, cache, state, num_rows, config.batch_size)
+    finally:
+        if sampler is not None:  # vLLM: shut the engine down and free its GPU memory before anything trains
+            sampler.close()
+            sampler = None
     stats.num_dropped = sum(rec.get("num_dropped", 0) for rec in records)
     stats.rows_with_dropped = sum(1 for rec in records if rec.get("num_dropped", 0))
     if stats.num_dropped:
@@ -376,6 +399,15 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     stats.extra["per_reward"] = bool(reward_names)
     stats.seconds = time.perf_counter() - start_time
     return (out, stats) if run["return_stats"] else out
+
+
+def _any_rank(state, value: bool) -> bool:
+    """Whether `value` holds on any process (every process must call this)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import gather_object
+
+    return any(gather_object([value]))
 
 
 def _prepare_dataset(dataset, config: ReferenceConfig):

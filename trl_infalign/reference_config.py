@@ -74,9 +74,12 @@ class ReferenceConfig:
         model_init_kwargs (`dict` or `str`, *optional*):
             `from_pretrained` kwargs for the policy and reward-model paths (e.g. `{"dtype": "bfloat16"}`), as in TRL.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Sample with vLLM (`pip install trl-infalign[vllm]`).
+            Sample with vLLM (`pip install trl-infalign[vllm]`). vLLM loads the model from its path: of
+            `model_init_kwargs` it takes `revision`, `trust_remote_code` and `dtype`. The engine is shut down and its
+            memory freed when the pass returns. Not batch-invariant: a resumed vLLM build draws from the same
+            distribution with the same per-row seeds, but is not bit-identical.
         vllm_kwargs (`dict` or `str`, *optional*):
-            Extra `vllm.LLM(...)` kwargs (e.g. `gpu_memory_utilization`, `max_model_len`).
+            Extra `vllm.LLM(...)` kwargs (e.g. `gpu_memory_utilization`, `max_model_len`), applied last.
 
         > Parameters that control the columns
 
@@ -214,6 +217,12 @@ class ReferenceConfig:
                 raise ValueError(f"reward_weights must be a non-empty list of finite numbers (one per reward "
                                  f"function) or None, got {self.reward_weights!r}.")
             self.reward_weights = [float(w) for w in weights]
+        if self.generation_kwargs:  # a sampling field set to None there ({"top_k": None}) means its neutral value
+            from .sampling import SAMPLING_FIELDS
+
+            self.generation_kwargs = {
+                k: (SAMPLING_FIELDS[k] if v is None and k in SAMPLING_FIELDS else v) for k, v in self.generation_kwargs.items()
+            }
         for key in sorted(set(self.generation_kwargs or {}) & set(_SAMPLING_FIELD_NAMES)):
             if self.generation_kwargs[key] != getattr(self, key):
                 warnings.warn(
@@ -225,6 +234,12 @@ class ReferenceConfig:
             if key in (self.generation_kwargs or {}):
                 raise ValueError(f"generation_kwargs must not set {key!r}: the number of samples per prompt is "
                                  f"num_samples (got {key}={self.generation_kwargs[key]!r}).")
+        if "seed" in (self.generation_kwargs or {}):
+            raise ValueError(
+                f"generation_kwargs must not set 'seed' (got {self.generation_kwargs['seed']!r}): the reference pass "
+                "seeds every chunk (transformers: seed + chunk index) or row (vLLM) itself, from `seed`, so that a "
+                "resumed or sharded build draws the same samples. Set ReferenceConfig.seed (--seed) instead."
+            )
         from .provenance import provenance_column_name
 
         columns = [self.prompt_column, self.output_column] + ([self.completions_column] if self.keep_completions else [])
