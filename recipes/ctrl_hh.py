@@ -93,7 +93,7 @@ class ScriptArguments(TrlScriptArguments):
                   "`<output_dir>-reference-cache`. Reuse it across runs with the same reference policy and RM."},
     )
     reference_batch_size: int = field(
-        default=8, metadata={"help": "Prompts per reference chunk (unit of seeding, caching and sharding)."}
+        default=8, metadata={"help": "Prompts per reference chunk (unit of caching and sharding)."}
     )
     reference_vllm_kwargs: dict[str, Any] | str | None = field(
         default=None,

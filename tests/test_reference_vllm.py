@@ -165,3 +165,25 @@ def test_seed_n_top_k_none_and_tensor_parallelism_give_clear_errors(tiny, fake_v
     with pytest.raises(ValueError, match=r"vllm_kwargs\['tensor_parallel_size'\]=2 with 4 processes.*external_launcher"):
         check_vllm_settings(config, world_size=4)
 
+
+
+def test_vllm_top_up_requests_only_the_new_samples_with_their_keys(tiny, fake_vllm, tmp_path):
+    from trl_infalign.reference_sampling import sample_key
+
+    requests = []
+    generate = FakeLLM.generate
+
+    def recording(self, prompts, params, use_tqdm=True):
+        requests.extend((p.n, p.seed) for p in params)
+        return generate(self, prompts, params, use_tqdm)
+
+    FakeLLM.generate = recording
+    try:
+        _build(tiny, cache_dir=str(tmp_path / "cache"))  # K = 3
+        requests.clear()
+        topped = _build(tiny, cache_dir=str(tmp_path / "cache"), num_samples=5)
+        expected = sorted((1, sample_key(1, r, j) >> 1) for r in range(len(TINY_PROMPTS)) for j in (3, 4))
+        assert sorted(requests) == expected  # one request per new sample, keyed by (seed, row, j)
+        assert topped["ref_rewards"] == _build(tiny, num_samples=5)["ref_rewards"]
+    finally:
+        FakeLLM.generate = generate

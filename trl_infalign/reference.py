@@ -7,14 +7,16 @@ completion compares like with like. :func:`validate_reference_rewards` is what `
 
 Determinism and resumption
 --------------------------
-Prompts are processed in fixed chunks of `batch_size` rows: chunk i is rows [i*C, (i+1)*C). Before chunk i the RNG is
-seeded with `seed + i` (vLLM: one seed per row), so a chunk's result depends neither on the chunks run before it nor
-on the process that runs it. With `cache_dir`, each process appends its finished chunks to its own
+Prompts are processed in fixed chunks of `batch_size` rows: chunk i is rows [i*C, (i+1)*C). Sample j of row r is
+drawn with its own key (seed, r, j) (see :mod:`trl_infalign.reference_sampling`), so a row's samples depend neither on
+the chunks run before it, nor on the process that runs it, nor on K: the first K₁ samples of a K₂ build are the K₁
+build's, and raising `num_samples` on a cached build (top-up) draws only the new samples K₁..K₂−1 (the cache keeps
+the rows it holds; `meta.json` records the K it grew from). With `cache_dir`, each process appends its finished chunks to its own
 `rank-XXXXX.jsonl` (`{"index": row, "ref_rewards": [...], "sha256": ...}` per row, flushed and fsync'ed per chunk)
 next to a `meta.json` describing the run; a restarted run skips every chunk whose rows are all on disk and pass the
 integrity check, so a resumed build is bit-identical to an uninterrupted one on the transformers path (floats go
 through JSON with exact round-trip); under vLLM, which is not batch-invariant, it draws from the same distribution
-with the same per-row seeds, not bit for bit. The cache directory is probed for writability before any model is loaded, and a chunk is only computed
+with the same per-sample seeds, not bit for bit. The cache directory is probed for writability before any model is loaded, and a chunk is only computed
 under its `flock` (`locks/chunk-XXXXXXXX.lock`), so concurrent builders on one cache split the work (see `_Cache`).
 
 Layout: :class:`~trl_infalign.ReferenceConfig` (reference_config.py) says how references are made; the pass is
@@ -54,6 +56,7 @@ from .reference_cache import (  # noqa: F401 - re-exported: imported from here b
     _record_checksum,
     _short,
     cache_meta,
+    merge_segments,
     prompts_fingerprint,
     probe_writable,
 )
@@ -209,6 +212,8 @@ class ReferenceStats:
     chunks_resumed: int = 0  # found in the cache (all processes)
     chunks_by_others: int = 0  # finished by a concurrent builder on the same cache_dir while this one ran
     records_recomputed: int = 0  # cached records that failed the integrity check and were recomputed
+    completions_generated: int = 0  # on this process
+    samples_reused: int = 0  # cached samples of the chunks this process topped up (raised K)
     num_dropped: int = 0  # non-finite samples dropped (nonfinite="skip")
     rows_with_dropped: int = 0
     seconds: float = 0.0
@@ -347,7 +352,9 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
 
     scorer_moved = False
 
-    def compute_chunk(chunk: int) -> dict[int, dict]:
+    def compute_chunk(chunk: int) -> tuple[dict[int, dict], dict[int, dict]]:
+        """(new records, complete records) of chunk `chunk`: each row's samples not cached yet (all K, or the new
+        ones of a top-up), and the row's K samples with the cached ones in front."""
         nonlocal sampler, scorer_moved
         if sampler is None:  # transformers: started lazily, a fully cached run never moves the model
             sampler = make_sampler(policy, tokenizer, state, config, sampling)
@@ -355,10 +362,22 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
             scorer.to(state.device)
             scorer_moved = True
         rows_range = chunk_rows(chunk)
+        cached = [cache.coverage(r) if cache is not None else None for r in rows_range]
+        starts = [c["samples"][1] if c is not None else 0 for c in cached]
+        if len(set(starts)) > 1:  # rows of one chunk cached to different depths (a damaged record): redraw the chunk,
+            starts, cached = [0] * len(starts), [None] * len(starts)  # so that its batches are a fresh build's
         rows = dataset.select(rows_range)
         prompts = list(rows[config.prompt_column])
-        texts, ids = sampler(prompts, chunk, list(rows_range))
-        return scorer.score(rows, rows_range.start, prompts, texts, ids, other_columns)
+        texts, ids = sampler(prompts, list(rows_range), [(a, config.num_samples) for a in starts])
+        stats.completions_generated += sum(config.num_samples - a for a in starts)
+        stats.samples_reused += sum(starts)
+        scored = scorer.score(rows, rows_range.start, prompts, texts, ids, other_columns, starts)
+        new = {r: scored[r] for r, a in zip(rows_range, starts) if a < config.num_samples}
+        complete = {
+            r: (merge_segments({0: c, a: new[r]}) if r in new else c) if a else new[r]
+            for r, c, a in zip(rows_range, cached, starts, strict=True)
+        }
+        return new, complete
 
     local: dict[int, dict] = {}
     error: str | None = None
@@ -446,7 +465,7 @@ def _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
     for (blocking lock) and read back; it is recomputed only if that builder died."""
     if cache is None:
         for chunk in todo:
-            local.update(compute_chunk(chunk))
+            local.update(compute_chunk(chunk)[1])
             stats.chunks_computed += 1
             bar.update(1)
         return
@@ -462,8 +481,8 @@ def _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
                     stats.chunks_by_others += 1
                     bar.update(1)
                     continue
-                results = compute_chunk(chunk)
-                cache.append(results.values())
+                new, results = compute_chunk(chunk)
+                cache.append(new.values())
             local.update(results)
             stats.chunks_computed += 1
             bar.update(1)

@@ -32,7 +32,8 @@ class ReferenceConfig:
         > Parameters that control the references
 
         num_samples (`int`, *optional*, defaults to `16`):
-            K, reference samples per prompt. The resolution of the calibrated reward is 1/K.
+            K, reference samples per prompt. The resolution of the calibrated reward is 1/K. Raising it on a cached
+            build (same `cache_dir`) keeps the samples drawn and adds only the new ones (top-up).
         reward_weights (`list[float]`, *optional*):
             One weight per reward function; the references are the weighted, NaN-skipping sum, as TRL combines
             rewards (default: all 1). Ignored in the values of a per-reward build (each reward is stored unweighted).
@@ -58,14 +59,15 @@ class ReferenceConfig:
         > Parameters that control batching, seeding and the cache
 
         batch_size (`int`, *optional*, defaults to `32`):
-            Prompts per chunk: the unit of seeding (chunk i is seeded with `seed + i`), caching and sharding.
-            Changing it changes the samples.
+            Prompts per chunk: the unit of caching and sharding. Samples are keyed by (seed, row, sample index), so
+            it changes them only through float rounding (batch shapes).
         generation_batch_size (`int`, *optional*):
             Completions per `generate` call (default: a whole chunk, `batch_size * num_samples`).
         reward_batch_size (`int`, *optional*, defaults to `64`):
             Completions per reward-model forward pass.
         seed (`int`, *optional*, defaults to `0`):
-            Seed of chunk 0 (vLLM: one seed per row, derived from `seed` and the row index).
+            Seed of the pass: sample j of row r is drawn with the key (seed, r, j), whatever K, the chunk or the
+            process (so raising K on a cached build adds samples K₁..K₂−1 and keeps the others).
         cache_dir (`str`, *optional*):
             Resumable cache of finished chunks; a rerun with the same settings resumes.
 
@@ -77,7 +79,7 @@ class ReferenceConfig:
             Sample with vLLM (`pip install trl-infalign[vllm]`). vLLM loads the model from its path: of
             `model_init_kwargs` it takes `revision`, `trust_remote_code` and `dtype`. The engine is shut down and its
             memory freed when the pass returns. Not batch-invariant: a resumed vLLM build draws from the same
-            distribution with the same per-row seeds, but is not bit-identical.
+            distribution with the same per-sample seeds, but is not bit-identical.
         vllm_kwargs (`dict` or `str`, *optional*):
             Extra `vllm.LLM(...)` kwargs (e.g. `gpu_memory_utilization`, `max_model_len`), applied last.
 
@@ -140,14 +142,16 @@ class ReferenceConfig:
     # Parameters that control batching, seeding and the cache
     batch_size: int = field(
         default=32,
-        metadata={"help": "Prompts per chunk: the unit of seeding (chunk i: seed + i), caching and sharding. Changing "
-                  "it changes the samples."},
+        metadata={"help": "Prompts per chunk: the unit of caching and sharding (samples are keyed by seed, row and "
+                  "sample index, so it changes them only through float rounding)."},
     )
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "Completions per generate call (default: batch_size x num_samples)."}
     )
     reward_batch_size: int = field(default=64, metadata={"help": "Completions per reward-model forward pass."})
-    seed: int = field(default=0, metadata={"help": "Seed of chunk 0 (chunk i is seeded with seed + i)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed: sample j of row r is drawn with the key (seed, r, j), whatever K or the chunk."}
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Resumable cache of finished chunks (the CLI's default: <output>/cache); a rerun resumes."},
@@ -237,7 +241,7 @@ class ReferenceConfig:
         if "seed" in (self.generation_kwargs or {}):
             raise ValueError(
                 f"generation_kwargs must not set 'seed' (got {self.generation_kwargs['seed']!r}): the reference pass "
-                "seeds every chunk (transformers: seed + chunk index) or row (vLLM) itself, from `seed`, so that a "
+                "seeds every sample itself, with the key (seed, row, sample index), so that a "
                 "resumed or sharded build draws the same samples. Set ReferenceConfig.seed (--seed) instead."
             )
         from .provenance import provenance_column_name

@@ -1,11 +1,19 @@
 """Sampling for the reference pass: the reference policy loaded once, and a chunk sampler on transformers or vLLM.
 
-A sampler is called as `(prompts, chunk_index, row_indices) -> (texts[p][k], ids[p][k])` and draws K completions per
-prompt of one chunk, reproducibly: transformers seeds the RNG with `seed + chunk_index` before the chunk, vLLM gives
-every dataset row its own seed. Both sample with one :class:`~trl_infalign.sampling.SamplingSettings`, the effective
-values that TRL's trainer uses (every sampling field explicit, EOS = tokenizer's ∪ generation config's). `close()`
-releases what the sampler holds: the vLLM engine is shut down and its GPU memory freed, so that a training run in the
-same process (TRL's colocate vLLM engine checks the free memory at start) finds the GPU as it was.
+A sampler is called as `(prompts, rows, ranges) -> (texts[p][k], ids[p][k])`: for each prompt p of one chunk (dataset
+row `rows[p]`) it draws the samples j in `range(*ranges[p])` (all K of a new row, only the new ones of a top-up). Both
+samplers use one :class:`~trl_infalign.sampling.SamplingSettings`, the effective values that TRL's trainer uses (every
+sampling field explicit, EOS = tokenizer's ∪ generation config's). `close()` releases what the sampler holds: the vLLM
+engine is shut down and its GPU memory freed, so that a training run in the same process (TRL's colocate vLLM engine
+checks the free memory at start) finds the GPU as it was.
+
+Seeding: sample j of dataset row r is keyed by :func:`sample_key` `(seed, r, j)` alone, not by K, the chunk or the
+batch it is generated in. transformers: every token of the sample is drawn by inverse CDF from the distribution
+`generate` samples from (the same processors and warpers, in transformers' order) with the uniform
+:func:`keyed_uniforms` `(key, step)` (:class:`KeyedSampling`); vLLM: one request per sample with `seed=key`. So the
+first K₁ samples of a K₂ build are the K₁ build's samples, and raising K on a cached build (top-up) draws only samples
+K₁..K₂−1, giving what a K₂ build from scratch gives (bit for bit where the model's kernels are batch-invariant: on
+CPU, tested; on GPUs a batch of another shape can move a logit in its last bits, which changes a token rarely).
 
 vLLM facts this module follows (vLLM 0.22-0.31, the range TRL 1.16 supports):
 
@@ -18,7 +26,7 @@ vLLM facts this module follows (vLLM 0.22-0.31, the range TRL 1.16 supports):
   what is on disk at `config._name_or_path`: a PEFT adapter, weights changed in memory);
 - vLLM is not batch-invariant: a row's samples depend (in the last bits, sometimes in a token) on the other requests
   of its batch, so a resumed or differently sharded vLLM build draws from the same distribution, with the same
-  per-row seeds, but is not bit-identical to an uninterrupted one (transformers' `generate` path is).
+  per-sample seeds, but is not bit-identical to an uninterrupted one (transformers' `generate` path is).
 """
 
 from __future__ import annotations
@@ -31,7 +39,6 @@ import warnings
 from .sampling import (
     SamplingSettings,
     eos_token_ids,
-    generate_completions,
     is_conversational_prompt,
     resolve_tokenizer,
     tokenize_prompts,
@@ -175,41 +182,158 @@ def vllm_engine_kwargs(path, config, world_size: int) -> dict:
     return kwargs
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_key(seed: int, row: int, sample: int) -> int:
+    """The 64-bit key of sample `sample` of dataset row `row` under `seed` (a splitmix64 chain): it alone decides the
+    sample's random draws, whatever K, the chunk or the batch."""
+    return _splitmix64(_splitmix64(_splitmix64(int(seed) & _MASK64) ^ int(row)) ^ int(sample))
+
+
+def keyed_uniforms(keys, step: int):
+    """Uniform(0, 1) numbers, one per key, for token step `step` (splitmix64 of key ⊕ h(step), 53-bit mantissa)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = np.asarray(keys, dtype=np.uint64) ^ np.uint64(_splitmix64(step + 1))
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+
+
+#: The sampling warpers of `generate` (transformers applies them after every other processor, when sampling).
+_WARPER_KEYS = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _warpers(values: dict, device) -> list:
+    """transformers' sampling warpers for `values`, under the conditions and in the order of
+    `GenerationMixin._get_logits_processor` (do_sample, one beam: min_tokens_to_keep=1)."""
+    from transformers.generation import logits_process as lp
+
+    warpers = []
+    if values.get("temperature") is not None and values["temperature"] != 1.0:
+        warpers.append(lp.TemperatureLogitsWarper(values["temperature"]))
+    if values.get("top_h") is not None:
+        warpers.append(lp.TopHLogitsWarper(top_h=values["top_h"]))
+    if values.get("top_k") is not None and values["top_k"] != 0:
+        warpers.append(lp.TopKLogitsWarper(top_k=values["top_k"], min_tokens_to_keep=1))
+    if values.get("top_p") is not None and values["top_p"] < 1.0:
+        warpers.append(lp.TopPLogitsWarper(top_p=values["top_p"], min_tokens_to_keep=1))
+    if values.get("min_p") is not None:
+        warpers.append(lp.MinPLogitsWarper(min_p=values["min_p"], min_tokens_to_keep=1))
+    if values.get("typical_p") is not None and values["typical_p"] < 1.0:
+        warpers.append(lp.TypicalLogitsWarper(mass=values["typical_p"], min_tokens_to_keep=1))
+    if values.get("epsilon_cutoff") is not None and 0.0 < values["epsilon_cutoff"] < 1.0:
+        warpers.append(lp.EpsilonLogitsWarper(epsilon=values["epsilon_cutoff"], min_tokens_to_keep=1))
+    if values.get("eta_cutoff") is not None and 0.0 < values["eta_cutoff"] < 1.0:
+        warpers.append(lp.EtaLogitsWarper(epsilon=values["eta_cutoff"], min_tokens_to_keep=1, device=device))
+    return warpers
+
+
+class KeyedSampling:
+    """A `generate` logits processor that draws each row's next token itself: the sampling warpers (temperature,
+    top-k, top-p, min-p, ...), then an inverse-CDF draw with the row's keyed uniform for this step. It returns scores
+    that are −inf except at the drawn token, which greedy decoding (`do_sample=False`) then takes.
+
+    The distribution is exactly the one `generate(do_sample=True)` samples from (the same processors and warpers, in
+    the same order; `torch.multinomial` is an inverse-CDF draw as well), but a row's draw depends only on its key, not
+    on the other rows of the batch nor on the torch RNG."""
+
+    def __init__(self, keys, warpers):
+        self.keys, self.warpers, self.step = list(keys), warpers, 0
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        u = torch.as_tensor(keyed_uniforms(self.keys, self.step), device=scores.device, dtype=torch.float32)
+        self.step += 1
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)  # float32, as torch.multinomial's
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def generate_keyed(model, tokenizer, prompts, keys, settings: SamplingSettings, *, batch_size: int,
+                   chat_template_kwargs: dict | None = None):
+    """`len(keys[p])` completions of prompt p, the one of key k drawn by :class:`KeyedSampling` from the distribution
+    TRL's `generate` samples from (`settings`, resolved; EOS = tokenizer's ∪ generation config's). Returns
+    `(texts[p][i], ids[p][i])`, completion ids up to and including the first EOS."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from .sampling import _left_pad
+
+    prompt_ids = tokenize_prompts(tokenizer, list(prompts), chat_template_kwargs)
+    flat = [(p, key) for p in range(len(prompts)) for key in keys[p]]
+    device = next(model.parameters()).device
+    stop_ids = eos_token_ids(model, tokenizer)
+    kwargs = settings.generate_kwargs(tokenizer, stop_ids)
+    model_config = getattr(model, "generation_config", None)
+    values = {key: kwargs.pop(key, None) for key in _WARPER_KEYS}
+    for key in ("top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"):  # not passed by TRL: generate takes the model's
+        if values[key] is None:
+            values[key] = getattr(model_config, key, None)
+    kwargs["do_sample"] = False  # KeyedSampling draws; greedy decoding takes its token
+    warpers = _warpers(values, device)
+    # every batch padded to the longest prompt of the call (the chunk), not of the batch: a top-up's batches then
+    # differ from a from-scratch build's only in their number of rows
+    width = max((len(prompt_ids[p]) for p, _ in flat), default=0)
+    ids: list[list[list[int]]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(flat), batch_size):
+            batch = flat[start : start + batch_size]
+            input_ids, attention_mask = _left_pad([prompt_ids[p] for p, _ in batch], tokenizer.pad_token_id, device,
+                                                  width=width)
+            sampler = KeyedSampling([key for _, key in batch], warpers)
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    logits_processor=LogitsProcessorList([sampler]), **kwargs)
+            for (p, _), row in zip(batch, output[:, input_ids.shape[1]:].cpu().tolist(), strict=True):
+                end = next((k for k, tok in enumerate(row) if tok in stop_ids), None)
+                ids[p].append(row if end is None else row[: end + 1])
+    model.train(was_training)
+    conversational = bool(prompts) and is_conversational_prompt(prompts[0])
+    texts = []
+    for per_prompt in ids:
+        decoded = tokenizer.batch_decode(per_prompt, skip_special_tokens=True) if per_prompt else []
+        texts.append([[{"role": "assistant", "content": d}] for d in decoded] if conversational else decoded)
+    return texts, ids
+
+
 class TransformersSampler:
-    """Samples a chunk with `model.generate`, after `torch.manual_seed(seed + chunk_index)`."""
+    """Samples with `model.generate` and :class:`KeyedSampling` (sample j of row r keyed by `(seed, r, j)`)."""
 
     def __init__(self, policy, tokenizer, state, config, settings: SamplingSettings):
         self.model = policy.to(state.device)
         self.tokenizer, self.config, self.settings = tokenizer, config, settings
 
-    def __call__(self, prompts, chunk_index, rows):
-        import torch
-
-        config, settings = self.config, self.settings
-        torch.manual_seed(config.seed + chunk_index)
-        out = generate_completions(
-            self.model, self.tokenizer, prompts, config.num_samples, max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p,
-            repetition_penalty=settings.repetition_penalty, batch_size=config.generation_batch_size_or_chunk,
-            generation_kwargs=settings.generation_kwargs, chat_template_kwargs=config.chat_template_kwargs,
-            progress=False,
-        )
-        return out.texts, out.ids
+    def __call__(self, prompts, rows, ranges):
+        config = self.config
+        keys = [[sample_key(config.seed, r, j) for j in range(*span)] for r, span in zip(rows, ranges, strict=True)]
+        return generate_keyed(self.model, self.tokenizer, prompts, keys, self.settings,
+                              batch_size=config.generation_batch_size_or_chunk,
+                              chat_template_kwargs=config.chat_template_kwargs)
 
     def close(self) -> None:
         self.model = None
 
 
-def row_seed(seed: int, row: int) -> int:
-    """vLLM's per-request seed of dataset row `row` (independent of chunking and of the process)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, row]).generate_state(1)[0])
-
-
 class VLLMSampler:
-    """Samples a chunk with a `vllm.LLM` built at construction (on every process of a multi-process build), one
-    `SamplingParams(n=K, seed=row_seed(seed, row))` per row; `close()` shuts the engine down and frees its memory."""
+    """Samples with a `vllm.LLM` built at construction (on every process of a multi-process build): one request
+    `SamplingParams(n=1, seed=sample_key(seed, row, j))` per sample; `close()` shuts the engine down and frees its
+    memory."""
 
     def __init__(self, path, tokenizer, state, config, settings: SamplingSettings):
         try:
@@ -222,7 +346,7 @@ class VLLMSampler:
         import torch
 
         self.vllm, self.tokenizer, self.config = vllm, tokenizer, config
-        self.base = settings.vllm_kwargs(config.num_samples)
+        self.base = settings.vllm_kwargs(1)
         # vLLM creates its own process group unless one exists (the external launcher reuses the launch's): only the
         # former is ours to destroy when the engine is shut down.
         self._owns_world = not (torch.distributed.is_available() and torch.distributed.is_initialized())
@@ -232,16 +356,21 @@ class VLLMSampler:
             os.environ.setdefault("WORLD_SIZE", str(state.num_processes))
         self.llm = vllm.LLM(**vllm_engine_kwargs(path, config, state.num_processes))
 
-    def __call__(self, prompts, chunk_index, rows):
+    def __call__(self, prompts, rows, ranges):
         prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.config.chat_template_kwargs)
-        # One seed per dataset row: independent of chunking, and identical prompts still get independent samples.
-        params = [self.vllm.SamplingParams(**self.base, seed=row_seed(self.config.seed, r)) for r in rows]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        ids = [[list(o.token_ids) for o in out.outputs] for out in outputs]
+        # One request per sample, seeded by its key: independent of K, chunking and batching (identical prompts still
+        # get independent samples); vLLM batches the requests (and caches the shared prompt).
+        requests = [(p, j) for p, span in enumerate(ranges) for j in range(*span)]
+        params = [self.vllm.SamplingParams(**self.base, seed=sample_key(self.config.seed, rows[p], j) >> 1)
+                  for p, j in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": prompt_ids[p]} for p, _ in requests], params, use_tqdm=False)
+        ids = [[] for _ in prompts]
+        for (p, _), out in zip(requests, outputs, strict=True):
+            ids[p].extend(list(o.token_ids) for o in out.outputs)
         conversational = bool(prompts) and is_conversational_prompt(prompts[0])
         texts = []
         for per in ids:
-            decoded = self.tokenizer.batch_decode(per, skip_special_tokens=True)
+            decoded = self.tokenizer.batch_decode(per, skip_special_tokens=True) if per else []
             texts.append([[{"role": "assistant", "content": d}] for d in decoded] if conversational else decoded)
         return texts, ids
 
@@ -296,5 +425,6 @@ def make_sampler(policy, tokenizer, state, config, settings: SamplingSettings):
 
 __all__ = [
     "load_policy", "make_sampler", "effective_sampling", "generation_config_overridden", "check_vllm_settings",
-    "vllm_engine_kwargs", "vllm_model_identity", "VLLMSampler", "TransformersSampler", "row_seed",
+    "vllm_engine_kwargs", "vllm_model_identity", "VLLMSampler", "TransformersSampler", "sample_key",
+    "keyed_uniforms", "KeyedSampling", "generate_keyed",
 ]

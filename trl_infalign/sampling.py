@@ -223,8 +223,8 @@ def _neutral_for_none(kwargs: dict, keep_min_p_none: bool = False) -> dict:
     return kwargs
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+def _left_pad(rows: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(r) for r in rows] + [width or 0])
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
