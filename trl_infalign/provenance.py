@@ -563,7 +563,7 @@ def _decode(text, name: str) -> dict:
 def current_rewards_digests(dataset, column: str, max_iterable_rows: int = 1000):
     """(digests, scales): each row's :func:`rewards_digest` of `dataset[column]` as it is now (a list of floats, None
     for a row that is not a reward list) and its largest |reward| (the tolerance's scale). Arrow-vectorised for
-    map-style datasets (160k rows × K = 16: ~0.1 s)."""
+    map-style datasets (160k rows × K = 16: ~0.5 s with the comparison, on a loaded 2-core machine)."""
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset):
