@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trl import ScriptArguments as TrlScriptArguments
 
@@ -92,7 +93,13 @@ class ScriptArguments(TrlScriptArguments):
                   "`<output_dir>-reference-cache`. Reuse it across runs with the same reference policy and RM."},
     )
     reference_batch_size: int = field(
-        default=8, metadata={"help": "Prompts per reference chunk (unit of seeding, caching and sharding)."}
+        default=8, metadata={"help": "Prompts per reference chunk (unit of caching and sharding)."}
+    )
+    reference_vllm_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra vllm.LLM kwargs of the reference pass with `use_vllm: true` (ReferenceConfig.vllm_kwargs), "
+                  "e.g. '{\"gpu_memory_utilization\": 0.5, \"max_model_len\": 2048}'. The engine is shut down and its "
+                  "memory freed before training starts."},
     )
     eval_num_samples: int = field(
         default=16, metadata={"help": "Samples per eval prompt from the policy and from the reference (>= max eval N)."}
@@ -186,7 +193,9 @@ def reference_config(script_args, training_args, model_args):
     """The reference pass that matches the training run: `ReferenceConfig.from_training_args` reads K, the sampling
     fields (temperature, top_p, top_k, min_p, repetition_penalty, generation_kwargs), max_completion_length, reward
     weights, seed, nonfinite_rewards, use_vllm and the column from the training config, so the references are drawn
-    the way the trainer samples; the recipe adds the cache and the chunk size."""
+    the way the trainer samples; the recipe adds the cache, the chunk size and `reference_vllm_kwargs`. With vLLM
+    the reference engine is shut down (its GPU memory freed) when the pass returns, before TRL's own colocate engine
+    checks the free memory; a fully cached pass (e.g. after recipes/build_reference.py) never starts it."""
     from trl_infalign import ReferenceConfig
 
     return ReferenceConfig.from_training_args(
@@ -194,6 +203,7 @@ def reference_config(script_args, training_args, model_args):
         cache_dir=reference_cache_dir(script_args, training_args),
         batch_size=script_args.reference_batch_size,
         model_init_kwargs=model_init_kwargs(model_args, training_args),
+        vllm_kwargs=script_args.reference_vllm_kwargs,
     )
 
 

@@ -287,3 +287,33 @@ def test_mixed_precision_compares_at_lower_precision():
     assert calibrate(torch.tensor([1.0]), huge).item() == pytest.approx(2 / 3)
     # both float64: exact float64 comparison
     assert calibrate(torch.tensor([0.3 + 1e-16], dtype=torch.float64), torch.tensor([[0.3]], dtype=torch.float64)).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------- array rows
+@pytest.mark.parametrize("ragged", [False, True], ids=["equal-length", "ragged"])
+def test_array_rows_give_bit_identical_rewards_to_list_rows(ragged):
+    """The trainer's reward step takes reference rows as Python lists (TRL's rows), numpy arrays (a dataset in numpy /
+    Arrow format) or a pre-built matrix (:meth:`RewardCalibration.reference_matrix`): c and Φ(c) are bit-identical.
+    float32 arrays widen exactly to the float64 of their Python floats; ties with the raw rewards are kept."""
+    from datasets import Dataset
+
+    from trl_infalign.calibrated_reward import RewardCalibration
+    from trl_infalign.transforms import get_transform
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 9, size=64) if ragged else np.full(64, 8)
+    rows32 = [rng.normal(size=n).astype(np.float32) for n in lengths]
+    lists = [[float(v) for v in row] for row in rows32]
+    raw = torch.tensor([row[i % len(row)] if i % 3 == 0 else rng.normal() for i, row in enumerate(lists)],
+                       dtype=torch.float64)  # every third raw reward ties a reference
+    calibration = RewardCalibration(get_transform("bon:t=4"))
+    reference = calibration.calibrate(raw, lists)
+    arrow = Dataset.from_dict({"ref_rewards": lists}).with_format("numpy")["ref_rewards"]
+    for rows in (rows32, [row.astype(np.float64) for row in rows32], list(arrow), [tuple(r) for r in lists]):
+        for batch in (calibration.calibrate(raw, rows), calibration.calibrate(raw, matrix=calibration.reference_matrix(rows))):
+            assert torch.equal(batch.calibrated, reference.calibrated)
+            assert torch.equal(calibration.transformed(batch), calibration.transformed(reference))
+    per_reward = [{"helpful": list(r), "harmless": [0.0] * len(r)} for r in lists]
+    keyed = RewardCalibration(get_transform("bon:t=4"), key="helpful").calibrate(raw, per_reward)
+    assert torch.equal(keyed.calibrated, reference.calibrated)
+    assert torch.equal(reference.calibrated, calibrate(raw, pad_reference_rewards(lists)[0], pad_reference_rewards(lists)[1]))

@@ -272,3 +272,111 @@ def test_trainer_check_sees_the_min_p_that_generate_uses(setup, tmp_path):
     assert provenance_warnings(caught) == []
     with pytest.raises(ValueError, match=r"min_p: the references were sampled with min_p=0.2, this run samples with min_p=0.0"):
         make_trainer(tmp_path, setup, ds=built, model=str(leaky), min_p=0.0)
+
+
+# ------------------------------------------------------------------------------------- provenance binds (#20 item 2)
+def _with_rewards(ds, rewards, column="ref_rewards"):
+    """`ds` with its reference rewards replaced (provenance column kept), as a user script might do it."""
+    return ds.remove_columns([column]).add_column(column, list(rewards))
+
+
+def test_permuted_reference_rewards_are_refused_naming_the_rows(setup, tmp_path):
+    built = setup["built"]
+    rows = list(built["ref_rewards"])
+    assert len({tuple(r) for r in rows}) == len(rows)  # distinct rows, so a permutation changes every row
+    with pytest.raises(ValueError, match=r"reference rewards: 4 of 4 rows of 'ref_rewards' hold other rewards than the "
+                                         r"ones their provenance row was recorded with \(rows 0, 1, 2, 3\).*permuted"):
+        make_trainer(tmp_path, setup, ds=_with_rewards(built, rows[1:] + rows[:1]))
+    swapped = _with_rewards(built, [rows[0], rows[2], rows[1], rows[3]])
+    with pytest.raises(ValueError, match=r"2 of 4 rows of 'ref_rewards' .*\(rows 1, 2\)"):
+        make_trainer(tmp_path, setup, ds=swapped)
+    # whole rows reordered (shuffle / select) keep every row's rewards with its provenance: accepted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, ds=built.select([3, 1, 0, 2]))
+    assert provenance_warnings(caught) == []
+
+
+def test_another_builds_rewards_under_this_provenance_are_refused(setup):
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.provenance import check_reference_provenance
+
+    prompts = Dataset.from_dict({"prompt": TINY_PROMPTS})
+    policy = AutoModelForCausalLM.from_pretrained(setup["policy"])
+    trainer = _fake_trainer(setup, policy, [setup["rm_a"], length_reward], ["rm_a", "length_reward"], [1.0, 0.5])
+    other = build_reference_rewards(prompts, setup["policy"], [setup["rm_a"], length_reward], reward_weights=[1.0, 0.5],
+                                    **{**BUILD, "seed": 4})
+    foreign = _with_rewards(setup["built"], other["ref_rewards"])
+    with pytest.raises(ValueError, match=r"reference rewards: 4 of 4 rows .*another build's rewards placed under this "
+                                         r"build's provenance"):
+        check_reference_provenance(trainer, foreign, "train")
+    # per-reward rows {name: [K floats]}: one reward's lists permuted across rows
+    per_reward = build_reference_rewards(prompts, setup["policy"], [setup["rm_a"], length_reward], per_reward=True, **BUILD)
+    trainer = _fake_trainer(setup, policy, [setup["rm_a"], length_reward], ["rm_a", "length_reward"], [1.0, 1.0])
+    check_reference_provenance(trainer, per_reward, "train")
+    rows = list(per_reward["ref_rewards"])
+    mixed = [{**row, "rm_a": rows[(i + 1) % 4]["rm_a"]} for i, row in enumerate(rows)]
+    with pytest.raises(ValueError, match=r"4 of 4 rows of 'ref_rewards' hold other rewards"):
+        check_reference_provenance(trainer, _with_rewards(per_reward, mixed), "train")
+
+
+def varied_reward(completions, prompts, **kwargs):
+    return [len(c) + 0.01 * len(p) + 1e-3 * i for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def test_provenance_costs_under_100_bytes_per_row_and_survives_row_only_formats(setup, tmp_path):
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.provenance import ANCHOR_ALL_ROWS_UP_TO, ANCHOR_STRIDE, check_reference_provenance, provenance_rows
+
+    n = ANCHOR_ALL_ROWS_UP_TO + 76  # a build large enough to store its record in every 32nd row only
+    prompts = Dataset.from_dict({"prompt": [f"{TINY_PROMPTS[i % 4]} {i}" for i in range(n)]})
+    built = build_reference_rewards(prompts, setup["policy"], varied_reward, num_samples=2, max_new_tokens=1,
+                                    batch_size=n // 2, seed=0, progress=False)
+    record = read_reference_provenance(built)
+    per_row = built.data.column("ref_rewards_provenance").nbytes / n
+    old_per_row = pa.array(provenance_rows(record, prompts["prompt"])).nbytes / n  # format 1: the record in every row
+    assert per_row < 100 and per_row < old_per_row / 4, (per_row, old_per_row)
+    policy = AutoModelForCausalLM.from_pretrained(setup["policy"])
+    trainer = _fake_trainer(setup, policy, [varied_reward], ["varied_reward"], [1.0])
+    trainer.args.max_completion_length = 1
+    built.to_json(str(tmp_path / "big.jsonl"))  # JSON keeps only rows, and rounds floats to 10 decimals
+    from_json = load_dataset("json", data_files=str(tmp_path / "big.jsonl"), split="train")
+    assert read_reference_provenance(from_json) == record
+    as_float32 = built.cast_column("ref_rewards", __import__("datasets").List(__import__("datasets").Value("float32")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ds in (built, from_json, as_float32, built.shuffle(seed=0).select(range(300))):
+            check_reference_provenance(trainer, ds, "train")  # the digest's tolerance absorbs JSON / float32 rounding
+    # a few rows without a copy of the record, in a row-only format: the settings cannot be compared; said, not raised
+    few = from_json.select([i for i in range(1, 40) if i % ANCHOR_STRIDE])
+    with pytest.raises(ValueError, match="whose record none of these rows carries"):
+        read_reference_provenance(few)
+    fresh = _fake_trainer(setup, policy, [varied_reward], ["varied_reward"], [1.0])
+    fresh.args.max_completion_length = 1
+    with pytest.warns(ReferenceProvenanceWarning, match=r"eval_dataset: .*38 row\(s\) belong to build\(s\)"):
+        check_reference_provenance(fresh, few, "eval_dataset")
+    with warnings.catch_warnings():  # the same trainer has seen the record in its training set
+        warnings.simplefilter("error")
+        check_reference_provenance(trainer, few, "eval_dataset")
+
+
+def test_provenance_of_format_1_is_still_accepted_with_its_checks(setup, tmp_path):
+    from trl_infalign.provenance import provenance_rows
+
+    record = {**read_reference_provenance(setup["built"]), "format": 1}
+    old = setup["built"].remove_columns(["ref_rewards_provenance"])
+    old = old.add_column("ref_rewards_provenance", provenance_rows(record, TINY_PROMPTS))
+    assert old.features["ref_rewards_provenance"].keys() == {"build", "prompt_sha256"}
+    assert read_reference_provenance(old) == record
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, ds=old)
+    assert provenance_warnings(caught) == []
+    with pytest.raises(ValueError, match=r"reward weights: recorded \[1.0, 0.5\]"):
+        make_trainer(tmp_path, setup, ds=old, reward_weights=[1.0, 5.0])
+    edited = old.map(lambda row, i: {"prompt": row["prompt"] + "!" if i == 1 else row["prompt"]}, with_indices=True)
+    with pytest.raises(ValueError, match=r"prompts: 1 of 4 rows .*\(rows 1\)"):
+        make_trainer(tmp_path, setup, ds=edited)

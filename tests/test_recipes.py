@@ -229,6 +229,15 @@ def test_recipe_reference_pass_samples_like_the_trainer(recipe, tmp_path):
     assert config.cache_dir == recipe.reference_cache_dir(script_args, training_args)
 
 
+def test_recipe_passes_reference_vllm_kwargs(recipe, tmp_path):
+    """`reference_vllm_kwargs` reaches the reference pass's ReferenceConfig.vllm_kwargs (issue #20 item 9)."""
+    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(
+        args=["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path / "out"), "--use_vllm", "true",
+              "--reference_vllm_kwargs", '{"gpu_memory_utilization": 0.5}'])
+    config = recipe.reference_config(script_args, training_args, model_args)
+    assert config.use_vllm and config.vllm_kwargs == {"gpu_memory_utilization": 0.5}
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(str(RECIPES / "accelerate_configs" / "*.yaml"))), ids=os.path.basename)
 def test_accelerate_config_parses(path):
     import yaml

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from trl_infalign.reference import _build_reference_rewards, build_reference_rewards, validate_reference_rewards
+from trl_infalign.sampling import combine_rewards, load_reward_funcs, score_completions
 from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
 
 from process_utils import sigkill_when
@@ -139,6 +140,39 @@ def test_values_equal_direct_computation(tiny, baseline):
                                         rel=1e-5, abs=1e-6)
 
 
+
+def test_samples_are_the_keyed_draws_of_the_model(tiny, baseline):
+    """Brute force: sample j of row r is drawn token by token, each by inverse CDF of the model's next-token
+    distribution (one unpadded forward per token, no KV cache) with the uniform keyed by (seed, r, j, step), then
+    scored and combined directly. The build (batched, left-padded `generate` + KeyedSampling) gives the same values."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_infalign.reference_sampling import keyed_uniforms, sample_key
+    from trl_infalign.sampling import eos_token_ids, tokenize_prompts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["policy"]).eval()
+    tokenizer = tiny["tokenizer"]
+    funcs, classes = load_reward_funcs([tiny["reward"], length_reward])
+    k, stop = SETTINGS["num_samples"], set(eos_token_ids(model, tokenizer))
+    expected = []
+    for row, prompt_ids in enumerate(tokenize_prompts(tokenizer, PROMPTS)):
+        texts, ids = [], []
+        for j in range(k):
+            key, tokens = sample_key(SETTINGS["seed"], row, j), []
+            for step in range(SETTINGS["max_new_tokens"]):
+                with torch.no_grad():
+                    logits = model(torch.tensor([prompt_ids + tokens])).logits[0, -1].float()
+                cdf = torch.softmax(logits, -1).cumsum(-1)
+                u = torch.tensor(keyed_uniforms([key], step), dtype=torch.float32)
+                tokens.append(int(torch.searchsorted(cdf, u * cdf[-1])))
+                if tokens[-1] in stop:
+                    break
+            ids.append(tokens)
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        raw = score_completions(funcs, classes, [PROMPTS[row]] * k, texts, completion_ids=ids)
+        expected.append(combine_rewards(raw, SETTINGS["reward_weights"]).tolist())
+    assert baseline == expected
+
 def test_callable_gets_columns_and_completions_kept(tiny):
     reward = CountingReward()
     out = _build(tiny, [reward], keep_completions=True)
@@ -212,8 +246,8 @@ def test_half_written_last_line_is_redone(tiny, tmp_path, baseline):
 def test_metadata_mismatch_names_the_field(tiny, tmp_path):
     cache = tmp_path / "cache"
     _build(tiny, [length_reward], cache_dir=cache)
-    with pytest.raises(ValueError, match=r"'num_samples'.*new cache_dir.*delete"):
-        _build(tiny, [length_reward], cache_dir=cache, num_samples=4)
+    with pytest.raises(ValueError, match=r"'num_samples' is 3 in meta.json but 2 now.*Ask for num_samples=3.*new cache_dir"):
+        _build(tiny, [length_reward], cache_dir=cache, num_samples=2)  # a larger K tops the cache up (test_top_up_...)
     with pytest.raises(ValueError, match="'temperature'"):
         _build(tiny, [length_reward], cache_dir=cache, temperature=0.7)
     with pytest.raises(ValueError, match="'dataset_fingerprint'"):
@@ -665,3 +699,71 @@ def test_generation_config_min_p_is_recorded_as_used(tiny, tmp_path):
     out = build_reference_rewards(tiny["dataset"].select([0]), path, length_reward, num_samples=2, max_new_tokens=2,
                                   progress=False)
     assert read_reference_provenance(out)["sampling"]["min_p"] == 0.2  # TRL's generate takes it too (min_p=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Top-up (issue #18 item 3)
+
+
+class CountingLength:
+    """length/10 reward that counts the completions it scores (and can fail after `fail_after` calls)."""
+
+    __name__ = "length_reward"
+
+    def __init__(self, fail_after=None):
+        self.completions, self.calls, self.fail_after = 0, 0, fail_after
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        self.completions += len(completions)
+        return [len(c) / 10.0 for c in completions]
+
+
+def test_top_up_reuses_the_cache_and_equals_a_build_from_scratch(tiny, tmp_path):
+    from trl_infalign.provenance import read_reference_provenance
+
+    cache, n = tmp_path / "cache", len(PROMPTS)
+    k1 = _build(tiny, [tiny["reward"], CountingLength()], cache_dir=cache, keep_completions=True, reward_weights=[1.0, 0.5])
+    counter = CountingLength()
+    topped, stats = _build(tiny, [tiny["reward"], counter], cache_dir=cache, keep_completions=True, num_samples=5,
+                           reward_weights=[1.0, 0.5], return_stats=True)
+    assert counter.completions == stats.completions_generated == n * 2  # only samples 3 and 4 of every row
+    assert stats.samples_reused == n * 3 and stats.chunks_resumed == 0
+    scratch = _build(tiny, [tiny["reward"], CountingLength()], keep_completions=True, num_samples=5, reward_weights=[1.0, 0.5])
+    assert topped["ref_rewards"] == scratch["ref_rewards"]  # bit for bit
+    assert topped["ref_completions"] == scratch["ref_completions"]
+    assert [row[:3] for row in topped["ref_rewards"]] == k1["ref_rewards"]  # the first K1 samples are the old ones
+    assert read_reference_provenance(topped) == read_reference_provenance(scratch)
+    meta = json.loads((cache / "meta.json").read_text())
+    assert (meta["num_samples"], meta["grown_from"]) == (5, [3])
+    again = CountingLength()
+    rerun = _build(tiny, [tiny["reward"], again], cache_dir=cache, keep_completions=True, num_samples=5, reward_weights=[1.0, 0.5])
+    assert again.completions == 0 and rerun["ref_rewards"] == scratch["ref_rewards"]
+
+
+def test_top_up_resumes_after_a_crash_and_never_lowers_k(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    _build(tiny, [CountingLength()], cache_dir=cache)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _build(tiny, [CountingLength(fail_after=2)], cache_dir=cache, num_samples=6)  # 2 of 4 chunks topped up
+    counter = CountingLength()
+    resumed = _build(tiny, [counter], cache_dir=cache, num_samples=6)
+    assert counter.completions == 3 * 3  # the 3 rows of the 2 chunks not topped up yet, samples 3..5
+    assert resumed["ref_rewards"] == _build(tiny, [CountingLength()], num_samples=6)["ref_rewards"]
+    with pytest.raises(ValueError, match=r"'num_samples' is 6 in meta.json but 3 now: the cache holds .* K=6"):
+        _build(tiny, [CountingLength()], cache_dir=cache)
+
+
+def test_cache_of_chunk_seeded_builds_is_kept_with_a_warning(tiny, tmp_path):
+    """A cache written before per-sample keys (no "seeding" in meta.json) still resumes: its rows are kept."""
+    cache = tmp_path / "cache"
+    first = _build(tiny, [CountingLength()], cache_dir=cache)
+    meta = json.loads((cache / "meta.json").read_text())
+    del meta["seeding"]
+    (cache / "meta.json").write_text(json.dumps(meta))
+    counter = CountingLength()
+    with pytest.warns(UserWarning, match="sampled by an earlier trl-infalign, which seeded each chunk as a whole"):
+        again = _build(tiny, [counter], cache_dir=cache)
+    assert counter.completions == 0 and again["ref_rewards"] == first["ref_rewards"]

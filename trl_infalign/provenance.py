@@ -8,20 +8,33 @@ samples drawn the *same way* (same reference policy, prompt formatting, sampling
 `<output_column>_provenance`, and :func:`check_reference_provenance` (run by `CTRLTrainer.__init__` on every dataset)
 compares it with the run.
 
-Encoding
---------
-The provenance column is a struct with two string fields per row:
+Encoding (format 2)
+-------------------
+The provenance column is a struct per row:
 
 - ``build``: compact JSON (sorted keys) of the build settings — the reference model (normalised path / hub id,
   revision, weights fingerprint), each reward function's identity and weight, the prompt format and chat-template
-  hash, the sampling settings, K, seed, `nonfinite`, the trl-infalign version. Identical in every row of one build.
+  hash, the sampling settings, K, seed, `nonfinite`, the trl-infalign version. What is common to a build is stored
+  once per `ANCHOR_STRIDE` (32) rows ("anchor" rows: build rows 0, 32, 64, ...; every row of a build of up to
+  `ANCHOR_ALL_ROWS_UP_TO` = 1024 rows) and is null elsewhere, so that the record survives formats that keep only rows
+  (JSON, Parquet, Hub), `concatenate_datasets` of several builds, and any row subset that holds an anchor.
+- ``build_sha256``: the build's id, the first 16 hex digits of the sha256 of ``build``; an anchor's record must hash
+  to it (an edited record is refused).
 - ``prompt_sha256``: the first 16 hex digits of the sha256 of the row's prompt as it was sampled (canonical JSON).
   A training row whose prompt was edited after the build (re-formatted, a system prompt added) no longer matches.
+- ``rewards_digest``: ``[mean, std]`` of the row's reference rewards (per reward, by sorted name, for per-reward
+  rows): binds the provenance row to the rewards beside it. `ref_rewards` permuted across rows, or another build's
+  rewards put under this provenance, no longer match. A digest compared with a tolerance (1e-6 of the row's largest
+  |reward|, plus 1e-9), not a hash, because `Dataset.to_json` keeps 10 decimals and a user may cast the column to
+  float32; other rows' or other builds' rewards differ by sampling noise, far more.
 
-A column (rather than `dataset.info`) survives `save_to_disk`, `to_json` / `load_dataset("json")`, Parquet and Hub
-upload, `shuffle`, `select`, `filter`, `train_test_split` and `concatenate_datasets` (each row carries its own copy).
-The cost is ~0.3–0.6 KB per row in Arrow (`save_to_disk`, memory-mapped) and JSON; Parquet (Hub) dictionary-encodes
-the repeated ``build`` string, so there it costs ~20 bytes per row.
+Per row this costs ~80 bytes in Arrow (measured on a 1 100-row build: 79 B; format 1, with the record in every row,
+cost ~490-580 B). A small subset of a large build that holds no anchor row (say 38 rows of a JSON export) has lost the
+record: the check then warns that the build settings were not compared, unless another dataset of the same trainer
+(its training set) carried the record; the subset's prompts and rewards digests are still checked.
+
+Format 1 (datasets built before the rewards digest): ``{"build": <record in every row>, "prompt_sha256"}``. It is
+still read and checked as before (no rewards digest, so no check of the rewards against their rows).
 
 Weights fingerprint
 -------------------
@@ -41,12 +54,19 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
 #: Version of the provenance record (the ``build`` JSON's ``"format"``).
-PROVENANCE_FORMAT = 1
+PROVENANCE_FORMAT = 2
 PROVENANCE_SUFFIX = "_provenance"
+#: A build's record is stored in every row of a build of up to this many rows, else in every `ANCHOR_STRIDE`-th row.
+ANCHOR_ALL_ROWS_UP_TO = 1024
+ANCHOR_STRIDE = 32
+#: Tolerance of the rewards digest: |recorded − current| <= DIGEST_RTOL × max |reward| of the row + DIGEST_ATOL.
+DIGEST_RTOL = 1e-6
+DIGEST_ATOL = 1e-9
 _FINGERPRINT_TENSORS = 4
 _FINGERPRINT_VALUES = 4096
 _HOW_TO_GET_PROVENANCE = (
@@ -288,51 +308,191 @@ def encode_provenance(build: dict) -> str:
     return json.dumps(build, sort_keys=True, separators=(",", ":"), default=repr)
 
 
-def provenance_rows(build: dict, prompts) -> list[dict]:
-    """The provenance column's values for `prompts`: `{"build": <json>, "prompt_sha256": <16 hex>}` per row."""
+def build_sha256(encoded: str) -> str:
+    """The id of a build: the first 16 hex digits of the sha256 of its encoded record (:func:`encode_provenance`)."""
+    return hashlib.sha256(encoded.encode()).hexdigest()[:16]
+
+
+def _is_anchor(index: int, num_rows: int) -> bool:
+    """Does build row `index` carry a copy of the build record (every row of a small build, else every
+    `ANCHOR_STRIDE`-th row)?"""
+    return num_rows <= ANCHOR_ALL_ROWS_UP_TO or index % ANCHOR_STRIDE == 0
+
+
+def rewards_digest(value) -> list[float]:
+    """The numeric digest of one row's reference rewards: ``[mean, std]`` (population std, float64) of a plain row;
+    ``[mean_1, std_1, mean_2, std_2, ...]`` of a per-reward row ``{name: list}``, by sorted name.
+
+    A digest rather than a hash: it is compared with a tolerance (:data:`DIGEST_RTOL` × the row's largest |reward| +
+    :data:`DIGEST_ATOL`), so that the rounding of `to_json` (10 decimals) or a float32 cast of the column passes,
+    while rewards from another row or another build (which differ by sampling noise) do not. The order of the K
+    values inside a row does not enter (calibration does not depend on it)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return [x for name in sorted(k for k, v in value.items() if v is not None) for x in rewards_digest(value[name])]
+    array = np.asarray(list(value), dtype=np.float64)
+    if array.size == 0:
+        return [math.nan, math.nan]
+    mean = float(array.mean())
+    return [mean, float(np.sqrt(np.mean((array - mean) ** 2)))]
+
+
+def provenance_rows(build: dict, prompts, rewards=None) -> list[dict]:
+    """The provenance column's values for `prompts` and their reference `rewards` (format 2, one dict per row):
+    ``{"build": <record JSON on anchor rows, else None>, "build_sha256", "prompt_sha256", "rewards_digest"}``.
+
+    Without `rewards`, the rows of format 1 (``{"build": <record JSON>, "prompt_sha256"}``, the full record in every
+    row), as datasets built before the rewards digest carry them; still read and checked."""
     encoded = encode_provenance(build)
-    return [{"build": encoded, "prompt_sha256": prompt_fingerprint(p)} for p in prompts]
+    prompts = list(prompts)
+    if rewards is None:
+        return [{"build": encoded, "prompt_sha256": prompt_fingerprint(p)} for p in prompts]
+    rewards = list(rewards)
+    if len(rewards) != len(prompts):
+        raise ValueError(f"provenance_rows: {len(rewards)} reward rows for {len(prompts)} prompts.")
+    sha, num_rows = build_sha256(encoded), len(prompts)
+    return [
+        {"build": encoded if _is_anchor(i, num_rows) else None, "build_sha256": sha, "prompt_sha256": prompt_fingerprint(p),
+         "rewards_digest": rewards_digest(r)}
+        for i, (p, r) in enumerate(zip(prompts, rewards))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 
 
-def _read_column(dataset, column: str, with_prompts: bool = False, max_iterable_rows: int = 1000):
-    """(distinct build strings with their row counts, per-row recorded prompt hashes, per-row prompts or None).
+@dataclass
+class ProvenanceColumn:
+    """What a provenance column holds, read once (:func:`read_provenance_column`).
 
-    Map-style datasets are read column-wise through Arrow (fast for 100k+ rows); an `IterableDataset` only for its
-    first `max_iterable_rows` rows."""
+    `records`: build id (`build_sha256`) -> encoded record, for every build whose record some row carries; `counts`:
+    build id -> number of rows. A format-1 column (the record in every row) is keyed by the record's own id too.
+    `prompt_hashes`: each row's `prompt_sha256`; `row_builds` / `digests`: each row's build id and rewards digest
+    (format 2; None for format 1, which has no rewards digest); `problems`: records that do not match their id."""
+
+    records: dict[str, str]
+    counts: dict[str, int]
+    prompt_hashes: list
+    row_builds: list | None
+    digests: list | None
+    prompts: list | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def format(self) -> int:
+        return 1 if self.row_builds is None else 2
+
+    @property
+    def missing(self) -> dict[str, int]:
+        """Build ids that no row of this column carries the record of, with their row counts."""
+        return {sha: n for sha, n in self.counts.items() if sha not in self.records}
+
+    def builds(self, extra_records: dict[str, str] | None = None) -> list[tuple[str, int]]:
+        """(encoded record, rows) per build whose record is known (here, or in `extra_records`: id -> record)."""
+        known = {**(extra_records or {}), **self.records}
+        return [(known[sha], n) for sha, n in self.counts.items() if sha in known]
+
+
+def _struct_field(array, name: str):
+    try:
+        return array.field(name)
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def read_provenance_column(dataset, column: str, with_prompts: bool = False,
+                           max_iterable_rows: int = 1000) -> ProvenanceColumn:
+    """Read provenance column `column` of `dataset` (either format). Map-style datasets are read column-wise through
+    Arrow (fast for 100k+ rows); an `IterableDataset` only for its first `max_iterable_rows` rows. Raises
+    `ValueError` if the column is not a provenance struct."""
     from datasets import IterableDataset
 
-    builds: dict[str, int] = {}
-    hashes: list[str | None] = []
-    prompts: list | None = [] if with_prompts else None
     if isinstance(dataset, IterableDataset):
-        for _, example in zip(range(max_iterable_rows), dataset):
-            value = example.get(column) or {}
-            build = value.get("build") if isinstance(value, dict) else None
-            builds[build] = builds.get(build, 0) + 1
-            hashes.append(value.get("prompt_sha256") if isinstance(value, dict) else None)
-            if prompts is not None:
-                prompts.append(example.get("prompt"))
-        return builds, hashes, prompts
+        examples = [example for _, example in zip(range(max_iterable_rows), dataset)]
+        values = [example.get(column) if isinstance(example.get(column), dict) else {} for example in examples]
+        prompts = [example.get("prompt") for example in examples] if with_prompts else None
+        return _from_rows(values, prompts)
+    import pyarrow as pa
+
+    records: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    prompt_hashes: list = []
+    row_builds: list | None = None
+    digests: list | None = None
+    problems: list[str] = []
     for table in dataset.select_columns([column]).with_format("arrow").iter(batch_size=16384):
         array = table.column(column).combine_chunks()
-        try:
-            build_array, hash_array = array.field("build"), array.field("prompt_sha256")
-        except (KeyError, AttributeError, TypeError, ValueError):
+        build_array, hash_array = _struct_field(array, "build"), _struct_field(array, "prompt_sha256")
+        if build_array is None or hash_array is None:
             raise ValueError(
                 f"column {column!r} is not a reference-provenance struct of 'build' and 'prompt_sha256' "
                 f"(type {array.type})"
-            ) from None
-        for value, count in zip(*_value_counts(build_array)):
-            builds[value] = builds.get(value, 0) + count
-        hashes.extend(hash_array.to_pylist())
-    if prompts is not None and "prompt" in dataset.column_names:
-        for batch in dataset.select_columns(["prompt"]).iter(batch_size=4096):
-            prompts.extend(batch["prompt"])
-    return builds, hashes, prompts
+            )
+        sha_array, digest_array = _struct_field(array, "build_sha256"), _struct_field(array, "rewards_digest")
+        if sha_array is None:  # format 1: the record in every row
+            for text, count in zip(*_value_counts(build_array)):
+                sha = build_sha256(str(text)) if text is not None else "<none>"
+                records.setdefault(sha, text)
+                counts[sha] = counts.get(sha, 0) + count
+        else:
+            row_builds = (row_builds or []) + sha_array.to_pylist()
+            digests = (digests or []) + _digest_rows(digest_array, len(array))
+            for sha, count in zip(*_value_counts(sha_array)):
+                counts[sha] = counts.get(sha, 0) + count
+            if not pa.types.is_null(build_array.type):
+                import pyarrow.compute as pc
+
+                anchors = pc.is_valid(build_array)
+                pairs = set(zip(build_array.filter(anchors).to_pylist(), sha_array.filter(anchors).to_pylist()))
+                for text, sha in pairs:
+                    _add_record(records, problems, text, sha, column)
+        prompt_hashes.extend(hash_array.to_pylist())
+    prompts = None
+    if with_prompts:
+        prompts = []
+        if "prompt" in dataset.column_names:
+            for batch in dataset.select_columns(["prompt"]).iter(batch_size=4096):
+                prompts.extend(batch["prompt"])
+    return ProvenanceColumn(records, counts, prompt_hashes, row_builds, digests, prompts, problems)
+
+
+def _from_rows(values: list[dict], prompts) -> ProvenanceColumn:
+    records: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    new_format = any("build_sha256" in v for v in values)
+    row_builds = [v.get("build_sha256") for v in values] if new_format else None
+    for value in values:
+        text = value.get("build")
+        sha = value.get("build_sha256") if new_format else (build_sha256(str(text)) if text is not None else "<none>")
+        counts[sha] = counts.get(sha, 0) + 1
+        if text is not None:
+            if new_format:
+                _add_record(records, problems, text, sha, "provenance")
+            else:
+                records.setdefault(sha, text)
+    digests = [v.get("rewards_digest") for v in values] if new_format else None
+    return ProvenanceColumn(records, counts, [v.get("prompt_sha256") for v in values], row_builds, digests, prompts,
+                            problems)
+
+
+def _add_record(records: dict, problems: list, text, sha, column: str) -> None:
+    if build_sha256(str(text)) != sha:
+        message = (f"a row of {column!r} carries a build record whose sha256 is not its build_sha256 {sha!r}: the "
+                   "record was edited after the build")
+        if message not in problems:
+            problems.append(message)
+        return
+    records[sha] = text
+
+
+def _digest_rows(digest_array, n: int) -> list:
+    """Per-row rewards digests (lists of floats, or None) of an Arrow list array (None when the field is absent)."""
+    if digest_array is None:
+        return [None] * n
+    return digest_array.to_pylist()
 
 
 def _value_counts(array):
@@ -363,13 +523,27 @@ def read_reference_provenance(dataset, column: str = "ref_rewards") -> dict | No
 def read_reference_provenances(dataset, column: str = "ref_rewards") -> list[tuple[dict, int]] | None:
     """Every distinct ``build`` record in `dataset`'s provenance column with its number of rows (None: no column).
 
-    Raises `ValueError` if the column cannot be decoded."""
+    Raises `ValueError` if the column cannot be decoded, or if some rows' build record is in none of the rows (a
+    small subset of a large build exported to a row-only format; see docs/reference_rewards.md, "Provenance")."""
     name = provenance_column_name(column)
     columns = getattr(dataset, "column_names", None)
     if columns is None or name not in columns:
         return None
-    builds, _, _ = _read_column(dataset, name)
-    return [(_decode(text, name), count) for text, count in builds.items()]
+    read = read_provenance_column(dataset, name)
+    if read.problems:
+        raise ValueError(f"column {name!r}: " + "; ".join(read.problems))
+    if read.missing:
+        raise ValueError(_missing_message(name, read.missing))
+    return [(_decode(text, name), count) for text, count in read.builds()]
+
+
+def _missing_message(name: str, missing: dict[str, int]) -> str:
+    rows = sum(missing.values())
+    return (
+        f"column {name!r}: {rows} row(s) belong to build(s) {sorted(missing)} whose record none of these rows carries "
+        f"(a build stores its record in one row out of every {ANCHOR_STRIDE}, or in every row of a build of up "
+        f"to {ANCHOR_ALL_ROWS_UP_TO} rows; this looks like a small subset of a large build saved to a row-only format)"
+    )
 
 
 def _decode(text, name: str) -> dict:
@@ -380,6 +554,105 @@ def _decode(text, name: str) -> dict:
     if not isinstance(build, dict) or "format" not in build:
         raise ValueError(f"column {name!r} holds a record that is not reference provenance: {str(text)[:80]!r}")
     return build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards digests of a dataset's reference-rewards column
+
+
+def current_rewards_digests(dataset, column: str, max_iterable_rows: int = 1000):
+    """(digests, scales): each row's :func:`rewards_digest` of `dataset[column]` as it is now (a list of floats, None
+    for a row that is not a reward list) and its largest |reward| (the tolerance's scale). Arrow-vectorised for
+    map-style datasets (160k rows × K = 16: ~0.5 s with the comparison, on a loaded 2-core machine)."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        rows = [example.get(column) for _, example in zip(range(max_iterable_rows), dataset)]
+        return [_python_digest(r) for r in rows], [_python_scale(r) for r in rows]
+    import numpy as np
+    import pyarrow as pa
+
+    digests: list = []
+    scales: list = []
+    for table in dataset.select_columns([column]).with_format("arrow").iter(batch_size=16384):
+        array = table.column(column).combine_chunks()
+        if pa.types.is_struct(array.type):
+            names = sorted(array.type.field(i).name for i in range(array.type.num_fields))
+            parts = [_list_moments(array.field(n)) for n in names]
+            valid = np.asarray(array.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+            for i in range(len(array)):
+                if not valid[i]:
+                    digests.append(None)
+                    scales.append(0.0)
+                    continue
+                present = [p for p in parts if p[3][i]]
+                digests.append([x for p in present for x in (p[0][i], p[1][i])])
+                scales.append(max((p[2][i] for p in present), default=0.0))
+        elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+            mean, std, absmax, valid = _list_moments(array)
+            digests.extend([[m, s] if ok else None for m, s, ok in zip(mean.tolist(), std.tolist(), valid)])
+            scales.extend(absmax.tolist())
+        else:
+            digests.extend([None] * len(array))
+            scales.extend([0.0] * len(array))
+    return digests, scales
+
+
+def _list_moments(list_array):
+    """(mean, std, max |value|, valid) per row of an Arrow list array of numbers; empty or null rows are not valid."""
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(list_array)
+    offsets = np.asarray(list_array.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    values = list_array.values.cast(pa.float64()).to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    valid = np.asarray(list_array.is_valid().to_numpy(zero_copy_only=False), dtype=bool) & (lengths > 0)
+    mean, std, absmax = np.full(n, np.nan), np.full(n, np.nan), np.zeros(n)
+    nonempty = lengths > 0
+    if values.size:
+        starts = offsets[:-1][nonempty]
+        count = lengths[nonempty]
+        mean[nonempty] = np.add.reduceat(values, starts) / count
+        deviation = values - np.repeat(mean[nonempty], count)
+        std[nonempty] = np.sqrt(np.add.reduceat(deviation * deviation, starts) / count)
+        absmax[nonempty] = np.maximum.reduceat(np.abs(values), starts)
+    return mean, std, absmax, valid
+
+
+def _python_digest(value):
+    try:
+        if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value):
+            return rewards_digest(value)
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _python_scale(value) -> float:
+    try:
+        lists = value.values() if isinstance(value, dict) else [value]
+        return max((abs(float(v)) for entry in lists if entry for v in entry), default=0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def digest_mismatches(recorded: list, current: list, scales: list) -> list[int]:
+    """Rows whose recorded rewards digest does not match the current one within the tolerance (a row without a
+    recorded digest is not compared)."""
+    bad = []
+    for i, (rec, cur, scale) in enumerate(zip(recorded, current, scales)):
+        if rec is None:
+            continue
+        if cur is None or len(rec) != len(cur):
+            bad.append(i)
+            continue
+        tol = DIGEST_RTOL * (scale if math.isfinite(scale) else 0.0) + DIGEST_ATOL
+        if not all(a is not None and b is not None and math.isfinite(a) and math.isfinite(b) and abs(a - b) <= tol
+                   for a, b in zip(rec, cur)):
+            bad.append(i)
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -585,15 +858,41 @@ def _prompt_problem(hashes: list, prompts: list | None, max_report: int = 5) -> 
     )
 
 
+def _rewards_problem(read: ProvenanceColumn, dataset, column: str, max_report: int = 5) -> str | None:
+    """Format 2: rows whose reference rewards are not the ones their provenance row was written for."""
+    if read.digests is None or not any(d is not None for d in read.digests):
+        return None
+    current, scales = current_rewards_digests(dataset, column)
+    bad = digest_mismatches(read.digests, current, scales)
+    if not bad:
+        return None
+    shown = ", ".join(str(i) for i in bad[:max_report]) + (" ..." if len(bad) > max_report else "")
+    return (
+        f"reference rewards: {len(bad)} of {len(read.digests)} rows of {column!r} hold other rewards than the ones "
+        f"their provenance row was recorded with (rows {shown}): the column was reordered or replaced after the "
+        "build (permuted across rows, or another build's rewards placed under this build's provenance). Calibration "
+        "would compare each completion with another prompt's or another build's references. Fix: keep "
+        f"{column!r} and its provenance column together (reorder whole rows: shuffle / select / sort the dataset, "
+        "never one column), or rebuild the references."
+    )
+
+
+#: Attribute of the trainer holding the build records seen in its datasets (id -> record): a small eval split whose
+#: rows carry no copy of their record takes it from the training set.
+_TRAINER_RECORDS = "_ctrl_reference_provenance_records"
+
+
 def check_reference_provenance(trainer, dataset, split: str) -> None:
     """Compare the provenance recorded in `dataset` with `trainer`'s settings (see `CTRLConfig.reference_provenance_check`).
 
     With `"raise"` (default) every difference — reference model, each reward function, the reward weights, the prompt
     format / chat template, the sampling settings (`max_new_tokens` vs `max_completion_length`, temperature, top-p,
-    top-k, generation kwargs), prompts edited after the build — is listed in **one** `ValueError` naming the field,
-    the recorded value, the run's value and the fix, plus the override. `"warn"` emits the same text once as a
-    :class:`ReferenceProvenanceWarning`; `"off"` skips the check. A dataset without a provenance column (older or
-    hand-made) gets one warning saying the check was skipped and how to get provenance.
+    top-k, generation kwargs), prompts edited after the build, and (format 2) reference rewards that are not the
+    ones each row was built with (rows permuted, another build's rewards) — is listed in **one** `ValueError` naming
+    the field, the recorded value, the run's value and the fix, plus the override. `"warn"` emits the same text once
+    as a :class:`ReferenceProvenanceWarning`; `"off"` skips the check. A dataset without a provenance column (older
+    or hand-made), or rows whose build record none of the run's datasets carries, get one warning saying what was
+    not checked and how to get provenance. Datasets of format 1 (built before the rewards digest) keep their checks.
     """
     mode = getattr(trainer.args, "reference_provenance_check", "raise")
     if mode == "off":
@@ -611,14 +910,30 @@ def check_reference_provenance(trainer, dataset, split: str) -> None:
             stacklevel=3,
         )
         return
+    known = getattr(trainer, _TRAINER_RECORDS, None)
+    if not isinstance(known, dict):
+        known = {}
+        try:
+            setattr(trainer, _TRAINER_RECORDS, known)
+        except AttributeError:
+            pass
+    read = None
     try:
-        builds, hashes, prompts = _read_column(dataset, name, with_prompts=True)
-        decoded = [(_decode(text, name), count) for text, count in builds.items()]
+        read = read_provenance_column(dataset, name, with_prompts=True)
+        problems = [f"provenance: {p}. Fix: rebuild the references with build_reference_rewards." for p in read.problems]
+        known.update(read.records)
+        decoded = [(_decode(text, name), count) for text, count in read.builds(known)]
     except ValueError as error:
         problems, decoded = [f"provenance: {error}. Fix: rebuild the references with build_reference_rewards."], []
-        prompts = None
-    else:
-        problems = []
+    prompts = read.prompts if read is not None else None
+    missing = {sha: n for sha, n in read.missing.items() if sha not in known} if read is not None else {}
+    if missing:
+        warnings.warn(
+            f"{split}: {_missing_message(name, missing)}. The build settings of those rows are not compared with this "
+            "run (their prompts and reward digests are). Fix: train on the dataset as built (or a subset kept in "
+            "Arrow / save_to_disk), or rebuild the references for this subset.",
+            ReferenceProvenanceWarning, stacklevel=3,
+        )
     first_prompt = prompts[0] if prompts else None
     from .sampling import is_conversational_prompt
 
@@ -627,10 +942,14 @@ def check_reference_provenance(trainer, dataset, split: str) -> None:
     for index, (build, count) in enumerate(decoded):
         prefix = f"[build {index + 1} of {len(decoded)}, {count} rows] " if len(decoded) > 1 else ""
         problems += [prefix + p for p in compare_provenance(build, run, prompt_format)]
-    if decoded:
-        prompt_problem = _prompt_problem(hashes, prompts)
+    if read is not None:
+        prompt_problem = _prompt_problem(read.prompt_hashes, prompts)
         if prompt_problem:
             problems.append(prompt_problem)
+        if column in columns:
+            rewards_problem = _rewards_problem(read, dataset, column)
+            if rewards_problem:
+                problems.append(rewards_problem)
     if not problems:
         return
     message = (
@@ -649,6 +968,8 @@ __all__ = [
     "check_reference_provenance",
     "read_reference_provenance",
     "read_reference_provenances",
+    "read_provenance_column",
+    "rewards_digest",
     "read_per_reward_identities",
     "per_reward_identities",
     "compare_reward_identities",

@@ -7,13 +7,16 @@ completion compares like with like. :func:`validate_reference_rewards` is what `
 
 Determinism and resumption
 --------------------------
-Prompts are processed in fixed chunks of `batch_size` rows: chunk i is rows [i*C, (i+1)*C). Before chunk i the RNG is
-seeded with `seed + i` (vLLM: one seed per row), so a chunk's result depends neither on the chunks run before it nor
-on the process that runs it. With `cache_dir`, each process appends its finished chunks to its own
+Prompts are processed in fixed chunks of `batch_size` rows: chunk i is rows [i*C, (i+1)*C). Sample j of row r is
+drawn with its own key (seed, r, j) (see :mod:`trl_infalign.reference_sampling`), so a row's samples depend neither on
+the chunks run before it, nor on the process that runs it, nor on K: the first K₁ samples of a K₂ build are the K₁
+build's, and raising `num_samples` on a cached build (top-up) draws only the new samples K₁..K₂−1 (the cache keeps
+the rows it holds; `meta.json` records the K it grew from). With `cache_dir`, each process appends its finished chunks to its own
 `rank-XXXXX.jsonl` (`{"index": row, "ref_rewards": [...], "sha256": ...}` per row, flushed and fsync'ed per chunk)
 next to a `meta.json` describing the run; a restarted run skips every chunk whose rows are all on disk and pass the
-integrity check, so a resumed build is bit-identical to an uninterrupted one (floats go through JSON with exact
-round-trip). The cache directory is probed for writability before any model is loaded, and a chunk is only computed
+integrity check, so a resumed build is bit-identical to an uninterrupted one on the transformers path (floats go
+through JSON with exact round-trip); under vLLM, which is not batch-invariant, it draws from the same distribution
+with the same per-sample seeds, not bit for bit. The cache directory is probed for writability before any model is loaded, and a chunk is only computed
 under its `flock` (`locks/chunk-XXXXXXXX.lock`), so concurrent builders on one cache split the work (see `_Cache`).
 
 Layout: :class:`~trl_infalign.ReferenceConfig` (reference_config.py) says how references are made; the pass is
@@ -53,11 +56,19 @@ from .reference_cache import (  # noqa: F401 - re-exported: imported from here b
     _record_checksum,
     _short,
     cache_meta,
+    merge_segments,
     prompts_fingerprint,
     probe_writable,
 )
 from .reference_config import ReferenceConfig
-from .reference_sampling import effective_sampling, generation_config_overridden, load_policy, make_sampler
+from .reference_sampling import (
+    check_vllm_settings,
+    effective_sampling,
+    generation_config_overridden,
+    load_policy,
+    make_sampler,
+    vllm_model_identity,
+)
 from .reference_scoring import RewardScorer, _noop  # noqa: F401
 from .sampling import is_conversational_prompt, resolve_process_state
 
@@ -201,6 +212,8 @@ class ReferenceStats:
     chunks_resumed: int = 0  # found in the cache (all processes)
     chunks_by_others: int = 0  # finished by a concurrent builder on the same cache_dir while this one ran
     records_recomputed: int = 0  # cached records that failed the integrity check and were recomputed
+    completions_generated: int = 0  # on this process
+    samples_reused: int = 0  # cached samples of the chunks this process topped up (raised K)
     num_dropped: int = 0  # non-finite samples dropped (nonfinite="skip")
     rows_with_dropped: int = 0
     seconds: float = 0.0
@@ -277,6 +290,7 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     # ---- processes and cache: probe writability before loading or computing anything -----------------------------
     state = resolve_process_state(run["accelerator"])
     rank, world_size = state.process_index, state.num_processes
+    check_vllm_settings(config, world_size, model)
     cache_path = Path(config.cache_dir) if config.cache_dir is not None else None
     if cache_path is not None:
         ReferenceCache(cache_path, rank, world_size, state, num_samples=config.num_samples, nonfinite=config.nonfinite,
@@ -287,7 +301,7 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     scorer = RewardScorer(reward_funcs, run["reward_processing_classes"], config)
     reward_names = scorer.names if scorer.per_reward else None
     policy, tokenizer = load_policy(model, run["tokenizer"], config.use_vllm, config.model_init_kwargs)
-    reference_identity = model_identity(model if config.use_vllm else policy)
+    reference_identity = vllm_model_identity(policy, config.model_init_kwargs) if config.use_vllm else model_identity(policy)
     sampling = effective_sampling(config, policy)
 
     # ---- provenance and cache key, from the config -------------------------------------------------------------
@@ -331,34 +345,62 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     # ---- compute own chunks ---------------------------------------------------------------------------------------
     other_columns = [c for c in dataset.column_names if c not in (config.prompt_column, "prompt", "completion", "completion_ids")]
     sampler = None
+    if config.use_vllm and _any_rank(state, bool(todo)):
+        # vLLM's external launcher builds the engine collectively: every process builds it when any has work (a
+        # process whose share is cached, or that has no chunk, would otherwise leave the others waiting)
+        sampler = make_sampler(policy, tokenizer, state, config, sampling)
 
-    def compute_chunk(chunk: int) -> dict[int, dict]:
-        nonlocal sampler
-        if sampler is None:  # started lazily: a fully cached run never moves the model or starts vLLM
+    scorer_moved = False
+
+    def compute_chunk(chunk: int) -> tuple[dict[int, dict], dict[int, dict]]:
+        """(new records, complete records) of chunk `chunk`: each row's samples not cached yet (all K, or the new
+        ones of a top-up), and the row's K samples with the cached ones in front."""
+        nonlocal sampler, scorer_moved
+        if sampler is None:  # transformers: started lazily, a fully cached run never moves the model
             sampler = make_sampler(policy, tokenizer, state, config, sampling)
+        if not scorer_moved:
             scorer.to(state.device)
+            scorer_moved = True
         rows_range = chunk_rows(chunk)
+        cached = [cache.coverage(r) if cache is not None else None for r in rows_range]
+        starts = [c["samples"][1] if c is not None else 0 for c in cached]
+        if len(set(starts)) > 1:  # rows of one chunk cached to different depths (a damaged record): redraw the chunk,
+            starts, cached = [0] * len(starts), [None] * len(starts)  # so that its batches are a fresh build's
         rows = dataset.select(rows_range)
         prompts = list(rows[config.prompt_column])
-        texts, ids = sampler(prompts, chunk, list(rows_range))
-        return scorer.score(rows, rows_range.start, prompts, texts, ids, other_columns)
+        texts, ids = sampler(prompts, list(rows_range), [(a, config.num_samples) for a in starts])
+        stats.completions_generated += sum(config.num_samples - a for a in starts)
+        stats.samples_reused += sum(starts)
+        scored = scorer.score(rows, rows_range.start, prompts, texts, ids, other_columns, starts)
+        new = {r: scored[r] for r, a in zip(rows_range, starts) if a < config.num_samples}
+        complete = {
+            r: (merge_segments({0: c, a: new[r]}) if r in new else c) if a else new[r]
+            for r, c, a in zip(rows_range, cached, starts, strict=True)
+        }
+        return new, complete
 
     local: dict[int, dict] = {}
     error: str | None = None
-    if todo:
-        bar = tqdm(total=len(todo), desc="Reference rewards", unit="chunk", disable=not (run["progress"] and state.is_main_process))
-        try:
-            _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so no rank waits forever
-            if world_size == 1:
-                raise
-            error = f"rank {rank}: {type(exc).__name__}: {exc}"
-            logger.error("Reference building failed on %s", error)
-        finally:
-            bar.close()
+    try:
+        if todo:
+            bar = tqdm(total=len(todo), desc="Reference rewards", unit="chunk",
+                       disable=not (run["progress"] and state.is_main_process))
+            try:
+                _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below, so no rank waits forever
+                if world_size == 1:
+                    raise
+                error = f"rank {rank}: {type(exc).__name__}: {exc}"
+                logger.error("Reference building failed on %s", error)
+            finally:
+                bar.close()
 
-    # ---- merge ----------------------------------------------------------------------------------------------------
-    records = _merge(done, local, error, cache, state, num_rows, config.batch_size)
+        # ---- merge ------------------------------------------------------------------------------------------------
+        records = _merge(done, local, error, cache, state, num_rows, config.batch_size)
+    finally:
+        if sampler is not None:  # vLLM: shut the engine down and free its GPU memory before anything trains
+            sampler.close()
+            sampler = None
     stats.num_dropped = sum(rec.get("num_dropped", 0) for rec in records)
     stats.rows_with_dropped = sum(1 for rec in records if rec.get("num_dropped", 0))
     if stats.num_dropped:
@@ -366,8 +408,9 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
             "Dropped %d non-finite reference rewards in %d row(s) (nonfinite='skip'%s); those rows hold fewer than K=%d rewards.",
             stats.num_dropped, stats.rows_with_dropped, ", for every reward" if reward_names else "", config.num_samples,
         )
-    out = dataset.add_column(config.output_column, [rec["ref_rewards"] for rec in records])
-    out = out.add_column(provenance_column, provenance_rows(provenance, _iter_column(dataset, config.prompt_column)))
+    values = [rec["ref_rewards"] for rec in records]
+    out = dataset.add_column(config.output_column, values)
+    out = out.add_column(provenance_column, provenance_rows(provenance, _iter_column(dataset, config.prompt_column), values))
     if config.keep_completions:
         out = out.add_column(config.completions_column, [rec["ref_completions"] for rec in records])
     stats.extra["provenance"] = provenance
@@ -375,6 +418,15 @@ def build_reference_rewards(dataset, model, reward_funcs, args: ReferenceConfig 
     stats.extra["per_reward"] = bool(reward_names)
     stats.seconds = time.perf_counter() - start_time
     return (out, stats) if run["return_stats"] else out
+
+
+def _any_rank(state, value: bool) -> bool:
+    """Whether `value` holds on any process (every process must call this)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import gather_object
+
+    return any(gather_object([value]))
 
 
 def _prepare_dataset(dataset, config: ReferenceConfig):
@@ -413,7 +465,7 @@ def _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
     for (blocking lock) and read back; it is recomputed only if that builder died."""
     if cache is None:
         for chunk in todo:
-            local.update(compute_chunk(chunk))
+            local.update(compute_chunk(chunk)[1])
             stats.chunks_computed += 1
             bar.update(1)
         return
@@ -429,8 +481,8 @@ def _run_chunks(todo, compute_chunk, cache, done, local, stats, bar, chunk_rows)
                     stats.chunks_by_others += 1
                     bar.update(1)
                     continue
-                results = compute_chunk(chunk)
-                cache.append(results.values())
+                new, results = compute_chunk(chunk)
+                cache.append(new.values())
             local.update(results)
             stats.chunks_computed += 1
             bar.update(1)

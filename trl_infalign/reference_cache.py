@@ -2,8 +2,11 @@
 
 A build with `cache_dir` appends every finished chunk to its process's `rank-XXXXX.jsonl` (one checksummed record per
 row, flushed and fsync'ed per chunk) next to a `meta.json` holding everything that determines the result; a rerun
-with the same settings skips every chunk whose rows are all on disk and pass the integrity check. See
-:class:`ReferenceCache` and docs/reference_rewards.md ("Caching and resumption", "Cache").
+with the same settings skips every chunk whose rows are all on disk and pass the integrity check. A rerun with a larger
+K tops the cache up: `meta.json` is rewritten with the new K (and `"grown_from"`), and each row gets a second record
+`{"samples": [K₁, K₂], ...}` holding only its new samples; a row's records are chained from sample 0
+(:func:`merge_segments`). See :class:`ReferenceCache` and docs/reference_rewards.md ("Caching and resumption",
+"Seeding and top-up", "Cache").
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 logger = logging.getLogger("trl_infalign.reference")
 
 CACHE_FORMAT_VERSION = 2
+#: How samples are seeded (see trl_infalign.reference_sampling): sample j of row r by the key (seed, r, j).
+SEEDING = "per-sample-key-v1"
 META_FILE = "meta.json"
 LOCK_DIR = "locks"
 
@@ -92,6 +97,7 @@ def cache_meta(config, *, reference_identity: dict, reward_identities: list[dict
         "prompt_column": config.prompt_column,
         "dataset_num_rows": num_rows,
         "dataset_fingerprint": prompts_sha256,
+        "seeding": SEEDING,
     }
     if sampling.get("min_p", 0.0) != 0.0:
         meta["min_p"] = sampling["min_p"]
@@ -132,6 +138,9 @@ class ReferenceCache:
         self.reward_names = reward_names  # per-reward records ({name: [...]}); None: one list per record
         self._offsets: dict[Path, int] = {}
         self._bad: dict[int, str] = {}  # row -> why its cached record was rejected (until a valid one is read)
+        self._segments: dict[int, dict[int, dict]] = {}  # row -> {first sample: record of samples [first, stop)}
+        self._partial: dict[int, dict] = {}  # row -> its samples [0, n) merged (n < K until a top-up finishes)
+        self.record_lengths = {num_samples}  # K of a whole-row record: this build's, or that of a build topped up
 
     # ---- writability ----------------------------------------------------------------------------------------------
     def probe(self) -> None:
@@ -147,9 +156,29 @@ class ReferenceCache:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / LOCK_DIR).mkdir(exist_ok=True)
             if not meta_path.exists():
-                tmp = meta_path.with_name(f"{META_FILE}.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-                os.replace(tmp, meta_path)  # atomic: a concurrent builder sees either no file or the whole file
+                _write_json(meta_path, meta)  # atomic: a concurrent builder sees either no file or the whole file
+            else:
+                try:
+                    stored = json.loads(meta_path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    stored = None  # reported below, on every process
+                if isinstance(stored, dict) and stored.get("format_version") == meta["format_version"]:
+                    diffs, topup_from, legacy = meta_differences(stored, meta)
+                    if legacy:
+                        warnings.warn(
+                            f"The cache in {self.path} was sampled by an earlier trl-infalign, which seeded each chunk "
+                            "as a whole: its rows are kept, and the rows and samples still missing are drawn with "
+                            "per-sample keys (the same distribution; not bit-identical to a build from scratch).",
+                            UserWarning, stacklevel=4,
+                        )
+                    if not diffs and (topup_from is not None or legacy):
+                        if topup_from is not None:
+                            logger.warning("Topping up the cache in %s from K=%d to K=%d: the %d samples per row "
+                                           "already drawn are kept, only the new ones are drawn.", self.path,
+                                           topup_from, meta["num_samples"], topup_from)
+                        grown = sorted(set(stored.get("grown_from", [])) | ({topup_from} if topup_from else set()))
+                        _write_json(meta_path, {**{k: v for k, v in meta.items() if not (legacy and k == "seeding")},
+                                                **({"grown_from": grown} if grown else {})})
         self.state.wait_for_everyone()
         try:
             stored = json.loads(meta_path.read_text())
@@ -164,12 +193,8 @@ class ReferenceCache:
                 f"{meta['format_version']} (records with checksums, normalised model paths, locks). Use a new "
                 f"cache_dir, or delete {self.path} to rebuild from scratch."
             )
-        missing = "<missing>"
-        diffs = [
-            f"{key!r} is {_short(stored.get(key, missing), 120)} in {META_FILE} but {_short(meta.get(key, missing), 120)} now"
-            for key in sorted(set(meta) | set(stored))
-            if stored.get(key, missing) != meta.get(key, missing)
-        ]
+        diffs, _, _ = meta_differences(stored, meta)
+        self.record_lengths = {self.num_samples, *stored.get("grown_from", [])}
         if diffs:
             raise ValueError(
                 f"The cache in {self.path} was built with different settings: " + "; ".join(diffs) + ". Use a new "
@@ -222,11 +247,23 @@ class ReferenceCache:
             return "the per-reward lists have different lengths"
         length = len(lists[0])
         dropped = record.get("num_dropped", 0)
-        if self.nonfinite == "skip":
-            if not (1 <= length <= self.num_samples and length + dropped == self.num_samples):
+        if isinstance(dropped, bool) or not isinstance(dropped, int) or dropped < 0:
+            return f"num_dropped {dropped!r} is not a count"
+        span = record_samples(record)
+        if span is None:
+            return f"samples {record.get('samples')!r} is not a range [start, stop) of sample indices"
+        start, stop = span
+        if stop > self.num_samples:
+            return f"samples [{start}, {stop}) reach beyond K={self.num_samples}"
+        if "samples" not in record and stop not in self.record_lengths:  # K of this build, or of one it topped up
+            if self.nonfinite == "skip":
                 return f"{length} reward(s) + {dropped} dropped, expected {self.num_samples} in all"
-        elif length != self.num_samples or dropped:
             return f"{length} reward(s), expected K={self.num_samples}"
+        if self.nonfinite == "skip":
+            if length + dropped != stop - start or (start == 0 and length < 1):
+                return f"{length} reward(s) + {dropped} dropped, expected {stop - start} in all"
+        elif dropped or length != stop - start or length == 0:
+            return f"{length} reward(s) for samples [{start}, {stop})"
         if self.keep_completions and len(record.get("ref_completions") or []) != length:
             return "ref_completions does not match ref_rewards"
         if record.get("sha256") != _record_checksum(record):
@@ -259,11 +296,22 @@ class ReferenceCache:
                 problem = self.record_problem(record)
                 index = record.get("index") if isinstance(record, dict) else None
                 if problem is None:
-                    done[index] = record
+                    segments = self._segments.setdefault(index, {})
+                    start, stop = record_samples(record)
+                    if start not in segments or record_samples(segments[start])[1] < stop:  # the longest from start
+                        segments[start] = record
+                    merged = merge_segments(self._segments[index])
+                    self._partial[index] = merged
+                    if merged["samples"][1] == self.num_samples:
+                        done[index] = merged
                     self._bad.pop(index, None)
                 elif isinstance(index, int) and index not in done:
                     self._bad[index] = problem
             self._offsets[shard] = offset + end
+
+    def coverage(self, row: int) -> dict | None:
+        """Row `row`'s cached samples [0, n) merged into one record (``"samples": [0, n]``), or None."""
+        return self._partial.get(row)
 
     def bad_rows(self, done: dict[int, dict]) -> dict[int, str]:
         """Rows whose only cached records failed the integrity check (they will be recomputed)."""
@@ -298,6 +346,89 @@ class ReferenceCache:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def meta_differences(stored: dict, meta: dict) -> tuple[list[str], int | None, bool]:
+    """(blocking differences, K of a top-up, legacy seeding) between a cache's stored `meta.json` and this run's.
+
+    A larger `num_samples` is a top-up (the samples drawn are kept, the new ones added), with `generation_batch_size`
+    following it when both are the default (`batch_size × K`); a smaller one is refused. A cache written before
+    per-sample seeding has no `"seeding"` key: it is accepted (legacy), with a warning."""
+    missing = "<missing>"
+    topup_from = None
+    ignore = set()
+    stored_k, k = stored.get("num_samples"), meta.get("num_samples")
+    if isinstance(stored_k, int) and isinstance(k, int) and stored_k < k:
+        topup_from = stored_k
+        ignore.add("num_samples")
+        batch = meta.get("batch_size")
+        if stored.get("generation_batch_size") == batch * stored_k and meta.get("generation_batch_size") == batch * k:
+            ignore.add("generation_batch_size")
+    legacy = "seeding" in meta and "seeding" not in stored
+    if legacy:
+        ignore.add("seeding")
+    ignore.add("grown_from")  # the K values a cache was topped up from (whole-row records of those sizes are valid)
+    diffs = [
+        f"{key!r} is {_short(stored.get(key, missing), 120)} in {META_FILE} but {_short(meta.get(key, missing), 120)} now"
+        for key in sorted(set(meta) | set(stored))
+        if key not in ignore and stored.get(key, missing) != meta.get(key, missing)
+    ]
+    if isinstance(stored_k, int) and isinstance(k, int) and stored_k > k:
+        diffs = [d for d in diffs if not d.startswith("'num_samples'")]
+        diffs.append(
+            f"'num_samples' is {stored_k} in {META_FILE} but {k} now: the cache holds (or is being topped up to) "
+            f"K={stored_k} samples per row. Ask for num_samples={stored_k} (a cache only grows: raising K keeps the "
+            "samples drawn and adds the new ones)"
+        )
+    return diffs, topup_from, legacy
+
+
+def record_samples(record: dict) -> tuple[int, int] | None:
+    """The sample indices [start, stop) a cache record covers: its ``"samples"``, else [0, rewards + dropped)."""
+    span = record.get("samples")
+    if span is None:
+        values = record.get("ref_rewards")
+        first = next(iter(values.values()), []) if isinstance(values, dict) else values
+        return 0, len(first or []) + int(record.get("num_dropped", 0) or 0)
+    if (not isinstance(span, list) or len(span) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in span)
+            or not 0 <= span[0] < span[1]):
+        return None
+    return span[0], span[1]
+
+
+def merge_segments(segments: dict[int, dict]) -> dict:
+    """One row's records chained from sample 0 (`segments`: first sample -> record) into one record of samples
+    [0, n): rewards (per reward), completions and dropped counts concatenated; ``"samples": [0, n]``."""
+    first = segments[0] if 0 in segments else None
+    if first is None:
+        return {"index": next(iter(segments.values()))["index"], "ref_rewards": [], "samples": [0, 0]}
+    values = first["ref_rewards"]
+    merged = {"index": first["index"], "ref_rewards": dict(values) if isinstance(values, dict) else list(values)}
+    dropped = first.get("num_dropped", 0)
+    completions = list(first["ref_completions"]) if "ref_completions" in first else None
+    stop = record_samples(first)[1]
+    while stop in segments:
+        record = segments[stop]
+        if isinstance(merged["ref_rewards"], dict):
+            merged["ref_rewards"] = {n: merged["ref_rewards"][n] + record["ref_rewards"][n] for n in merged["ref_rewards"]}
+        else:
+            merged["ref_rewards"] = merged["ref_rewards"] + record["ref_rewards"]
+        dropped += record.get("num_dropped", 0)
+        if completions is not None:
+            completions += record.get("ref_completions", [])
+        stop = record_samples(record)[1]
+    if dropped:
+        merged["num_dropped"] = dropped
+    if completions is not None:
+        merged["ref_completions"] = completions
+    merged["samples"] = [0, stop]
+    return merged
 
 
 def _last_newline(f, size: int, block: int = 1 << 16) -> int:

@@ -32,7 +32,8 @@ class ReferenceConfig:
         > Parameters that control the references
 
         num_samples (`int`, *optional*, defaults to `16`):
-            K, reference samples per prompt. The resolution of the calibrated reward is 1/K.
+            K, reference samples per prompt. The resolution of the calibrated reward is 1/K. Raising it on a cached
+            build (same `cache_dir`) keeps the samples drawn and adds only the new ones (top-up).
         reward_weights (`list[float]`, *optional*):
             One weight per reward function; the references are the weighted, NaN-skipping sum, as TRL combines
             rewards (default: all 1). Ignored in the values of a per-reward build (each reward is stored unweighted).
@@ -58,14 +59,15 @@ class ReferenceConfig:
         > Parameters that control batching, seeding and the cache
 
         batch_size (`int`, *optional*, defaults to `32`):
-            Prompts per chunk: the unit of seeding (chunk i is seeded with `seed + i`), caching and sharding.
-            Changing it changes the samples.
+            Prompts per chunk: the unit of caching and sharding. Samples are keyed by (seed, row, sample index), so
+            it changes them only through float rounding (batch shapes).
         generation_batch_size (`int`, *optional*):
             Completions per `generate` call (default: a whole chunk, `batch_size * num_samples`).
         reward_batch_size (`int`, *optional*, defaults to `64`):
             Completions per reward-model forward pass.
         seed (`int`, *optional*, defaults to `0`):
-            Seed of chunk 0 (vLLM: one seed per row, derived from `seed` and the row index).
+            Seed of the pass: sample j of row r is drawn with the key (seed, r, j), whatever K, the chunk or the
+            process (so raising K on a cached build adds samples K₁..K₂−1 and keeps the others).
         cache_dir (`str`, *optional*):
             Resumable cache of finished chunks; a rerun with the same settings resumes.
 
@@ -74,9 +76,12 @@ class ReferenceConfig:
         model_init_kwargs (`dict` or `str`, *optional*):
             `from_pretrained` kwargs for the policy and reward-model paths (e.g. `{"dtype": "bfloat16"}`), as in TRL.
         use_vllm (`bool`, *optional*, defaults to `False`):
-            Sample with vLLM (`pip install trl-infalign[vllm]`).
+            Sample with vLLM (`pip install trl-infalign[vllm]`). vLLM loads the model from its path: of
+            `model_init_kwargs` it takes `revision`, `trust_remote_code` and `dtype`. The engine is shut down and its
+            memory freed when the pass returns. Not batch-invariant: a resumed vLLM build draws from the same
+            distribution with the same per-sample seeds, but is not bit-identical.
         vllm_kwargs (`dict` or `str`, *optional*):
-            Extra `vllm.LLM(...)` kwargs (e.g. `gpu_memory_utilization`, `max_model_len`).
+            Extra `vllm.LLM(...)` kwargs (e.g. `gpu_memory_utilization`, `max_model_len`), applied last.
 
         > Parameters that control the columns
 
@@ -137,14 +142,16 @@ class ReferenceConfig:
     # Parameters that control batching, seeding and the cache
     batch_size: int = field(
         default=32,
-        metadata={"help": "Prompts per chunk: the unit of seeding (chunk i: seed + i), caching and sharding. Changing "
-                  "it changes the samples."},
+        metadata={"help": "Prompts per chunk: the unit of caching and sharding (samples are keyed by seed, row and "
+                  "sample index, so it changes them only through float rounding)."},
     )
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "Completions per generate call (default: batch_size x num_samples)."}
     )
     reward_batch_size: int = field(default=64, metadata={"help": "Completions per reward-model forward pass."})
-    seed: int = field(default=0, metadata={"help": "Seed of chunk 0 (chunk i is seeded with seed + i)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed: sample j of row r is drawn with the key (seed, r, j), whatever K or the chunk."}
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Resumable cache of finished chunks (the CLI's default: <output>/cache); a rerun resumes."},
@@ -214,6 +221,12 @@ class ReferenceConfig:
                 raise ValueError(f"reward_weights must be a non-empty list of finite numbers (one per reward "
                                  f"function) or None, got {self.reward_weights!r}.")
             self.reward_weights = [float(w) for w in weights]
+        if self.generation_kwargs:  # a sampling field set to None there ({"top_k": None}) means its neutral value
+            from .sampling import SAMPLING_FIELDS
+
+            self.generation_kwargs = {
+                k: (SAMPLING_FIELDS[k] if v is None and k in SAMPLING_FIELDS else v) for k, v in self.generation_kwargs.items()
+            }
         for key in sorted(set(self.generation_kwargs or {}) & set(_SAMPLING_FIELD_NAMES)):
             if self.generation_kwargs[key] != getattr(self, key):
                 warnings.warn(
@@ -225,6 +238,12 @@ class ReferenceConfig:
             if key in (self.generation_kwargs or {}):
                 raise ValueError(f"generation_kwargs must not set {key!r}: the number of samples per prompt is "
                                  f"num_samples (got {key}={self.generation_kwargs[key]!r}).")
+        if "seed" in (self.generation_kwargs or {}):
+            raise ValueError(
+                f"generation_kwargs must not set 'seed' (got {self.generation_kwargs['seed']!r}): the reference pass "
+                "seeds every sample itself, with the key (seed, row, sample index), so that a "
+                "resumed or sharded build draws the same samples. Set ReferenceConfig.seed (--seed) instead."
+            )
         from .provenance import provenance_column_name
 
         columns = [self.prompt_column, self.output_column] + ([self.completions_column] if self.keep_completions else [])

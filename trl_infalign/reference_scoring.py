@@ -80,31 +80,42 @@ class RewardScorer:
             if _is_module(f):
                 f.to(device)
 
-    def score(self, rows, first_row: int, prompts, texts, ids, other_columns) -> dict[int, dict]:
+    def score(self, rows, first_row: int, prompts, texts, ids, other_columns, starts=None) -> dict[int, dict]:
         """The records of one chunk: `rows` (the chunk's dataset rows, `first_row` the index of the first), its
-        `prompts`, the sampled `texts[p][k]` / `ids[p][k]`, and the dataset columns callables receive."""
-        config, k = self.config, self.config.num_samples
-        flat_prompts = [p for p in prompts for _ in range(k)]
+        `prompts`, the sampled `texts[p][k]` / `ids[p][k]`, and the dataset columns callables receive. `starts[p]`
+        is the index of prompt p's first sample here (a top-up draws samples K₁..K₂−1): a record of samples
+        [a, b) with a > 0 says so in `"samples": [a, b]`; one without covers [0, b)."""
+        config = self.config
+        counts = [len(per) for per in texts]
+        starts = [0] * len(prompts) if starts is None else list(starts)
+        flat_prompts = [p for p, n in zip(prompts, counts) for _ in range(n)]
         flat_texts = [t for per in texts for t in per]
         flat_ids = [c for per in ids for c in per]
-        columns = {c: [v for v in rows[c] for _ in range(k)] for c in other_columns}
+        columns = {c: [v for v, n in zip(rows[c], counts) for _ in range(n)] for c in other_columns}
         columns.update(trainer_state=None, log_extra=_noop, log_metric=_noop)
-        raw = score_completions(
-            self.funcs, self.classes, flat_prompts, flat_texts, completion_ids=flat_ids, columns=columns,
-            chat_template_kwargs=config.chat_template_kwargs, batch_size=config.reward_batch_size,
-        )
-        if self.per_reward:
-            per_func = raw.view(len(prompts), k, len(self.funcs)).permute(0, 2, 1).tolist()  # [p][j][k]
-        else:
-            per_func = [[row] for row in combine_rewards(raw, self.weights).view(len(prompts), k).tolist()]
+        sample_index = [start + j for start, n in zip(starts, counts) for j in range(n)]
+        raw = self._score(flat_prompts, flat_texts, flat_ids, columns, sample_index) if flat_texts else None
+        per_prompt = []
+        offset = 0
+        for n in counts:  # [p][j][k]: each prompt's n samples, per reward function (or combined)
+            block = raw[offset : offset + n] if raw is not None else None
+            offset += n
+            if block is None:
+                per_prompt.append([[] for _ in (self.funcs if self.per_reward else [None])])
+            elif self.per_reward:
+                per_prompt.append(block.T.tolist())
+            else:
+                per_prompt.append([combine_rewards(block, self.weights).tolist()])
         results = {}
-        for offset, values in enumerate(per_func):
-            row = first_row + offset
-            keep = [all(math.isfinite(v[j]) for v in values) for j in range(k)]
+        for offset, (values, start) in enumerate(zip(per_prompt, starts, strict=True)):
+            row, n = first_row + offset, counts[offset]
+            keep = [all(math.isfinite(v[j]) for v in values) for j in range(n)]
             if not all(keep):
-                self._check_nonfinite(row, values, keep, prompts[offset], texts[offset])
+                self._check_nonfinite(row, values, keep, prompts[offset], texts[offset], start)
             kept = [[v for v, ok in zip(per, keep) if ok] for per in values]
             record = {"index": row, "ref_rewards": dict(zip(self.names, kept)) if self.per_reward else kept[0]}
+            if start:
+                record["samples"] = [start, start + n]
             if not all(keep):
                 record["num_dropped"] = keep.count(False)
             if config.keep_completions:
@@ -112,10 +123,43 @@ class RewardScorer:
             results[row] = record
         return results
 
-    def _check_nonfinite(self, row: int, values, keep, prompt, texts) -> None:
+    def _score(self, prompts, texts, ids, columns, sample_index):
+        """(n, F) raw rewards. Callables get every completion of the chunk in one call (as before); reward models score
+        one group per sample index j (sample j of every prompt of the chunk), so that a completion's reward does not
+        depend on K: the batches of a top-up are those of a build from scratch (padding to the longest text of a
+        batch changes a model's output in its last bits)."""
+        import torch
+
+        config = self.config
+        raw = torch.full((len(texts), len(self.funcs)), math.nan, dtype=torch.float32)
+        calls = [i for i, f in enumerate(self.funcs) if not _is_module(f)]
+        models = [i for i, f in enumerate(self.funcs) if _is_module(f)]
+        if calls:
+            raw[:, calls] = score_completions(
+                [self.funcs[i] for i in calls], [self.classes[i] for i in calls], prompts, texts, completion_ids=ids,
+                columns=columns, chat_template_kwargs=config.chat_template_kwargs, batch_size=config.reward_batch_size,
+            )
+        if models:
+            groups: dict[int, list[int]] = {}
+            for position, j in enumerate(sample_index):
+                groups.setdefault(j, []).append(position)
+            for positions in groups.values():
+                index = torch.tensor(positions)
+                raw[index.unsqueeze(1), torch.tensor(models)] = score_completions(
+                    [self.funcs[i] for i in models], [self.classes[i] for i in models],
+                    [prompts[q] for q in positions], [texts[q] for q in positions],
+                    completion_ids=[ids[q] for q in positions], chat_template_kwargs=config.chat_template_kwargs,
+                    batch_size=config.reward_batch_size,
+                )
+        return raw
+
+    def _check_nonfinite(self, row: int, values, keep, prompt, texts, start: int = 0) -> None:
         k = self.config.num_samples
         if self.config.nonfinite == "raise":
             j = keep.index(False)
+            texts = [None] * start + list(texts)  # sample j of the row is texts[j - start]
+            values = [[None] * start + list(v) for v in values]
+            j += start
             if self.per_reward:
                 name, value = next((n, v[j]) for n, v in zip(self.names, values) if not math.isfinite(v[j]))
                 raise ValueError(
@@ -130,7 +174,7 @@ class RewardScorer:
                 "Fix the reward function(s), or pass nonfinite='skip' (CLI: --nonfinite skip) to drop "
                 "such samples from their row."
             )
-        if not any(keep):
+        if not any(keep) and start == 0:
             raise ValueError(
                 f"Dataset row {row}: all {k} reference samples got non-finite rewards, so the "
                 "row has nothing to calibrate against. Fix the reward function(s) for this prompt or "

@@ -73,9 +73,9 @@ def resolve_process_state(accelerator=None):
     return accelerator  # an Accelerator or a PartialState: both have process_index, num_processes, device, ...
 
 
-def resolve_tokenizer(model, tokenizer=None):
-    """`tokenizer`, or the one saved beside `model` (a path or a model with `config._name_or_path`); pad = EOS if unset,
-    as RLOOTrainer does."""
+def resolve_tokenizer(model, tokenizer=None, **from_pretrained_kwargs):
+    """`tokenizer`, or the one saved beside `model` (a path or a model with `config._name_or_path`, loaded with
+    `from_pretrained_kwargs`, e.g. `revision`); pad = EOS if unset, as RLOOTrainer does."""
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -84,7 +84,7 @@ def resolve_tokenizer(model, tokenizer=None):
             raise ValueError(
                 "The model was given as an object without `config._name_or_path`: pass its `tokenizer=` explicitly."
             )
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **from_pretrained_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -182,15 +182,17 @@ class SamplingSettings:
             repetition_penalty=self.repetition_penalty,
         )
         kwargs.update(self.generation_kwargs or {})
-        return kwargs
+        return _neutral_for_none(kwargs, keep_min_p_none=True)
 
     def vllm_kwargs(self, n: int) -> dict:
-        """`vllm.SamplingParams` kwargs, as TRL's colocate engine builds them (`min_p=None` is 0.0)."""
+        """`vllm.SamplingParams` kwargs, as TRL's colocate engine builds them (`min_p=None` is 0.0). A sampling field
+        set to None in `generation_kwargs` (`{"top_k": None}`, which `SamplingParams` cannot compare) takes its neutral
+        value, as the provenance record does."""
         kwargs = dict(n=n, max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                       top_k=self.top_k, min_p=0.0 if self.min_p is None else self.min_p,
                       repetition_penalty=self.repetition_penalty)
         kwargs.update(self.generation_kwargs or {})
-        return kwargs
+        return _neutral_for_none(kwargs)
 
     def record(self) -> dict:
         """The provenance record: the sampling fields with neutral values for None, `max_new_tokens`, and every
@@ -211,8 +213,18 @@ class SamplingSettings:
         return settings
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+def _neutral_for_none(kwargs: dict, keep_min_p_none: bool = False) -> dict:
+    """Sampling fields left at None (e.g. by `generation_kwargs`) replaced by their neutral values (`SAMPLING_FIELDS`),
+    so that neither transformers (which would read the model's generation config) nor vLLM (which cannot compare None)
+    sees a None; `min_p=None` stays None for `generate` when asked (it is transformers' "off")."""
+    for name, neutral in SAMPLING_FIELDS.items():
+        if name in kwargs and kwargs[name] is None and not (keep_min_p_none and name == "min_p"):
+            kwargs[name] = neutral
+    return kwargs
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([len(r) for r in rows] + [width or 0])
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
