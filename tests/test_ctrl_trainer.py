@@ -1,5 +1,6 @@
 """CTRLConfig validation, the reward hand-off to RLOO on hand-computed cases, the model card and Hub failures."""
 
+import json
 import math
 
 import pytest
@@ -224,6 +225,34 @@ def test_model_card_names_method_paper_and_settings(tmp_path, tiny):
         assert needle in card, needle
 
 
+def test_card_numbers_are_readable_and_beta_is_given_on_the_normalised_transform(tmp_path, tiny):
+    """The demo's case: bon:t=17.3 with beta 7804817.927095893 -> 9.324e6. Every number with 4 significant digits,
+    beta also as RLOO applies it to (Phi - 1)/(e^17.3 - 1), and standard = BoN-1 = WoN-1 shown once."""
+    from trl_infalign.model_card import build_ctrl_model_card
+
+    start, end = 7804817.927095893, 9.324e6
+    trainer = make_trainer(tmp_path, tiny, length_reward_for_card, transform="bon:t=17.3", beta=start)
+    trainer.beta = trainer._ctrl_penalty_beta(end)  # where an adaptive run ends
+    row = {"ci_low": 0.4, "ci_high": 0.6, "unbiased": True}
+    trainer.record_evaluation({"win_rates": [
+        {"procedure": "standard", "n": 1, "estimate": 0.55, **row}, {"procedure": "bon", "n": 1, "estimate": 0.55, **row},
+        {"procedure": "won", "n": 1, "estimate": 0.55, **row}, {"procedure": "bon", "n": 4, "estimate": 0.61, **row},
+    ]})
+    card = build_ctrl_model_card(trainer).text
+    scale = math.exp(17.3) - 1  # Phi = exp(17.3 c) spans [1, e^17.3] on c in [0, 1]
+    assert "| β (KL coefficient) | 7.805e+06 at the start → 9.324e+06 at the end |" in card
+    assert (f"| β on the normalised Φ (RLOO's `beta` = β / 3.261e+07, for (Φ − 1) / 3.261e+07 ∈ [0, 1]) | "
+            f"{start / scale:.4g} at the start → {end / scale:.4g} at the end |") in card
+    assert f"{start / scale:.4g}" == "0.2394" and "| t | 17.3 |" in card
+    assert "7804817" not in card and "927095893" not in card
+    assert card.count("| standard | 1 | 0.550 |") == 1 and "| bon | 1 |" not in card and "| won | 1 |" not in card
+    assert "| bon | 4 | 0.610 | [0.400, 0.600] |" in card
+
+
+def length_reward_for_card(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
 def test_push_to_hub_offline_keeps_local_output_and_says_why(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     secret = "hf_THISISAFAKETOKEN1234567890"
@@ -236,6 +265,76 @@ def test_push_to_hub_offline_keeps_local_output_and_says_why(tmp_path, tiny, mon
     assert secret not in message
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "README.md").exists()
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny, tmp_path_factory):
+    """One run trained to checkpoint-1 with a reward model + a callable (weights [1, 0.5]); the resumes below are
+    built against it and refused before any step."""
+    from trl_infalign.tiny import build_tiny_reward_model
+
+    root = tmp_path_factory.mktemp("resume")
+    path, tokenizer = tiny
+    for name, seed in (("rm_a", 0), ("rm_b", 1)):
+        build_tiny_reward_model(tokenizer, root / name, seed=seed)
+    trainer = resumed_trainer(root, tiny)
+    trainer.train()
+    checkpoint = root / "out" / "checkpoint-1"
+    assert (checkpoint / "ctrl_run.json").is_file()
+    return root, checkpoint
+
+
+def resumed_trainer(root, tiny, reward_model="rm_a", **overrides):
+    path, tokenizer = tiny
+    kwargs = dict(max_steps=1, save_strategy="steps", save_steps=1, reward_weights=[1.0, 0.5],
+                  calibration_check="off")  # hand-made reference rewards: not samples of this policy
+    kwargs.update(overrides)
+    return CTRLTrainer(model=path, reward_funcs=[str(root / reward_model), length_reward], args=config(root, **kwargs),
+                       train_dataset=dataset(), processing_class=tokenizer)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"reward_model": "rm_b"}, r"reward function 0 '.*rm_b': checkpoint reward model '.*rm_a' \(weights \w+\), "
+                                   r"now reward model '.*rm_b' \(weights \w+\)"),
+        ({"max_completion_length": 6}, r"max_completion_length: checkpoint 4, now 6 \(set CTRLConfig.max_completion_length=4\)"),
+        ({"temperature": 0.7}, r"temperature: checkpoint 1.0, now 0.7 \(set CTRLConfig.temperature=1.0\)"),
+        ({"reward_weights": [1.0, 2.0]}, r"reward_weights: checkpoint \[1.0, 0.5\], now \[1.0, 2.0\] \(set "
+                                         r"CTRLConfig.reward_weights=\[1.0, 0.5\]\)"),
+        ({"top_k": 5, "repetition_penalty": 1.3}, r"repetition_penalty: checkpoint 1.0, now 1.3 .*; "
+                                                  r"top_k: checkpoint 0, now 5"),
+    ],
+    ids=["reward model", "max_completion_length", "temperature", "reward_weights", "top_k and repetition_penalty"],
+)
+def test_resume_refuses_another_run_naming_each_difference(checkpointed_run, tiny, overrides, needle):
+    """Without a provenance column nothing else would notice: the run record (ctrl_run.json) does, before any step,
+    and names the override."""
+    root, checkpoint = checkpointed_run
+    trainer = resumed_trainer(root, tiny, max_steps=2, **overrides)
+    with pytest.raises(ValueError, match=needle + r".*delete .*ctrl_run.json \(reward functions, weights and sampling"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0 and not (root / "out" / "checkpoint-2").exists()
+
+
+def test_resume_from_a_checkpoint_without_run_record_warns_and_trains(checkpointed_run, tiny):
+    """An older checkpoint (no ctrl_run.json): a warning saying what cannot be checked; the run continues."""
+    import shutil
+
+    root, checkpoint = checkpointed_run
+    old = root / "old"
+    shutil.copytree(checkpoint, old / "out" / "checkpoint-1")
+    (old / "out" / "checkpoint-1" / "ctrl_run.json").unlink()
+    trainer = resumed_trainer(old, tiny, reward_model="../rm_a", max_steps=2, temperature=0.7)
+    with pytest.warns(UserWarning, match=r"holds no run record \(ctrl_run.json.*reward_weights and sampling settings"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 2
+    assert json.loads((old / "out" / "checkpoint-2" / "ctrl_run.json").read_text())["sampling"]["temperature"] == 0.7
 
 
 # ------------------------------------------------------------------------------------------- PEFT and accumulation

@@ -147,17 +147,46 @@ def gaussian_bon_win(shift, n: int = 4) -> np.ndarray:
     return np.sum(0.5 * (y[:, 1:] + y[:, :-1]) * np.diff(x, axis=1), axis=1)
 
 
+def tilted_bon_win(rows: np.ndarray, phis: np.ndarray, kl: float, n: int) -> tuple[float, float]:
+    """(β, BoN-n win rate) of p_x ∝ exp(Φ_x/β) on each row's K distinct atoms, one β for every prompt with mean KL
+    = `kl`, by hand: β by Brent on the mean of Σ p log(K p); P(best of n = j-th smallest atom) = F_j^n − F_{j−1}^n
+    for the policy (F its CDF) and ((j/K)^n − ((j−1)/K)^n) for the reference, ties (same atom) counting ½."""
+    from scipy.optimize import brentq
+
+    order = np.argsort(rows, axis=1)
+    phis = np.take_along_axis(phis, order, axis=1)
+    k = rows.shape[1]
+
+    def tilt(beta):
+        logits = (phis - phis.max(axis=1, keepdims=True)) / beta
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        return p, float(np.mean(np.sum(p * np.log(np.maximum(k * p, 1e-300)), axis=1)))
+
+    beta = brentq(lambda b: tilt(b)[1] - kl, 1e-3, 1e3, xtol=1e-14, rtol=1e-14)
+    p = tilt(beta)[0]
+    cdf = np.concatenate([np.zeros((p.shape[0], 1)), np.minimum(np.cumsum(p, axis=1), 1.0)], axis=1)
+    policy_best = np.diff(cdf**n, axis=1)
+    ref_cdf = np.arange(k + 1) / k
+    ref_below, ref_at = ref_cdf[:-1] ** n, np.diff(ref_cdf**n)
+    return beta, float(np.mean(policy_best @ (ref_below + 0.5 * ref_at)))
+
+
 def test_calibration_story_lognormal_scales():
     """BoN-4, KL 0.5, one global β: per-prompt reward scale log-normal(σ = 1) across 300 prompts × K = 1000."""
-    result = quiet(stratified(300, 1000, 1.0), procedure="bon", n=4, kl=0.5,
-                   methods=["raw_reward", "identity", "best_t", "optimal"])
+    rows = stratified(300, 1000, 1.0)
+    result = quiet(rows, procedure="bon", n=4, kl=0.5, methods=["raw_reward", "identity", "best_t", "optimal"])
     m = {name: v["win_rate"] for name, v in result.methods.items()}
     assert m["identity"] == pytest.approx(0.801, abs=0.01)
     assert m["best_t"] == pytest.approx(0.876, abs=0.01)  # notes §8; the continuum best exp(t c) is 0.8727
     assert m["best_t"] <= m["optimal"] + 1e-4
-    # raw reward: the note quotes 0.742; the exact discrete value here is 0.719 (K = 2000: 0.716; the K → ∞
-    # continuum, by quadrature, 0.685 — prompts with large scales saturate at log K, so convergence is slow)
-    assert m["raw_reward"] == pytest.approx(0.719, abs=0.01)
+    # raw reward Φ_x = r and identity Φ_x = c = (rank + ½)/K, recomputed by hand (the notes' continuum quotes raw
+    # 0.742; the discrete value sits lower: prompts with large scales saturate at log K, so convergence is slow)
+    c = (np.argsort(np.argsort(rows, axis=1), axis=1) + 0.5) / rows.shape[1]
+    for name, phis in (("raw_reward", rows), ("identity", c)):
+        beta, win = tilted_bon_win(rows, phis, 0.5, 4)
+        assert result.methods[name]["beta"] == pytest.approx(beta, rel=1e-6), name
+        assert m[name] == pytest.approx(win, abs=1e-6), name
     assert m["identity"] - m["raw_reward"] > 0.07 and m["best_t"] - m["raw_reward"] > 0.15
     h = result.heterogeneity
     assert h["ref_std"]["log_std_std"] == pytest.approx(1.0, abs=0.02)

@@ -184,16 +184,28 @@ def test_kl_estimators_on_categoricals():
     p = np.array([0.5, 0.3, 0.15, 0.05])
     q = np.array([0.25, 0.25, 0.25, 0.25])
     kl = float(np.sum(p * np.log(p / q)))
-    rng = np.random.default_rng(0)
-    y = rng.choice(4, size=200_000, p=p)
+    # exact: a "sample" holding each category in proportion to p (20 = 10 + 6 + 3 + 1) has sample means equal to the
+    # expectations over y ~ p, so both estimators must return KL(p‖q) itself (unbiased means exactly this)
+    y = np.repeat(np.arange(4), (p * 20).round().astype(int))
     k1, k3 = kl_estimates(np.log(p)[y], torch.tensor(np.log(q)[y]))
+    assert k1 == pytest.approx(kl, abs=1e-12) and k3 == pytest.approx(kl, abs=1e-12)
+    # the reverse direction is a different number: KL(q‖p) from samples of q
+    y_q = np.repeat(np.arange(4), 5)
+    assert kl_estimates(np.log(q)[y_q], np.log(p)[y_q]) == pytest.approx(
+        (float(np.sum(q * np.log(q / p))),) * 2, abs=1e-12)
+    # Monte Carlo: y ~ p
+    rng = np.random.default_rng(0)
+    sample = rng.choice(4, size=200_000, p=p)
+    k1, k3 = kl_estimates(np.log(p)[sample], torch.tensor(np.log(q)[sample]))
     assert k1 == pytest.approx(kl, abs=0.005) and k3 == pytest.approx(kl, abs=0.005)
-    # exact expectations over y ~ p (weighting each category by p): both estimators are unbiased
-    rho = q / p
-    assert float(np.sum(p * ((rho - 1) - np.log(rho)))) == pytest.approx(kl, abs=1e-12)
+    # NaN entries are ignored: the same numbers as without them; all NaN is an error
+    with_nan_p, with_nan_q = np.append(np.log(p)[y], [np.nan, -1.0]), np.append(np.log(q)[y], [-1.0, np.nan])
+    assert kl_estimates(with_nan_p, with_nan_q) == pytest.approx((kl, kl), abs=1e-12)
+    with pytest.raises(ValueError, match="no valid"):
+        kl_estimates(np.full(3, np.nan), np.zeros(3))
     # same distribution: both exactly 0; k3 is non-negative term by term
-    assert kl_estimates(np.log(p)[y], np.log(p)[y]) == (0.0, 0.0)
-    small = y[:5]
+    assert kl_estimates(np.log(p)[sample], np.log(p)[sample]) == (0.0, 0.0)
+    small = sample[:5]
     assert kl_estimates(np.log(q)[small], np.log(p)[small])[1] >= 0
     with pytest.raises(ValueError, match="shape"):
         kl_estimates(np.zeros(3), np.zeros(4))
@@ -303,12 +315,16 @@ def test_cli_scored(tmp_path, capsys):
     assert {(r["procedure"], r["n"]) for r in data["win_rates"]} == {("standard", 1)} | {(p, n) for p in ("bon", "won") for n in (1, 2, 4)}
     assert (out / "evaluation.md").read_text().startswith("# Inference-time win rates")
     assert (out / "win_rate_vs_n.png").stat().st_size > 1000
-    with pytest.raises(SystemExit):
+    # each refusal is a failing exit: SystemExit(message) exits with status 1, SystemExit(0) or (None) would be success
+    with pytest.raises(SystemExit, match="--scored replaces --model/--ref-model/--reward-model/--dataset") as exit_:
         cli_main(["evaluate", "--scored", str(path), "--model", "some-model", "--output", str(out)])
-    with pytest.raises(SystemExit, match="with --scored the samples were drawn elsewhere: drop --temperature"):
+    assert exit_.value.code not in (0, None)
+    with pytest.raises(SystemExit, match="with --scored the samples were drawn elsewhere: drop --temperature") as exit_:
         cli_main(["evaluate", "--scored", str(path), "--temperature", "0.7", "--output", str(out)])
-    with pytest.raises(SystemExit, match="Nothing to evaluate.*N = \\[16\\]"):
+    assert exit_.value.code not in (0, None)
+    with pytest.raises(SystemExit, match="Nothing to evaluate.*N = \\[16\\]") as exit_:
         cli_main(["evaluate", "--scored", str(path), "--n", "16", "--procedures", "bon", "--output", str(out)])
+    assert exit_.value.code not in (0, None)
 
 
 def test_cli_models(tiny, tmp_path, capsys):

@@ -274,3 +274,25 @@ def test_ctrl_grpo_trainer_takes_a_two_reward_deployment(tmp_path):
     trainer.train()
     logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
     assert {"ctrl/bon@4_win_rate/helpful", "ctrl/won@4_win_rate/harmless", "ctrl/deployment_win_rate"} <= set(logs)
+
+
+def test_stock_rloo_trainer_takes_calibrated_rewards(tmp_path):
+    """Stock `trl.RLOOTrainer` names the wrappers like the wrapped functions and trains on Σ_j w_j Φ_j(c_j)."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    path, tokenizer, pi_ref, rewards, column, dataset, (helpful_fn, harmless_fn) = make_two_reward_bandit(tmp_path)
+    funcs = [CalibratedReward(helpful_fn, TRANSFORMS["helpful"]), CalibratedReward(harmless_fn, TRANSFORMS["harmless"])]
+    args = RLOOConfig(output_dir=str(tmp_path / "rloo"), beta=3.0, reward_weights=[0.5, 0.5], num_generations=4,
+                      per_device_train_batch_size=16, max_completion_length=1, mask_truncated_completions=False,
+                      max_steps=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                      disable_tqdm=True)
+    trainer = RLOOTrainer(model=path, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer.reward_func_names == ["helpful", "harmless"]
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "rewards/helpful/mean" in h]
+    # each wrapper returns its Φ_j(c_j): exp(3c) ∈ [1, e³] and −exp(−4c) ∈ [−1, −e⁻⁴]
+    assert 1.0 <= logged["rewards/helpful/mean"] <= math.exp(3)
+    assert -1.0 <= logged["rewards/harmless/mean"] <= -math.exp(-4)
+    assert 0.0 <= logged["calibrated_reward/helpful"] <= 1.0  # the wrapper's own metric, through TRL's log_metric
+    # Jensen: the mean of exp(3c) is at least exp(3·mean c)
+    assert logged["rewards/helpful/mean"] >= math.exp(3 * logged["calibrated_reward/helpful"]) - 1e-6

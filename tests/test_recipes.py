@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,6 +300,37 @@ def test_recipe_end_to_end_cli(tiny_models, tmp_path):
     assert json.loads((cache / "meta.json").read_text())["num_samples"] == 4
 
 
+def test_helpful_harmless_recipe_end_to_end_on_the_tiny_fixture(tiny_models, tmp_path):
+    """`ctrl_hh_helpful_harmless.yaml` (BoN-4 on helpfulness + WoN-4 on harmlessness, one run), shrunk to the tiny
+    offline models: per-reward references, the fit on them, training, the deployment's evaluation and the card."""
+    from trl_infalign.tiny import build_tiny_reward_model
+
+    second = tmp_path / "rm2"
+    build_tiny_reward_model(tiny_models["tokenizer"], second, seed=1)
+    out = tmp_path / "out"
+    tiny = {"dtype": "float32", "bf16": "false", "use_cpu": "true", "num_generations": "2",
+            "per_device_train_batch_size": "4", "gradient_accumulation_steps": "1", "max_completion_length": "8",
+            "max_steps": "2", "max_train_prompts": "8", "max_eval_prompts": "4", "num_reference_samples": "4",
+            "min_reference_samples": "2", "reference_batch_size": "4", "eval_num_samples": "4", "logging_steps": "1",
+            "save_strategy": "no", "warmup_steps": "0", "learning_rate": "1e-3", "disable_tqdm": "true",
+            "gradient_checkpointing": "false", "seed": "0"}
+    cmd = [sys.executable, str(RECIPES / "ctrl_hh.py"), "--config", str(RECIPES / "configs" / "ctrl_hh_helpful_harmless.yaml"),
+           "--model_name_or_path", tiny_models["policy"], "--dataset_name", str(FIXTURE), "--output_dir", str(out),
+           "--reward_models", f"helpful={tiny_models['rm']}", f"harmless={second}",
+           *[item for key, value in tiny.items() for item in (f"--{key}", value)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    evaluation = json.loads((out / "infalign_eval.json").read_text())
+    (deployment,) = evaluation["deployments"]
+    assert deployment["spec"] == "mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"
+    assert {c["reward"] for c in deployment["components"]} == {"helpful", "harmless"}
+    state = json.loads((out / "ctrl_calibration.json").read_text())
+    assert state["resolved_transform"].startswith("bon:t=") and "@helpful+won:t=" in state["resolved_transform"]
+    card = (out / "README.md").read_text()
+    assert "@helpful" in card and "@harmless" in card
+
+
 class _FakeHub:
     """Replaces the network calls of huggingface_hub: repos are folders under `root`."""
 
@@ -325,6 +357,32 @@ class _FakeHub:
         return f"https://huggingface.co/{repo_id}/commit/0000"
 
 
+def best_exp_t_at_beta(n: int, beta: float) -> float:
+    """argmax_t W_BoN-n(g_t) − β·KL(g_t) for g_t ∝ exp(exp(t·c)/β) on c ∈ [0, 1] (InfAlign's BoN family at a fixed KL
+    coefficient, notes §2): W = ∫ n G^{n−1} g c^n dc, KL = ∫ g log g dc, trapezoids on 20 001 points, bounded Brent on
+    log t over [0.01, 60]."""
+    import math
+
+    import numpy as np
+    from scipy.integrate import cumulative_trapezoid
+    from scipy.optimize import minimize_scalar
+
+    c = np.linspace(0.0, 1.0, 20_001)
+
+    def objective(t: float) -> float:
+        log_g = np.exp(t * c) / beta
+        log_g -= log_g.max()
+        log_g -= math.log(np.trapezoid(np.exp(log_g), c))
+        g = np.exp(log_g)
+        cdf = cumulative_trapezoid(g, c, initial=0.0)
+        cdf /= cdf[-1]
+        return float(np.trapezoid(n * cdf ** (n - 1) * g * c**n, c) - beta * np.trapezoid(g * log_g, c))
+
+    found = minimize_scalar(lambda u: -objective(math.exp(u)), bounds=(math.log(0.01), math.log(60.0)),
+                            method="bounded", options={"xatol": 1e-10})
+    return math.exp(found.x)
+
+
 def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp_path, monkeypatch, capfd):
     from huggingface_hub import HfApi
 
@@ -342,13 +400,19 @@ def test_push_to_hub_publishes_model_tokenizer_and_card(recipe, tiny_models, tmp
     assert not list(repo.glob("*reference*")), "the reference cache must not be uploaded"
     card = (repo / "README.md").read_text()
     evaluation = json.loads((out / "infalign_eval.json").read_text())
+    t = re.search(r"`bon:t=([0-9.eE+-]+)`", card)
+    assert t, "the card names the transform's t"
     for needle in ("CTRL", "InfAlign", "2412.19792", "| inference-time procedure | `bon` |", "| N | 2 |",
-                   "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", "bon:t=0.562306",
-                   "| t | 0.562306 |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
+                   "| K (reference samples per prompt) | 4 |", "| β (KL coefficient) | 0.1 |", f"bon:t={t[1]}",
+                   f"| t | {float(t[1]):.4g} |", "hh-tiny/helpful-base", "KL(π‖π_ref)", "Inference-time evaluation",
                    f"{evaluation['kl']['k1']['estimate']:.4f}", "me/tiny-ctrl"):
         assert needle in card, needle
-    for row in evaluation["win_rates"]:
-        assert f"| {row['procedure']} | {row['n']} | {row['estimate']:.3f} |" in card
+    # transform=auto at β = 0.1 for BoN-2: the card's t is the best exp(t·c) for that β, derived here by quadrature
+    assert float(t[1]) == pytest.approx(best_exp_t_at_beta(n=2, beta=0.1), rel=1e-4)
+    for row in evaluation["win_rates"]:  # standard = BoN-1 = WoN-1: one row
+        procedure = "standard" if row["n"] == 1 else row["procedure"]
+        assert f"| {procedure} | {row['n']} | {row['estimate']:.3f} |" in card
+    assert card.count("| standard | 1 |") == 1 and "| bon | 1 |" not in card and "| won | 1 |" not in card
     # the token reached the Hub calls (through HF_TOKEN) but nothing written or printed
     captured = capfd.readouterr()
     leaks = [name for name, blob in (("stdout", captured.out.encode()), ("stderr", captured.err.encode()),

@@ -15,7 +15,6 @@ import torch
 from datasets import Dataset
 
 from trl_infalign.reference import _build_reference_rewards, build_reference_rewards, validate_reference_rewards
-from trl_infalign.sampling import combine_rewards, generate_completions, load_reward_funcs, score_completions
 from trl_infalign.tiny import build_tiny_policy, build_tiny_reward_model, build_tokenizer
 
 from process_utils import sigkill_when
@@ -93,27 +92,51 @@ class CountingReward:
 # Values
 
 
-def test_values_equal_direct_computation(tiny, baseline):
-    from transformers import AutoModelForCausalLM
+def _direct_reward(reward_model, tokenizer, prompt: str, completion: str) -> float:
+    """The weighted reward of SETTINGS computed by hand: the reward model on the one unpadded sequence prompt +
+    completion (its logit 0, as TRL reads it) plus 0.5 × the length reward."""
+    ids = tokenizer(prompt + completion, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        rm = reward_model(input_ids=ids).logits[0, 0].item()
+    w_rm, w_len = SETTINGS["reward_weights"]
+    return w_rm * rm + w_len * len(completion) / 10.0
 
-    model = AutoModelForCausalLM.from_pretrained(tiny["policy"])
-    funcs, classes = load_reward_funcs([tiny["reward"], length_reward])
-    k, c = SETTINGS["num_samples"], SETTINGS["batch_size"]
-    expected = []
-    for chunk, lo in enumerate(range(0, len(PROMPTS), c)):
-        prompts = PROMPTS[lo : lo + c]
-        torch.manual_seed(SETTINGS["seed"] + chunk)
-        out = generate_completions(
-            model, tiny["tokenizer"], prompts, k, max_new_tokens=SETTINGS["max_new_tokens"], batch_size=c * k, progress=False
-        )
-        raw = score_completions(
-            funcs, classes, [p for p in prompts for _ in range(k)], [t for per in out.texts for t in per],
-            completion_ids=[i for per in out.ids for i in per],
-        )
-        expected += combine_rewards(raw, SETTINGS["reward_weights"]).view(len(prompts), k).tolist()
-    assert baseline == expected
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding by hand, one unpadded prompt at a time, stopping after EOS."""
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], dim=1)).logits[0, -1].argmax())
+            new.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_values_equal_direct_computation(tiny, baseline):
+    """Every reference reward is the reward of its own prompt's completion, computed by hand (not with the sampling
+    helpers): for sampled completions (kept with keep_completions) and, where the completions themselves can be
+    computed without the sampler's seeds, for greedy ones (`do_sample=False`) against a hand-written greedy loop."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer, k = tiny["tokenizer"], SETTINGS["num_samples"]
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny["reward"]).eval()
+    sampled = _build(tiny, keep_completions=True)
+    assert list(sampled["ref_rewards"]) == baseline  # keeping the completions changes nothing
     assert len(baseline) == len(PROMPTS) and all(len(row) == k for row in baseline)
     assert len({tuple(r) for r in baseline}) == len(PROMPTS)  # samples differ between rows
+    for prompt, rewards, completions in zip(PROMPTS, baseline, sampled["ref_completions"], strict=True):
+        assert rewards == pytest.approx([_direct_reward(reward_model, tokenizer, prompt, c) for c in completions],
+                                        rel=1e-5, abs=1e-6)
+    policy = AutoModelForCausalLM.from_pretrained(tiny["policy"]).eval()
+    greedy = _build(tiny, keep_completions=True, generation_kwargs={"do_sample": False})
+    for prompt, rewards, completions in zip(PROMPTS, greedy["ref_rewards"], greedy["ref_completions"], strict=True):
+        expected = _greedy(policy, tokenizer, prompt, SETTINGS["max_new_tokens"])
+        assert completions == [expected] * k, prompt
+        assert rewards == pytest.approx([_direct_reward(reward_model, tokenizer, prompt, expected)] * k,
+                                        rel=1e-5, abs=1e-6)
 
 
 def test_callable_gets_columns_and_completions_kept(tiny):

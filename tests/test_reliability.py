@@ -155,12 +155,39 @@ def test_eval_dataset_reference_rows_are_checked(tmp_path, tiny):
 
 @pytest.mark.slow  # > 5 s when other jobs load the CPU
 def test_ragged_reference_rewards_train(tmp_path, tiny):
+    """With rows of 2 to 5 references, each completion's calibrated reward is the hand count against its own prompt's
+    row, c = (#{ref < r} + ½ #{ref = r}) / K_x (no padding counted), and the trainer's reward is its normalised
+    Φ(c) = (e^{2c} − 1) / (e² − 1) (bon:t=2)."""
     rows = [[0.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0], [2.0, 5.0, 9.0], [0.0, 1.0, 1.5, 2.0]]
-    trainer = trainer_for(tmp_path, tiny, ds=dataset(rows), max_steps=2)
+    row_of = dict(zip(PROMPTS, rows))
+
+    def in_range_reward(completions, **kwargs):  # 0..5: inside the rows' range, with ties
+        return [float(len(c) % 6) for c in completions]
+
+    trainer = trainer_for(tmp_path, tiny, in_range_reward, ds=dataset(rows), max_steps=2)
     assert trainer.ctrl_reference_counts == (2, 5)
+    batches = []
+    calculate = trainer._calculate_rewards
+
+    def recording(inputs, prompts, completions, completion_ids_list):
+        out = calculate(inputs, prompts, completions, completion_ids_list)
+        batches.append((list(prompts), list(completions), out[:, 0].tolist()))
+        return out
+
+    trainer._calculate_rewards = recording
     trainer.train()
     logs = ctrl_logs(trainer)
-    assert len(logs) == 2 and all(0.0 <= h["ctrl/calibrated_reward"] <= 1.0 for h in logs)
+    assert len(logs) == len(batches) == 2
+    seen = set()
+    for log, (prompts, completions, transformed) in zip(logs, batches):
+        c = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            r, row = len(completion) % 6, row_of[prompt]
+            c.append((sum(x < r for x in row) + 0.5 * sum(x == r for x in row)) / len(row))
+        assert transformed == pytest.approx([math.expm1(2 * v) / math.expm1(2) for v in c], abs=1e-6)
+        assert log["ctrl/calibrated_reward"] == pytest.approx(sum(c) / len(c), abs=1e-6)
+        seen.update(c)
+    assert len(seen) >= 3  # the batches exercise several ranks, not one saturated end
     torch.testing.assert_close(calibrate([1.0, 3.0], [[0.0, 2.0], [1.0, 2.0, 3.0, 4.0]]), torch.tensor([0.5, 0.625], dtype=torch.float64))
 
 
@@ -168,7 +195,8 @@ def test_all_equal_reference_rewards_warn_once_with_count(tmp_path, tiny):
     rows = [[1.0, 1.0, 1.0], [0.0, 1.0, 2.0], [2.5, 2.5], [0.0, 1.0, 2.0]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = trainer_for(tmp_path, tiny, ds=dataset(rows))
+        # hand-made reference rewards, not samples of this policy: the step-0 health check would (rightly) refuse them
+        trainer = trainer_for(tmp_path, tiny, ds=dataset(rows), calibration_check="off")
     relevant = [w for w in caught if "all-equal reference rewards" in str(w.message)]
     assert len(relevant) == 1
     assert "2 of 4 prompts" in str(relevant[0].message) and "rows 0, 2" in str(relevant[0].message)
@@ -263,18 +291,31 @@ def test_reward_tokenizer_without_pad_token(tmp_path, tiny):
 
 # ========================================================================================================== faults
 def test_unwritable_output_dir_fails_before_loading_anything(tmp_path, tiny, monkeypatch):
-    """Tests run as root, where chmod does not block writes: a directory *under a regular file* can never be created."""
+    """Tests run as root, where chmod does not block writes: a directory *under a regular file* can never be created.
+
+    Every model load ends in `PreTrainedModel.from_pretrained` (TRL's `create_model_from_path` calls it through the
+    config's architecture class, `LlamaForCausalLM` here, not `AutoModelForCausalLM`): the sentinel sits there, and the
+    writable case proves the sentinel is on the trainer's loading path."""
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     import transformers
 
-    def no_loading(*args, **kwargs):
+    loads = []
+
+    def no_loading(cls, *args, **kwargs):
+        loads.append(cls.__name__)
         raise AssertionError("the model was loaded before the output_dir check")
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(no_loading))
+    path, tokenizer = tiny
+    with pytest.raises(AssertionError, match="the model was loaded"):  # writable: the sentinel fires
+        CTRLTrainer(model=path, reward_funcs=length_reward, args=config(tmp_path), train_dataset=dataset(),
+                    processing_class=tokenizer)
+    assert loads == ["LlamaForCausalLM"]
     args = config(tmp_path, output_dir=str(blocker / "sub"))
     with pytest.raises(OSError, match=r"output_dir='.*a_file/sub' is not writable.*[Nn]othing has been computed"):
-        CTRLTrainer(model=tiny[0], reward_funcs=length_reward, args=args, train_dataset=dataset(), processing_class=tiny[1])
+        CTRLTrainer(model=path, reward_funcs=length_reward, args=args, train_dataset=dataset(), processing_class=tokenizer)
+    assert loads == ["LlamaForCausalLM"]  # nothing loaded this time
 
 
 def test_full_disk_is_refused_before_training(tmp_path, tiny, monkeypatch):

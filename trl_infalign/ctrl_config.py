@@ -69,7 +69,13 @@ class CTRLArguments:
             Step-0 health check ([`~trl_infalign.health`]): while the policy is still the reference, its calibrated
             rewards must be ≈ Uniform[0, 1]. Exact rank tests on the first batch (false-alarm rate ≤ 1e-4) catch
             references made with another reward scale, reward model, weights, formatting or sampling before the
-            first optimizer step. `warn` only warns; `off` skips it. Skipped on a resumed run.
+            first optimizer step. When the first batch is too small for the test to decide (even complete
+            separation would not be significant), more completions of its prompts are drawn from the policy — still
+            the reference — with the trainer's own generation and reward functions, up to
+            `calibration_check_max_samples`; if that is not enough, a warning says the check was inconclusive and
+            why. `warn` only warns; `off` skips it. Skipped on a resumed run.
+        calibration_check_max_samples (`int`, defaults to `256`):
+            At most this many extra completions (over all processes) drawn at step 0 for the health check.
         nonfinite_rewards (`str`, defaults to `"raise"`):
             What to do with a ±inf reward from any reward function, or a NaN from a reward *model*: `raise` (names the
             function, prompt and completion) or `skip` (the completion gets no advantage and is counted in
@@ -140,6 +146,13 @@ class CTRLArguments:
             "~Uniform[0, 1]; a gross mismatch (references made with another reward, weights, formatting or sampling) "
             "is detected on the first batch (false-alarm rate 1e-4). `raise` (default), `warn` or `off`.",
             "choices": ["raise", "warn", "off"],
+        },
+    )
+    calibration_check_max_samples: int = field(
+        default=256,
+        metadata={
+            "help": "At most this many extra completions (all processes) drawn at step 0 when the first batch is too "
+            "small for the health check to decide; 0 never draws (the check then warns that it was inconclusive)."
         },
     )
     nonfinite_rewards: str = field(
@@ -266,6 +279,12 @@ class CTRLArguments:
         if self.calibration_check not in ("raise", "warn", "off"):
             raise ValueError(
                 f"{self._ctrl_name}.calibration_check must be 'raise', 'warn' or 'off', got {self.calibration_check!r}."
+            )
+        if (isinstance(self.calibration_check_max_samples, bool) or not isinstance(self.calibration_check_max_samples, int)
+                or self.calibration_check_max_samples < 0):
+            raise ValueError(
+                f"{self._ctrl_name}.calibration_check_max_samples must be an integer >= 0, got "
+                f"{self.calibration_check_max_samples!r}."
             )
         if self.nonfinite_rewards not in ("raise", "skip"):
             raise ValueError(f"{self._ctrl_name}.nonfinite_rewards must be 'raise' or 'skip', got {self.nonfinite_rewards!r}.")
@@ -438,7 +457,8 @@ class CTRLArguments:
         either for standard) and for the optimal transform of another procedure; for any other calibrated transform
         (identity, log, a tabulated one, ...) when its win rate for the deployment is more than `_MISMATCH_MARGIN`
         below what `auto` reaches at the same KL.  Not checked: `auto`, the procedure's own exp family (its t is the
-        user's choice), the optimal transform of this procedure and transforms of raw rewards."""
+        user's choice), the optimal transform of this procedure and transforms of raw rewards; nor, for the other
+        calibrated transforms, a run that left `inference_procedure` / `inference_n` at their defaults."""
         from . import theory
         from .transforms import EXP_FAMILIES
 
@@ -454,6 +474,11 @@ class CTRLArguments:
         if trained_for is not None and trained_for == procedure:
             return
         always = family or trained_for is not None
+        defaults = {f.name: f.default for f in fields(self) if f.name in ("inference_procedure", "inference_n")}
+        if not always and (self.inference_procedure, self.inference_n) == (
+            defaults["inference_procedure"], defaults["inference_n"]
+        ):
+            return  # a calibrated transform with the deployment left at its default: the user chose no deployment
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # best_t's own limit warnings are not this run's business

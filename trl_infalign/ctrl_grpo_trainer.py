@@ -80,6 +80,11 @@ class CTRLGRPOTrainer(CTRLTrainerMixin, GRPOTrainer):
         g = self.num_generations
         return (g - 1) / g
 
+    def _ctrl_sample(self, prompts) -> tuple[list, list]:
+        """(completion_ids, completions) from GRPO's own `_generate` (for the health check's extra draws)."""
+        output = self._generate(prompts)
+        return output[1], output[3]
+
     def ctrl_calibration_state(self) -> dict:
         # the compensation depends on G: a resume with another num_generations is another objective's β_GRPO
         return {**super().ctrl_calibration_state(), "num_generations": self.num_generations}

@@ -1,4 +1,4 @@
-"""The CTRL reward step and everything around it, shared by the RLOO and GRPO trainers (InfAlign, arXiv 2412.19792).
+"""The CTRL reward step and the TRL hooks around it, shared by the RLOO and GRPO trainers (InfAlign, arXiv 2412.19792).
 
 `CTRLTrainerMixin` goes in front of a TRL online trainer whose `_calculate_rewards` returns the gathered
 (num_completions, num_reward_funcs) reward matrix — `RLOOTrainer` and `GRPOTrainer` both do:
@@ -12,21 +12,25 @@ It changes only what a completion's reward *is*:
     c   = (#{ref < r} + ½ #{ref = r}) / K             (calibration against the prompt's K reference rewards)
     Φ(c)                                             (the transform the trainer then maximises, minus β·KL)
 
-plus the construction checks, the step-0 calibration health check, the checkpointed calibration and KL-controller
-state (`ctrl_calibration.json`), the model card and Hub failure handling. A subclass says how its KL coefficient
-relates to the user's β (`_ctrl_penalty_factor`) and feeds the per-completion KL it measures to
-`_ctrl_record_sequence_kl`.
+The mixin is the list of TRL hooks it overrides; each concern around the reward step lives in its own module:
+
+- construction checks (output dir, disk, prompt column, pad tokens, context lengths, reference scan):
+  `trl_infalign.preflight`;
+- the step-0 calibration health check and the completions it draws: `trl_infalign.health`;
+- checkpointed state, resume checks, the KL controller's restore, the last complete checkpoint:
+  `trl_infalign.run_state` (`ctrl_calibration.json`, `ctrl_run.json`);
+- the model card and Hub failures: `trl_infalign.model_card`, `trl_infalign.hub`.
+
+A subclass says how its KL coefficient relates to the user's β (`_ctrl_penalty_factor`), feeds the per-completion
+KL it measures to `_ctrl_record_sequence_kl`, and says how to draw completions with TRL's own generation
+(`_ctrl_sample`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import shutil
-import textwrap
 import warnings
 from collections import deque
 from contextlib import contextmanager
@@ -36,9 +40,13 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from .health import CalibrationHealth, calibration_check_message, check_calibration_health
+from . import preflight, run_state
+from .health import DEFAULT_FALSE_ALARM_RATE, NOT_AT_HAND, CalibrationHealth, Step0Batch, report_calibration_health, step0_health_check
+from .hub import HubUploadError, hub_failure, hub_token_redacted
 from .kl_control import AdaptiveKLController
+from .model_card import INFALIGN_CITATION
 from .procedures import get_procedure
+from .run_state import CALIBRATION_STATE_FILE, RUN_RECORD_FILE
 from .sampling import combine_rewards
 from .transforms import get_transform
 
@@ -49,21 +57,14 @@ logger = logging.getLogger(__name__)
 SATURATION_WARNING = 0.25
 SATURATION_WINDOW = 10
 
-#: Written into every checkpoint and the final output: what the run calibrates against (checked on resume).
-CALIBRATION_STATE_FILE = "ctrl_calibration.json"
-
-INFALIGN_CITATION = textwrap.dedent("""\
-    @inproceedings{balashankar2025infalign,
-        title     = {{InfAlign: Inference-aware language model alignment}},
-        author    = {Ananth Balashankar and Ziteng Sun and Jonathan Berant and Jacob Eisenstein and Michael Collins and Adrian Hutter and Jong Lee and Chirag Nagpal and Flavien Prost and Aradhana Sinha and Ananda Theertha Suresh and Ahmad Beirami},
-        booktitle = {Forty-second International Conference on Machine Learning, {ICML} 2025},
-        year      = 2025,
-        eprint    = {arXiv:2412.19792},
-    }""")
-
-
-class HubUploadError(RuntimeError):
-    """The Hub could not be reached or refused the upload; the local output directory is complete."""
+__all__ = [
+    "CALIBRATION_STATE_FILE",
+    "RUN_RECORD_FILE",
+    "INFALIGN_CITATION",
+    "CTRLTrainerMixin",
+    "HubUploadError",
+    "pooled_inference_win_rate",
+]
 
 
 def pooled_inference_win_rate(calibrated: torch.Tensor, n: int | None = None, procedure="bon") -> float:
@@ -122,7 +123,7 @@ class CTRLTrainerMixin:
             )
         self.ctrl_procedure = args.procedure  # resolved once: the reward step runs every batch
         self.ctrl_deployment = args.deployment
-        self._check_output_dir(args)  # before anything is loaded or computed
+        preflight.check_output_dir(args)  # before anything is loaded or computed
         named_datasets = [
             (name, ds)
             for split, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
@@ -130,18 +131,15 @@ class CTRLTrainerMixin:
             if ds is not None
         ]
         for name, ds in named_datasets:
-            self._check_prompt_column(ds, name)
-            self._check_reference_rewards(ds, args, name)
-        self.ctrl_reference_fingerprint, self.ctrl_reference_counts = self._scan_reference_rewards(
+            preflight.check_prompt_column(ds, name, type(self).__name__, self._ctrl_base_trainer)
+            preflight.check_reference_rewards(ds, args, name)
+        self.ctrl_reference_fingerprint, self.ctrl_reference_counts = preflight.scan_reference_rewards(
             train_dataset, args.reference_rewards_column
         )
         self.ctrl_fit = None  # several rewards: the transforms and β fitted on the training set's references
         self._ctrl_set_reward_transforms(args, reward_funcs, train_dataset)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, *a, **kw)
-        self._check_pad_tokens()
-        self._check_disk_space()
-        for name, ds in named_datasets:
-            self._check_prompt_lengths(ds, name)
+        self._ctrl_check_after_loading(named_datasets)
         from .provenance import check_reference_provenance
 
         for name, ds in named_datasets:
@@ -167,6 +165,9 @@ class CTRLTrainerMixin:
         self._ctrl_saturation_warned = False
         self._ctrl_health_pending = args.calibration_check != "off"
         self.ctrl_dataset_name: str | None = getattr(args, "dataset_name", None)
+        self._ctrl_step0 = None  # the first batch's inputs and prompts, and the completions drawn for the check
+        # how this run makes its rewards, read while the policy is still the model it starts from (`ctrl_run.json`)
+        self.ctrl_run_record: dict | None = run_state.describe_run(self, train_dataset)
 
     # ----------------------------------------------------------------------------------------------------------------
     # The reward: one RewardCalibration per calibrated reward, Φ = Σ_r W_r Φ_r(c_r)
@@ -258,185 +259,26 @@ class CTRLTrainerMixin:
         if mode == "train" and self.ctrl_kl_controller is not None:
             self.beta = self._ctrl_penalty_beta(self.ctrl_kl_controller.update(sequence_kl))
 
-    @staticmethod
-    def _check_reference_rewards(dataset, args, split: str):
-        from .reference import validate_reference_rewards
-
-        try:
-            validate_reference_rewards(dataset, column=args.reference_rewards_column, min_samples=args.min_reference_samples)
-        except ValueError as error:
-            raise ValueError(f"{split}: {error}") from None
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checks made after the models are loaded, before any training work (`trl_infalign.preflight`)
+    def _ctrl_check_after_loading(self, named_datasets):
+        preflight.check_pad_tokens(self._tokenizer, self.reward_funcs, self.reward_processing_classes, self.reward_func_names)
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        preflight.check_disk_space(self.args, model)
+        context = None if self._is_vlm else preflight.context_length(model)
+        for name, ds in named_datasets:
+            preflight.check_prompt_lengths(ds, name, self._tokenizer, context, self.args.max_completion_length,
+                                           self.chat_template_kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Checks made at construction, before any training work
-    @staticmethod
-    def _check_output_dir(args):
-        """Fail now, not at the first checkpoint, if `output_dir` cannot be created or written (probe file)."""
-        from .reference import probe_writable
-
-        probe_writable(
-            Path(args.output_dir), f"{type(args).__name__}.output_dir",
-            "checkpoints, the model and its card are written there: choose a writable directory with free space",
-        )
-
-    def _check_disk_space(self):
-        """Refuse to start if the output directory's disk cannot hold even the model weights; warn below one checkpoint.
-
-        A checkpoint holds the weights plus (unless `save_only_model`) the optimizer's two fp32 moments per trainable
-        parameter; the estimate ignores the tokenizer and small files."""
-        if not self.args.should_save:
-            return
-        try:
-            free = shutil.disk_usage(self.args.output_dir).free
-        except OSError:
-            return
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
-        params = list(model.parameters())
-        weights = sum(p.numel() * p.element_size() for p in params)
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        checkpoint = weights + (0 if self.args.save_only_model else 8 * trainable)
-        gib = 1024**3
-        if free < weights:
-            raise OSError(
-                f"Only {free / gib:.3g} GiB free under {type(self.args).__name__}.output_dir={str(self.args.output_dir)!r}, but the "
-                f"model weights alone need {weights / gib:.3g} GiB: training could not be saved. Free space or choose "
-                "another output_dir (nothing has been computed yet)."
-            )
-        if self.args.save_strategy != "no" and free < checkpoint:
-            warnings.warn(
-                f"Only {free / gib:.3g} GiB free under {str(self.args.output_dir)!r}; one checkpoint needs about "
-                f"{checkpoint / gib:.3g} GiB (weights + optimizer state). Set `save_only_model=True` or "
-                "`save_total_limit`, or free space.",
-                stacklevel=3,
-            )
-
-    def _check_prompt_column(self, dataset, split: str):
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and "prompt" not in columns:
-            raise ValueError(
-                f"{split} has no 'prompt' column (columns: {list(columns)}). {type(self).__name__}, like "
-                f"{self._ctrl_base_trainer}Trainer, samples "
-                "completions for `dataset['prompt']`: rename your prompt column, e.g. "
-                "`dataset = dataset.rename_column('question', 'prompt')`."
-            )
-
-    def _check_pad_tokens(self):
-        """The trainer pads the policy's prompts and each reward model's inputs: with neither pad nor EOS token (TRL falls back
-        to pad = EOS) the first batch would fail mid-training."""
-        if self._tokenizer.pad_token_id is None:
-            raise ValueError(
-                "The policy's tokenizer (processing_class) has neither a pad token nor an EOS token, so prompts cannot "
-                "be batched: set `tokenizer.pad_token = ...` (e.g. an existing special token) before creating the trainer."
-            )
-        for i, (func, tokenizer) in enumerate(zip(self.reward_funcs, self.reward_processing_classes)):
-            if isinstance(func, torch.nn.Module) and (tokenizer is None or tokenizer.pad_token_id is None):
-                raise ValueError(
-                    f"The tokenizer of reward model {i} ({self.reward_func_names[i]!r}) has neither a pad token nor "
-                    "an EOS token (TRL uses EOS as pad when there is no pad token), so prompt + completion cannot be "
-                    "batched for scoring: set `tokenizer.pad_token` and pass the tokenizer in `reward_processing_classes`."
-                )
-
-    def _context_length(self) -> int | None:
-        config = self.accelerator.unwrap_model(self.model).config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
-
-    def _check_prompt_lengths(self, dataset, split: str, batch_size: int = 1024):
-        """Prompts that fill the model's context leave no room to generate: refuse them now, naming the rows.
-
-        Prompts whose length plus `max_completion_length` exceeds the context are allowed (completions usually end
-        earlier), with one warning giving their number. Only map-style datasets of text prompts are checked."""
-        from .sampling import tokenize_prompts
-
-        context = self._context_length()
-        if context is None or self._is_vlm or not hasattr(dataset, "select_columns") or "prompt" not in dataset.column_names:
-            return
-        too_long, over_budget, max_new = [], 0, self.args.max_completion_length or 0
-        for start in range(0, len(dataset), batch_size):
-            prompts = dataset[start : start + batch_size]["prompt"]
-            for offset, ids in enumerate(tokenize_prompts(self._tokenizer, prompts, self.chat_template_kwargs)):
-                if len(ids) >= context:
-                    too_long.append((start + offset, len(ids)))
-                elif len(ids) + max_new > context:
-                    over_budget += 1
-        if too_long:
-            shown = ", ".join(f"row {row} ({n} tokens)" for row, n in too_long[:5])
-            more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
-            raise ValueError(
-                f"{split}: {len(too_long)} prompt(s) fill the model's context of {context} tokens, leaving no room for "
-                f"a completion: {shown}{more}. Drop or shorten them, e.g. `dataset.filter(lambda x: "
-                f"len(tokenizer(x['prompt']).input_ids) <= {max(context - max_new, 1)})`, or use a model with a longer "
-                "context. (Nothing has been trained yet.)"
-            )
-        if over_budget:
-            warnings.warn(
-                f"{split}: {over_budget} prompt(s) plus max_completion_length={max_new} exceed the model's context of "
-                f"{context} tokens; their completions may run past the context.",
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _scan_reference_rewards(dataset, column: str) -> tuple[str | None, tuple[int, int] | None]:
-        """Fingerprint of the train dataset's reference rewards (checked on resume) and the (min, max) number per row
-        (for the model card), in one pass; warns once about all-equal rows.
-
-        A row whose K reference rewards are all equal calibrates every completion to 0, ½ or 1 (below, tied with, or
-        above that single value): training still works, but such prompts carry almost no ranking signal."""
-        if dataset is None or not hasattr(dataset, "select_columns") or column not in (dataset.column_names or []):
-            return None, None
-        digest = hashlib.sha256()
-        constant: list[int] = []
-        index, fewest, most = 0, math.inf, 0
-        for batch in dataset.select_columns([column]).iter(batch_size=4096):
-            for row in batch[column]:
-                per_reward = sorted(row.items()) if isinstance(row, dict) else [(None, row)]
-                for name, entry in per_reward:
-                    values = np.asarray(entry, dtype=np.float64)
-                    if name is not None:
-                        digest.update(name.encode())
-                    digest.update(np.int64(values.size).tobytes())
-                    digest.update(values.tobytes())
-                    if values.size > 1 and values.min() == values.max() and index not in constant[-1:]:
-                        constant.append(index)
-                    fewest, most = min(fewest, values.size), max(most, values.size)
-                index += 1
-        if constant:
-            shown = ", ".join(str(i) for i in constant[:5]) + (" ..." if len(constant) > 5 else "")
-            warnings.warn(
-                f"{len(constant)} of {index} prompts have all-equal reference rewards in column {column!r} (rows {shown}): "
-                "their calibrated reward can only be 0, 0.5 or 1, so they carry little training signal. Check the "
-                "reward model / reference samples (e.g. a larger K or temperature), or drop these rows.",
-                UserWarning,
-                stacklevel=3,
-            )
-        return digest.hexdigest(), ((int(fewest), most) if index else None)
-
+    # Run state: checkpointed calibration, KL controller, resume (`trl_infalign.run_state`)
     def ctrl_calibration_state(self) -> dict:
         """What the run calibrates against; saved in every checkpoint and compared on resume."""
-        return {
-            "reference_rewards_column": self.args.reference_rewards_column,
-            "reference_rewards_sha256": self.ctrl_reference_fingerprint,
-            "resolved_transform": self.ctrl_transform.spec,
-            "beta": self.args.beta,
-            "kl_budget": self.args.kl_budget,
-            "kl_control": self.args.kl_control,
-            "transform_offset": self.ctrl_offset,
-            "transform_scale": self.ctrl_scale,
-            "inference_procedure": self.args.inference_procedure,
-            "inference_n": self.args.inference_n,
-            "min_reference_samples": self.args.min_reference_samples,
-        }
+        return run_state.calibration_state(self)
 
     def ctrl_run_state(self) -> dict:
         """What changes during the run (not compared on resume): the current β and the KL controller's state."""
-        state = {"final_beta": self.current_beta, f"{self._ctrl_base_trainer.lower()}_beta": self.beta}
-        if self.ctrl_kl_controller is not None:
-            state["kl_controller"] = self.ctrl_kl_controller.state_dict()
-        return state
+        return run_state.dynamic_state(self)
 
     @property
     def current_beta(self) -> float:
@@ -444,45 +286,16 @@ class CTRLTrainerMixin:
         return self.beta * self.ctrl_scale / self._ctrl_penalty_factor()
 
     def _check_resumed_calibration(self, checkpoint: str):
-        path = Path(checkpoint) / CALIBRATION_STATE_FILE
-        if not path.is_file():
-            return
-        saved = json.loads(path.read_text())
-        self._restore_kl_controller(saved, checkpoint)
-        current = json.loads(json.dumps(self.ctrl_calibration_state()))
-        changed = [
-            f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
-            for key in current
-            if key in saved and saved[key] != current[key] and not (
-                isinstance(saved[key], float) and isinstance(current[key], float) and math.isclose(saved[key], current[key], rel_tol=1e-12)
-            )
-        ]
-        if changed:
-            raise ValueError(
-                f"Resuming from {checkpoint} with different calibration than the run that wrote it ("
-                + "; ".join(changed)
-                + "). The rewards before and after the resume would not be the same objective. Resume with the same "
-                "dataset (reference rewards) and CTRL settings, or start a new run in a fresh output_dir (or delete "
-                f"{path} to override)."
-            )
+        """Restore the KL controller and refuse a resume with other calibration, rewards or sampling settings."""
+        run_state.check_resume(self, checkpoint)
 
-    def _restore_kl_controller(self, saved: dict, checkpoint: str):
-        if self.ctrl_kl_controller is None:
-            return
-        state = saved.get("kl_controller")
-        if state is None:
-            warnings.warn(
-                f"{checkpoint} holds no KL-controller state (written by an older version, or with kl_control='fixed'): "
-                f"the adaptive controller restarts from beta={self.args.beta:.6g}.",
-                stacklevel=4,
-            )
-            return
-        self.ctrl_kl_controller = AdaptiveKLController.from_state_dict(state)
-        self.beta = self._ctrl_penalty_beta(self.ctrl_kl_controller.beta)
+    def _last_complete_checkpoint(self) -> str | None:
+        return run_state.last_complete_checkpoint(self.args.output_dir)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """`Trainer.train`, plus: `resume_from_checkpoint=True` skips checkpoints left incomplete by a crash (no
-        `trainer_state.json`, which the Trainer writes last), and a resume with other calibration data is refused."""
+        `trainer_state.json`, which the Trainer writes last), and a resume with other calibration data, reward
+        functions, weights or sampling settings is refused."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = self._last_complete_checkpoint()
@@ -494,35 +307,6 @@ class CTRLTrainerMixin:
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
-
-    def _last_complete_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        root = Path(self.args.output_dir)
-        if not root.is_dir():
-            return None
-        found = []
-        for path in root.iterdir():
-            name = path.name
-            if path.is_dir() and name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
-                found.append((int(name.split("-")[-1]), path))
-        incomplete = []
-        for _, path in sorted(found, reverse=True):
-            if (path / "trainer_state.json").is_file():
-                if incomplete:
-                    warnings.warn(
-                        f"Skipping incomplete checkpoint(s) {', '.join(str(p) for p in incomplete)} (no trainer_state.json: "
-                        f"the run was probably killed while saving); resuming from {path}.",
-                        stacklevel=3,
-                    )
-                return str(path)
-            incomplete.append(path)
-        if incomplete:
-            raise ValueError(
-                f"resume_from_checkpoint=True, but every checkpoint in {root} is incomplete (no trainer_state.json): "
-                f"{', '.join(str(p) for p in incomplete)}. Delete them and train from scratch, or pass a checkpoint path."
-            )
-        return None
 
     def _transform_normalisation(self) -> tuple[float, float]:
         """(offset, scale) with (Φ − offset)/scale spanning [0, 1] over c ∈ [0, 1]; (0, 1) when not normalising."""
@@ -591,8 +375,10 @@ class CTRLTrainerMixin:
 
         mode = "train" if self.model.training else "eval"
         if mode == "train" and self._ctrl_health_pending and self.state.global_step == 0:
+            alpha = DEFAULT_FALSE_ALARM_RATE / len(batches)  # one test per calibrated reward: α/J each
             for r, batch in batches.items():
-                self._check_calibration_health(batch.raw, batch.reference_rows(), r)
+                self._check_calibration_health(batch.raw, batch.reference_rows(), r,
+                                               None if r is None else alpha)
         self._ctrl_log_reward_metrics(mode, raw, raw_per_func, batches, transformed, infinite)
         return transformed.unsqueeze(1)
 
@@ -651,113 +437,79 @@ class CTRLTrainerMixin:
                 stacklevel=3,
             )
 
-    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list, reward: str | None = None) -> None:
-        """Step 0 of a fresh run: the policy is the reference, so its calibrated rewards must be ≈ Uniform[0, 1]
-        (`trl_infalign.health`). Runs once per calibrated reward, on the first generation batch (gathered: every
-        rank decides alike)."""
-        self._ctrl_health_pending = False
-        health = check_calibration_health(raw.detach().cpu().double().numpy(), ref_rows)
-        if reward is None:
-            self.ctrl_calibration_health = health
+    # ----------------------------------------------------------------------------------------------------------------
+    # Step-0 calibration health check (`trl_infalign.health`)
+    def _generate_and_score_completions(self, inputs):
+        """TRL's generation and scoring; the first training batch is kept for the health check's extra draws."""
+        if self._ctrl_health_pending and self.model.training:
+            self._ctrl_step0 = Step0Batch(inputs)
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._ctrl_step0 = None
+
+    def _generate(self, prompts):
+        if self._ctrl_step0 is not None:
+            self._ctrl_step0.keep_prompts(prompts)  # as TRL generates from them (after its own preparation)
+        return super()._generate(prompts)
+
+    def _ctrl_sample(self, prompts) -> tuple[list, list]:
+        """(completion_ids, completions) for `prompts` from TRL's own generation (RLOO's `_generate`)."""
+        _, completion_ids, completions = self._generate(prompts)
+        return completion_ids, completions
+
+    def _ctrl_score(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
+        """TRL's own reward step (gathered (num_completions, num_reward_funcs)), without CTRL's calibration."""
+        with self._user_reward_names():
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids)
+
+    def _ctrl_health_values(self, rewards_per_func: torch.Tensor, label: str | None = None) -> torch.Tensor:
+        """The values one check tests: the weighted sum of the reward functions (label None), or the named function's
+        column; ±inf → NaN (unscored), as in the reward step."""
+        if label is None or label not in self.ctrl_reward_func_names:
+            values = combine_rewards(rewards_per_func, self.ctrl_reward_weights)
         else:
-            self.ctrl_calibration_healths[reward] = health
-        if health is None:
-            return
-        suffix = "" if reward is None else f"/{reward}"
-        self._metrics["train"][f"ctrl/step0_calibrated_reward{suffix}"].append(health.mean_calibrated)
-        if health.failed:
-            message = calibration_check_message(health, self.args.reference_rewards_column)
-            if reward is not None:
-                message = f"Reward {reward!r}: {message}"
-            if self.args.calibration_check == "raise":
-                raise ValueError(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+            values = rewards_per_func[:, self.ctrl_reward_func_names.index(label)]
+        return torch.where(torch.isinf(values), torch.full_like(values, math.nan), values)
+
+    def _check_calibration_health(self, raw: torch.Tensor, ref_rows: list, label: str | None = None,
+                                  false_alarm_rate: float | None = None) -> None:
+        """Step 0 of a fresh run: the policy is the reference, so its calibrated rewards must be ≈ Uniform[0, 1]
+        (`trl_infalign.health`). `raw` and `ref_rows` are one reward's gathered values and reference rows (`label`
+        names it); completions are drawn until the test can decide (`calibration_check_max_samples`). Every process
+        decides alike. Several rewards: call once per reward with `false_alarm_rate = α / J`."""
+        self._ctrl_health_pending = False
+        step0 = self._ctrl_step0
+        unavailable = step0.unavailable(self) if step0 is not None else NOT_AT_HAND
+
+        def draw(rounds):
+            return self._ctrl_health_values(step0.draw(self, rounds), label).cpu().double().numpy()
+
+        health = step0_health_check(
+            raw.detach().cpu().double().numpy(), ref_rows, draw=None if unavailable else draw,
+            max_extra_completions=self.args.calibration_check_max_samples, label=label,
+            **({} if false_alarm_rate is None else {"false_alarm_rate": false_alarm_rate}),
+        )
+        if label is None or self.ctrl_calibration_health is None:
+            self.ctrl_calibration_health = health
+        if label is not None:
+            self.ctrl_calibration_healths[label] = health
+        if health is not None:
+            suffix = "" if label is None else f"/{label}"
+            self._metrics["train"][f"ctrl/step0_calibrated_reward{suffix}"].append(health.mean_calibrated)
+        report_calibration_health(health, self.args, unavailable)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Model card
+    # Model card (`trl_infalign.model_card`)
     def record_evaluation(self, results: dict):
         """Attach inference-time evaluation results (e.g. `EvaluationResult.to_dict()`) to the model card."""
         self.ctrl_evaluation = results
 
-    def _describe_reference_counts(self) -> str:
-        counts = self.ctrl_reference_counts
-        if counts is None:
-            return str(self.args.num_reference_samples)
-        return str(counts[0]) if counts[0] == counts[1] else f"{counts[0]}–{counts[1]}"
-
     def ctrl_card_settings(self) -> dict:
         """The InfAlign settings and latest training metrics that the model card reports."""
-        args = self.args
-        transform = self.ctrl_transform
-        settings = {
-            "inference_procedure": args.inference_procedure,
-            "inference_n": args.inference_n,
-            "transform": transform.spec,
-            "t": transform.params.get("t"),
-            "beta": args.beta,
-            "final_beta": self.current_beta,
-            "kl_control": args.kl_control,
-            "kl_budget": args.kl_budget,
-            "num_reference_samples": self._describe_reference_counts(),
-            "reference_rewards_column": args.reference_rewards_column,
-        }
-        last = {}
-        for entry in getattr(self.state, "log_history", []) or []:
-            last.update({k: v for k, v in entry.items() if k == "kl" or k.startswith("ctrl/")})
-        settings["final_training_metrics"] = last
-        return settings
+        from .model_card import card_settings
 
-    # ----------------------------------------------------------------------------------------------------------------
-    # Hub
-    def _hub_failure(self, error: Exception, what: str) -> "HubUploadError":
-        secrets = [s for s in (self.args.hub_token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if s]
-        reason = f"{type(error).__name__}: {error}"
-        for secret in secrets:
-            reason = reason.replace(secret, "***")
-        return HubUploadError(f"{what} failed ({reason}). {self._local_copy_note()}")
-
-    def _local_copy_note(self) -> str:
-        return (
-            f"The model, tokenizer and model card are saved locally in {Path(self.args.output_dir).resolve()}; "
-            "upload them later with `trainer.push_to_hub()` or `hf upload <repo_id> <output_dir>` once you are online "
-            "and logged in."
-        )
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        try:
-            super().init_hf_repo(token=token, private=private)
-        except Exception as error:  # offline, not logged in, no permission...
-            raise self._hub_failure(error, f"Creating the Hub repo {self.args.hub_model_id!r}") from None
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None, revision=None, **kwargs):
-        """Save the model, tokenizer and card locally, then upload them; an upload failure loses nothing and says why."""
-        self.save_model(self.args.output_dir)
-        try:
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs)
-        except HubUploadError:
-            raise
-        except Exception as error:
-            raise self._hub_failure(error, "Uploading to the Hub") from None
-
-    @contextmanager
-    def _hub_token_redacted(self):
-        token = self.args.hub_token
-        self.args.hub_token = None
-        try:
-            yield
-        finally:
-            self.args.hub_token = token
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save as `Trainer.save_model` does, plus the CTRL model card (README.md) beside the weights."""
-        with self._hub_token_redacted():  # Trainer pickles `args` into training_args.bin: never the token
-            super().save_model(output_dir, _internal_call=_internal_call)
-            self.create_model_card(output_dir=output_dir)
-        if self.is_world_process_zero():
-            target = Path(output_dir if output_dir is not None else self.args.output_dir)
-            target.mkdir(parents=True, exist_ok=True)
-            state = {**self.ctrl_calibration_state(), **self.ctrl_run_state()}
-            (target / CALIBRATION_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        return card_settings(self)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, output_dir=None):
         from .model_card import write_ctrl_model_card
@@ -767,3 +519,32 @@ class CTRLTrainerMixin:
         if dataset_name is None:
             dataset_name = self.ctrl_dataset_name
         write_ctrl_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, output_dir=output_dir)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save as `Trainer.save_model` does, plus the CTRL model card (README.md), `ctrl_calibration.json` and
+        `ctrl_run.json` beside the weights."""
+        with hub_token_redacted(self.args):  # Trainer pickles `args` into training_args.bin: never the token
+            super().save_model(output_dir, _internal_call=_internal_call)
+            self.create_model_card(output_dir=output_dir)
+        if self.is_world_process_zero():
+            target = Path(output_dir if output_dir is not None else self.args.output_dir)
+            state = {**self.ctrl_calibration_state(), **self.ctrl_run_state()}
+            run_state.write_state(target, state, self.ctrl_run_record)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hub (`trl_infalign.hub`)
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:  # offline, not logged in, no permission...
+            raise hub_failure(self.args, error, f"Creating the Hub repo {self.args.hub_model_id!r}") from None
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None, revision=None, **kwargs):
+        """Save the model, tokenizer and card locally, then upload them; an upload failure loses nothing and says why."""
+        self.save_model(self.args.output_dir)
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token, revision=revision, **kwargs)
+        except HubUploadError:
+            raise
+        except Exception as error:
+            raise hub_failure(self.args, error, "Uploading to the Hub") from None

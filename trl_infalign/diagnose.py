@@ -744,14 +744,9 @@ class DiagnosisResult:
         ax.set_xlabel("KL(π ‖ π_ref) [nats], mean over prompts")
         ax.set_ylabel(f"{self._win_name()} rate vs π_ref")
         ax.set_title(f"diagnose: {self.num_prompts} prompts × K={self.K}, one global β per method")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        if path is not None:
-            fig.tight_layout()
-            fig.savefig(path, dpi=130)
-            if own:
-                plt.close(fig)
-        return ax
+        from ._plotting import finish_axes
+
+        return finish_axes(fig, ax, path, own)
 
 
 def _subsample_index(count: np.ndarray, divisor: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,32 @@
-"""Model card of a CTRL run: TRL's card (tags, paper, citation, versions) plus the InfAlign settings and results."""
+"""Model card of a CTRL run: TRL's card (tags, paper, citation, versions) plus the InfAlign settings and results.
+
+Numbers are written one way: 4 significant digits (`format_number`), except the evaluation table, whose win rates,
+KL estimates and their confidence intervals keep fixed decimals (3 for win rates, 4 for KL) so that an estimate and
+its interval read at one resolution. β is shown twice: in the units of the transform Φ the user chose (the
+calibrated-space theory's β, e.g. ≈ 7.8e6 for `bon:t=17.3`, whose Φ = exp(17.3·c) spans 1 … 3.2e7), and as the
+trainer applies it to the normalised Φ, (Φ − min Φ)/(max Φ − min Φ) ∈ [0, 1] (RLOO's / GRPO's own `beta`).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).parent / "templates" / "ctrl_model_card.md"
+
+INFALIGN_CITATION = textwrap.dedent("""\
+    @inproceedings{balashankar2025infalign,
+        title     = {{InfAlign: Inference-aware language model alignment}},
+        author    = {Ananth Balashankar and Ziteng Sun and Jonathan Berant and Jacob Eisenstein and Michael Collins and Adrian Hutter and Jong Lee and Chirag Nagpal and Flavien Prost and Aradhana Sinha and Ananda Theertha Suresh and Ahmad Beirami},
+        booktitle = {Forty-second International Conference on Machine Learning, {ICML} 2025},
+        year      = 2025,
+        eprint    = {arXiv:2412.19792},
+    }""")
 
 
 def _version(name: str) -> str:
@@ -29,6 +46,57 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+def format_number(value, digits: int = 4) -> str:
+    """Every number of the card's settings and metrics: `digits` significant digits (`%.4g`: 0.5, 0.4137, 17.3,
+    7.805e+06); integers as they are; "–" for None; anything else as text."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
+def _describe_reference_counts(trainer) -> str:
+    counts = trainer.ctrl_reference_counts
+    if counts is None:
+        return str(trainer.args.num_reference_samples)
+    return str(counts[0]) if counts[0] == counts[1] else f"{counts[0]}–{counts[1]}"
+
+
+def card_settings(trainer) -> dict:
+    """The InfAlign settings and latest training metrics that the model card reports (`ctrl_card_settings()`).
+
+    Besides the user's β (`beta`, `final_beta`: units of the unnormalised Φ) it gives the trainer's own coefficient on
+    the normalised Φ (`trainer_beta_start`, `trainer_beta`: RLOO's / GRPO's `beta` = β · factor / scale, with
+    `transform_offset` and `transform_scale` the normalisation)."""
+    args = trainer.args
+    transform = trainer.ctrl_transform
+    settings = {
+        "inference_procedure": args.inference_procedure,
+        "inference_n": args.inference_n,
+        "transform": transform.spec,
+        "t": transform.params.get("t"),
+        "beta": args.beta,
+        "final_beta": trainer.current_beta,
+        "trainer_beta_start": trainer._ctrl_penalty_beta(args.beta),
+        "trainer_beta": trainer.beta,
+        "penalty_factor": trainer._ctrl_penalty_factor(),
+        "transform_offset": trainer.ctrl_offset,
+        "transform_scale": trainer.ctrl_scale,
+        "kl_control": args.kl_control,
+        "kl_budget": args.kl_budget,
+        "num_reference_samples": _describe_reference_counts(trainer),
+        "reference_rewards_column": args.reference_rewards_column,
+    }
+    last = {}
+    for entry in getattr(trainer.state, "log_history", []) or []:
+        last.update({k: v for k, v in entry.items() if k == "kl" or k.startswith("ctrl/")})
+    settings["final_training_metrics"] = last
+    return settings
+
+
 def _finite(value) -> float | None:
     """`value` as a float if it is a finite number, else None."""
     if isinstance(value, bool):
@@ -45,6 +113,22 @@ def _ci(low, high):
     return (low, high) if low is not None and high is not None else None
 
 
+def _one_standard_row(rows) -> list:
+    """The win-rate rows with N = 1 of `bon` / `won` folded into `standard`: best-of-1 and worst-of-1 *are* one
+    sample, so their estimates are the standard row's."""
+    out, seen_standard = [], False
+    for row in rows:
+        row = dict(row)
+        single = row.get("n") == 1 and row.get("procedure") in ("standard", "bon", "won")
+        if single:
+            if seen_standard:
+                continue
+            seen_standard = True
+            row.update(procedure="standard", spec="standard")
+        out.append(row)
+    return out
+
+
 def _evaluation_for_card(evaluation) -> dict | None:
     """Win-rate rows and KL from an `EvaluationResult`, its `to_dict()`, or a plain dict with `kl_k1`/`kl_k3`.
 
@@ -55,7 +139,7 @@ def _evaluation_for_card(evaluation) -> dict | None:
         return None
     if hasattr(evaluation, "to_dict"):
         evaluation = evaluation.to_dict()
-    card = {"win_rates": list(evaluation.get("win_rates", [])), "confidence": evaluation.get("confidence") or 0.95}
+    card = {"win_rates": _one_standard_row(evaluation.get("win_rates", [])), "confidence": evaluation.get("confidence") or 0.95}
     kl = evaluation.get("kl")
     if isinstance(kl, dict):
         for name in ("k1", "k3"):
@@ -80,13 +164,17 @@ def _kl_for_card(settings: dict) -> dict:
 
     `sequence_kl`: last logged `ctrl/sequence_kl` (per completion, nats); `token_kl`: TRL's per-token `kl`;
     `budget`: `kl_budget` (per completion, nats); `initial_beta`: `beta`; `final_beta`: `final_beta`, else the last
-    logged `ctrl/beta`; `beta_changed`: whether they differ (the card then shows both); `control`: `kl_control` ("adaptive" / "fixed"), None when the trainer does not say.
+    logged `ctrl/beta`; `beta_changed`: whether they differ (the card then shows both); `trainer_beta_start` /
+    `trainer_beta`: the trainer's own coefficient on the normalised Φ at the start / end, with `penalty_factor`,
+    `transform_offset`, `transform_scale` (`normalised`: whether Φ was rescaled); `control`: `kl_control`
+    ("adaptive" / "fixed"), None when the trainer does not say.
     """
     metrics = settings.get("final_training_metrics") or {}
     final_beta = settings.get("final_beta")
     if final_beta is None:
         final_beta = metrics.get("ctrl/beta")
     initial, final = settings.get("beta"), _finite(final_beta)
+    scale, offset = _finite(settings.get("transform_scale")), _finite(settings.get("transform_offset"))
     return {
         "sequence_kl": _finite(metrics.get("ctrl/sequence_kl")),
         "token_kl": _finite(metrics.get("kl")),
@@ -95,6 +183,12 @@ def _kl_for_card(settings: dict) -> dict:
         "final_beta": final,
         "beta_changed": final is not None and _finite(initial) is not None
         and not math.isclose(final, float(initial), rel_tol=1e-9, abs_tol=0.0),
+        "trainer_beta_start": _finite(settings.get("trainer_beta_start")),
+        "trainer_beta": _finite(settings.get("trainer_beta")),
+        "penalty_factor": _finite(settings.get("penalty_factor")),
+        "transform_scale": scale,
+        "transform_offset": offset,
+        "normalised": scale is not None and offset is not None and (scale != 1.0 or offset != 0.0),
         "control": settings.get("kl_control"),
     }
 
@@ -138,6 +232,7 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         quick_start=procedure.quick_start,
         evaluation=_evaluation_for_card(getattr(trainer, "ctrl_evaluation", None)),
         kl=_kl_for_card(settings),
+        num=format_number,
         metric_descriptions=METRIC_DESCRIPTIONS,
         wandb_url=None,
         paper_id=trainer._paper["id"],

@@ -255,7 +255,8 @@ class ReferenceConfig:
         """The reference pass that matches a `CTRLConfig` / `CTRLGRPOConfig` (or any TRL RLOO/GRPO config): K from
         `num_reference_samples`, `max_new_tokens` from `max_completion_length`, the same sampling fields, generation
         and chat-template kwargs, reward weights, seed, `nonfinite_rewards`, `use_vllm`, `model_init_kwargs` and
-        `reference_rewards_column`; `overrides` (e.g. `cache_dir`, `batch_size`) on top."""
+        `reference_rewards_column`, and `per_reward` for a deployment that names rewards (`args.is_multi_reward`);
+        `overrides` (e.g. `cache_dir`, `batch_size`) on top."""
         mapping = {
             "num_samples": "num_reference_samples", "max_new_tokens": "max_completion_length",
             "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -265,6 +266,8 @@ class ReferenceConfig:
             "output_column": "reference_rewards_column",
         }
         values = {name: getattr(args, source) for name, source in mapping.items() if hasattr(args, source)}
+        if getattr(args, "is_multi_reward", False):  # a deployment that names rewards calibrates each on its own
+            values["per_reward"] = True
         values.update(overrides)
         return cls(**values)
 

@@ -839,14 +839,9 @@ def plot_frontiers(
     label = procedure.label
     ax.set_ylabel(f"{label} win rate vs π_ref" if len(label) <= 28 else "win rate vs π_ref (procedure above)")
     ax.set_title("\n".join(textwrap.wrap(f"Calibrated-space frontiers: {label}", 60)), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if path is not None:
-        fig.tight_layout()
-        fig.savefig(path, dpi=130)
-        if own_fig:
-            plt.close(fig)
-    return ax
+    from ._plotting import finish_axes
+
+    return finish_axes(fig, ax, path, own_fig)
 
 
 def clear_caches() -> None:

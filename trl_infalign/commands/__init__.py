@@ -4,48 +4,34 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def number_type(name: str, convert, valid, expected: str, *, unparsable: str | None = None, note: str = ""):
+    """An argparse type named `name`: `convert(text)` (int or float), which must satisfy `valid(value)`.
+
+    Errors say what was expected: "expected {unparsable or expected}, got 'x'" when the text is not a number,
+    "expected {expected}{note}, got 'x'" when it is out of range."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unparsable or expected}, got {text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}{note}, got {text!r}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name  # argparse names the type in its own messages
+    parse.__doc__ = f"argparse type: {expected}."
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def top_p_value(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1 = no nucleus truncation), got {text!r}")
-    return value
-
-
-def top_k_value(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = no top-k truncation), got {text!r}")
-    return value
+positive_int = number_type("positive_int", int, lambda v: v >= 1, "an integer >= 1", unparsable="an integer")
+positive_float = number_type("positive_float", float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0",
+                             unparsable="a number")
+nonnegative_float = number_type("nonnegative_float", float, lambda v: math.isfinite(v) and v >= 0,
+                                "a finite number >= 0", unparsable="a number >= 0")
+top_p_value = number_type("top_p_value", float, lambda v: 0 < v <= 1, "a number in (0, 1]",
+                          note=" (1 = no nucleus truncation)")
+top_k_value = number_type("top_k_value", int, lambda v: v >= 0, "an integer >= 0", note=" (0 = no top-k truncation)")
 
 
 def procedure_spec(text: str) -> str:

@@ -15,18 +15,7 @@ import argparse
 import json
 import sys
 
-from . import positive_float, positive_int, procedure_spec, resolve_procedure
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+from . import nonnegative_float, positive_float, positive_int, procedure_spec, resolve_procedure
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
