@@ -53,7 +53,6 @@ Output: ``--output``/multi_reward.json (default benchmarks/results/): {"machine"
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -119,15 +118,22 @@ DEFAULTS = {
 
 
 def _alignment_quality():
-    """benchmarks/alignment_quality.py (training helpers, the machine description, the bootstrap), by path."""
-    if "alignment_quality" in sys.modules:
-        return sys.modules["alignment_quality"]
-    path = Path(__file__).resolve().parent / "alignment_quality.py"
-    spec = importlib.util.spec_from_file_location("alignment_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["alignment_quality"] = module
-    spec.loader.exec_module(module)
-    return module
+    """The helpers shared with benchmarks/alignment_quality.py (benchmarks/alignment_tasks/): training kwargs, the
+    quickstart module, the stratified bootstrap, the machine description."""
+    from types import SimpleNamespace
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from alignment_tasks.bandit import bandit_config_kwargs
+    from alignment_tasks.common import common_train_kwargs
+    from alignment_tasks.hetero_lm import _stratified_bootstrap
+    from alignment_tasks.lm import _quickstart
+    from alignment_tasks.report import machine_description
+
+    return SimpleNamespace(bandit_config_kwargs=bandit_config_kwargs, common_train_kwargs=common_train_kwargs,
+                           _stratified_bootstrap=_stratified_bootstrap, _quickstart=_quickstart,
+                           machine_description=machine_description)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
