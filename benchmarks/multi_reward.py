@@ -1,8 +1,8 @@
 """Several rewards, one deployment: CTRL for the deployment vs summed-reward baselines at matched per-completion KL.
 
-    python benchmarks/multi_reward.py --quick --threads 1        # CPU, both tasks, a few minutes on 2 cores
+    python benchmarks/multi_reward.py --quick            # both tasks: 222 s on a loaded 2-core CPU VM
     python benchmarks/multi_reward.py --task bandit --seeds 0 1 2
-    python benchmarks/multi_reward.py                             # full settings (~30 min on a 2-core VM)
+    python benchmarks/multi_reward.py                    # full settings, 3 seeds each: 1 116 s on the same VM
 
 The deployment (issue #19, notes §9) serves half the requests Best-of-4 on reward 1 and pits the other half against
 a Worst-of-4 attacker on reward 2: ``mixture:0.5*bon:n=4@<r1>+0.5*won:n=4@<r2>``. Its win rate, the *objective*, is
