@@ -296,3 +296,21 @@ def test_stock_rloo_trainer_takes_calibrated_rewards(tmp_path):
     assert 0.0 <= logged["calibrated_reward/helpful"] <= 1.0  # the wrapper's own metric, through TRL's log_metric
     # Jensen: the mean of exp(3c) is at least exp(3·mean c)
     assert logged["rewards/helpful/mean"] >= math.exp(3 * logged["calibrated_reward/helpful"]) - 1e-6
+
+
+def test_model_card_lists_the_deployment_and_its_prediction(tmp_path):
+    path, tokenizer, pi_ref, rewards, column, dataset, funcs = make_two_reward_bandit(tmp_path)
+    args = bandit_config(tmp_path / "out", "auto", 1.0, inference_procedure=DEPLOYMENT, kl_budget=0.5, max_steps=1)
+    trainer = CTRLTrainer(model=path, reward_funcs=list(funcs), args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    from trl_infalign.model_card import build_ctrl_model_card
+
+    card = str(build_ctrl_model_card(trainer))
+    fit = trainer.ctrl_fit
+    assert "judged on the helpful reward" in card and "judged on the harmless reward" in card
+    for component in trainer.ctrl_deployment.components:
+        transform = fit.transforms.transforms[component.reward].spec
+        assert f"| {component.weight:.4g} | {component.procedure.label} | `{component.reward}` | `{transform}` | " \
+               f"{fit.win_rates[component.metric_key]:.4g} |" in card
+    assert f"**{fit.objective:.4g}**" in card
+    assert f"| t | helpful: {fit.t['helpful']:.4g}, harmless: {fit.t['harmless']:.4g} |" in card

@@ -1,9 +1,24 @@
-"""The matplotlib tail shared by the package's plots (`DiagnosisResult.plot`, `theory.plot_frontiers`).
+"""The matplotlib head and tail shared by the package's plots (`DiagnosisResult.plot`, `theory.plot_frontiers`,
+`EvaluationResult.plot`).
 
-Imports only matplotlib, lazily through the caller's `fig`: any part of the package may use it.
+Imports only matplotlib, lazily: any part of the package may use it.
 """
 
 from __future__ import annotations
+
+
+def pyplot(what: str, headless: bool):
+    """`matplotlib.pyplot`, switched to the file-only Agg backend when the plot is only saved (`headless`: no `ax`
+    given, a `path` given); an ImportError naming `what` and the extra to install when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        if headless:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{what} needs matplotlib: pip install 'trl-infalign[plot]'") from error
+    return plt
 
 
 def finish_axes(fig, ax, path: str | None, own_figure: bool):

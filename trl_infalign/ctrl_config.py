@@ -32,12 +32,19 @@ class CTRLArguments:
             of `inference_n`), `won` (worst of `inference_n`, e.g. a jailbreak attacker keeping the worst of N), a spec
             with its own N (`bon:n=8`), a request-level mixture (`mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32`),
             a registered user procedure, or an `InferenceProcedure`. The resolved object is `config.procedure`.
+            A deployment that serves different procedures on different rewards names them after `@`
+            (`mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless`, the names of the reward functions as TRL derives
+            them): each reward is calibrated on its own and the run trains on Φ = Σ_r W_r Φ_r(c_r)
+            (`config.deployment`; docs/multi_reward.md).
         inference_n (`int`, defaults to `4`):
             N of a bare `bon` / `won`. A spec with its own N sets it (to the largest N of a mixture).
         transform (`str`, defaults to `"auto"`):
             Transform spec, e.g. `"bon:t=10"`, `"won:t=5"`, `"identity"`, `"lsc"`, `"optimal"`. `auto` picks the
             procedure's exp family with t chosen by the theory module (identity for `standard`). `optimal` is the
-            numerically optimal transform for the procedure at `beta` (any procedure, mixtures included).
+            numerically optimal transform for the procedure at `beta` (any procedure, mixtures included). With a
+            deployment that names rewards: one transform per reward (`bon:t=3@helpful+won:t=5@harmless`), or `auto` /
+            `optimal`, fitted by the trainer on the training set's reference rewards
+            ([`~trl_infalign.diagnose_deployment.fit_deployment`]).
         kl_budget (`float` or `None`, defaults to `None`):
             Target KL(π‖π_ref) **per completion** in nats (the sum over a completion's tokens of log π − log π_ref; the
             unit of the theory, and of the `ctrl/sequence_kl` metric — TRL's `kl` metric is a per-token mean).
@@ -87,7 +94,8 @@ class CTRLArguments:
         default="bon",
         metadata={
             "help": "Inference-time procedure to align for: standard, bon, won (N from inference_n), a spec such as "
-            "bon:n=8, or a mixture such as mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32."
+            "bon:n=8, a mixture such as mixture:0.7*standard+0.2*bon:n=8+0.1*bon:n=32, or a deployment that names "
+            "rewards: mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless."
         },
     )
     inference_n: int = field(
@@ -97,7 +105,8 @@ class CTRLArguments:
         default="auto",
         metadata={
             "help": "Transform spec (`bon:t=10`, `won:t=5`, `identity`, `log`, `lsc`, `optimal`) or `auto` (the "
-            "procedure's exp family with t from the theory module; identity for `standard`)."
+            "procedure's exp family with t from the theory module; identity for `standard`). Several rewards: one "
+            "per reward (`bon:t=3@helpful+won:t=5@harmless`), or `auto` / `optimal` fitted on the references."
         },
     )
     kl_budget: float | None = field(

@@ -12,6 +12,11 @@ It changes only what a completion's reward *is*:
     c   = (#{ref < r} + ½ #{ref = r}) / K             (calibration against the prompt's K reference rewards)
     Φ(c)                                             (the transform the trainer then maximises, minus β·KL)
 
+A deployment that names rewards (`mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless`, `trl_infalign.deployment`)
+calibrates each reward function r on its own, c_r against the prompt's K references of r, and trains on
+Φ = Σ_r W_r Φ_r(c_r). Both paths run through `trl_infalign.calibrated_reward.RewardCalibration`, the implementation
+behind the `CalibratedReward` wrapper for stock TRL trainers.
+
 The mixin is the list of TRL hooks it overrides; each concern around the reward step lives in its own module:
 
 - construction checks (output dir, disk, prompt column, pad tokens, context lengths, reference scan):

@@ -56,7 +56,12 @@ class CTRLTrainer(CTRLTrainerMixin, RLOOTrainer):
     `ctrl/transformed_reward`, `ctrl/<procedure>@<N>_win_rate` (running BoN-N / WoN-N win-rate estimate),
     `ctrl/nonfinite_rewards`, `ctrl/sequence_kl` (KL(π‖π_ref) per completion in nats, batch k1: the unit of
     `kl_budget`; TRL's `kl` is the per-token mean), `ctrl/beta` (β now, in the units of the unnormalised Φ; it moves
-    with `kl_control="adaptive"`), `ctrl/step0_calibrated_reward` (the health check's mean c at step 0).
+    with `kl_control="adaptive"`), `ctrl/step0_calibrated_reward` (the health check's mean c at step 0),
+    `ctrl/calibration_saturation` (share of completions that beat every reference of their prompt, c = 1) and
+    `ctrl/calibration_saturation_bottom` (c = 0). A deployment that names rewards
+    (`inference_procedure="mixture:0.5*bon:n=4@helpful+0.5*won:n=4@harmless"`) calibrates each reward on its own and
+    adds `ctrl/calibrated_reward/<reward>`, each component's `ctrl/<procedure>_win_rate/<reward>` and
+    `ctrl/deployment_win_rate`.
     """
 
     _ctrl_config_class = CTRLConfig

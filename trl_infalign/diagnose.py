@@ -724,14 +724,9 @@ class DiagnosisResult:
 
     def plot(self, path: str | None = None, kls: Sequence[float] | None = None, ax=None):
         """Win rate vs KL for each method (the budget marked); saves to `path` when given.  Returns the Axes."""
-        try:
-            import matplotlib
+        from ._plotting import pyplot
 
-            if ax is None and path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("DiagnosisResult.plot needs matplotlib: pip install trl-infalign[plot]") from error
+        plt = pyplot("DiagnosisResult.plot", headless=ax is None and path is not None)
         own = ax is None
         fig, ax = plt.subplots(figsize=(6.4, 4.6)) if own else (ax.figure, ax)
         for name, points in self.curves(kls).items():

@@ -37,13 +37,37 @@ def _version(name: str) -> str:
 
 
 # What each training metric of the card means (TRL's `kl` is per token; the KL budget and theory are per completion).
-METRIC_DESCRIPTIONS = {
+class _MetricDescriptions(dict):
+    """Metric key → meaning; a per-reward key (`ctrl/calibrated_reward/helpful`) reads its family's meaning."""
+
+    def get(self, key, default=""):
+        if key in self:
+            return self[key]
+        family, _, reward = key.rpartition("/")
+        if family in self:
+            return f"{self[family]}, reward `{reward}`"
+        if key.startswith("ctrl/") and key.endswith("_win_rate"):
+            return "running win rate of the procedure against the reference's, from the batch's calibrated rewards"
+        if family.startswith("ctrl/") and family.endswith("_win_rate"):
+            return f"running win rate of this component on reward `{reward}`"
+        return default
+
+
+METRIC_DESCRIPTIONS = _MetricDescriptions({
     "kl": "TRL's `kl`: per-token mean of log π − log π_ref over the last logged batch (sum over tokens / number of "
           "tokens), **not** the per-completion KL of the budget",
     "ctrl/sequence_kl": "KL per completion (k1, nats): sum over a completion's tokens of log π − log π_ref, batch mean "
                         "(the unit of the KL budget)",
     "ctrl/beta": "β (KL coefficient) at the last logged step",
-}
+    "ctrl/calibrated_reward": "mean calibrated reward c (the standard win rate against the reference; several "
+                              "rewards: Σ_r W_r mean c_r)",
+    "ctrl/calibration_saturation": "share of completions that beat every reference of their prompt (c = 1): "
+                                   "calibration cannot rank them; high means more references are needed",
+    "ctrl/calibration_saturation_bottom": "share of completions below every reference of their prompt (c = 0)",
+    "ctrl/deployment_win_rate": "running win rate of the deployment, Σ_j w_j W_j over its components",
+    "ctrl/raw_reward": "mean raw reward",
+    "ctrl/transformed_reward": "mean normalised Φ(c), the reward the trainer maximises",
+})
 
 
 def format_number(value, digits: int = 4) -> str:
@@ -51,6 +75,8 @@ def format_number(value, digits: int = 4) -> str:
     7.805e+06); integers as they are; "–" for None; anything else as text."""
     if value is None:
         return "–"
+    if isinstance(value, dict):  # per reward: {"helpful": 0.236, "harmless": 7.72}
+        return ", ".join(f"{key}: {format_number(v, digits)}" for key, v in value.items())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     if isinstance(value, int):
@@ -156,7 +182,25 @@ def _evaluation_for_card(evaluation) -> dict | None:
             card.pop(key, None)
     metadata = evaluation.get("metadata") or {}
     card["policy"], card["reference"] = metadata.get("policy"), metadata.get("reference")
+    card["deployments"] = list(evaluation.get("deployments") or [])
     return card
+
+
+def _deployment_quick_start(deployment) -> tuple[int, str]:
+    return deployment.n, (f"Aligned for {deployment.label}: serve each request with its procedure, each judged by its "
+                          f"own reward model (sample up to {deployment.n} completions).")
+
+
+def _deployment_for_card(trainer, deployment) -> dict:
+    """The deployment table: per component its weight, procedure, reward and transform, plus the prediction made
+    from the training references when the transforms were fitted on them (`trainer.ctrl_fit`)."""
+    transforms = trainer.ctrl_reward_transforms.transforms
+    fit = getattr(trainer, "ctrl_fit", None)
+    rows = [{"weight": c.weight, "procedure": c.procedure.label, "reward": c.reward,
+             "transform": transforms[c.reward].spec, "predicted": None if fit is None else fit.win_rates.get(c.metric_key)}
+            for c in deployment.components]
+    return {"spec": deployment.spec, "components": rows,
+            "predicted": None if fit is None else {"objective": fit.objective, "kl": fit.kl}}
 
 
 def _kl_for_card(settings: dict) -> dict:
@@ -214,6 +258,8 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         tags=["generated_from_trainer", *sorted(all_tags)],
     )
     procedure = trainer.args.procedure
+    deployment = getattr(trainer, "ctrl_deployment", None)
+    deployment = deployment if deployment is not None and deployment.is_multi_reward else None
     # keep the card's final-metrics table readable: numbers only, in a stable order (headline KL first)
     metrics = dict(settings.get("final_training_metrics") or {})
     order = [k for k in ("ctrl/sequence_kl", "kl", "ctrl/beta") if k in metrics]
@@ -228,8 +274,9 @@ def build_ctrl_model_card(trainer, model_name: str | None = None, dataset_name: 
         dataset_name=dataset_name,
         dataset_is_hub=dataset_is_hub,
         settings=settings,
-        procedure_text=procedure.description,
-        quick_start=procedure.quick_start,
+        procedure_text=procedure.description if deployment is None else deployment.description,
+        quick_start=procedure.quick_start if deployment is None else _deployment_quick_start(deployment),
+        deployment=None if deployment is None else _deployment_for_card(trainer, deployment),
         evaluation=_evaluation_for_card(getattr(trainer, "ctrl_evaluation", None)),
         kl=_kl_for_card(settings),
         num=format_number,

@@ -803,14 +803,9 @@ def plot_frontiers(
     Saves to `path` when given.  Needs matplotlib (``pip install trl-infalign[plot]``).
     """
     procedure = _procedure(procedure, n)
-    try:
-        import matplotlib
+    from ._plotting import pyplot
 
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("plot_frontiers needs matplotlib: pip install trl-infalign[plot]") from error
+    plt = pyplot("plot_frontiers", headless=ax is None and path is not None)
     if isinstance(transforms, str):
         transforms = [transforms]
     own_fig = ax is None

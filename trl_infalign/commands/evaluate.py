@@ -170,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
         state = resolve_process_state()
         ordinary, deployments = split_deployments(args.procedures)
+        # `rms/harmless/` is `rms/harmless`: loaded without the slash, TRL's name (the last segment) is "harmless"
+        args.reward_models = [p.rstrip("/") or p for p in args.reward_models]
         names = [reward_model_name(p) for p in args.reward_models]
         try:  # before any model is loaded: a misnamed reward fails in seconds, not after the sampling
             for d in deployments:

@@ -380,14 +380,9 @@ class EvaluationResult:
 
         Needs matplotlib (`pip install trl-infalign[plot]`). Returns the matplotlib figure.
         """
-        try:
-            import matplotlib
+        from .._plotting import pyplot
 
-            if ax is None and path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("EvaluationResult.plot needs matplotlib: pip install 'trl-infalign[plot]'.") from e
+        plt = pyplot("EvaluationResult.plot", headless=ax is None and path is not None)
         own = ax is None
         if own:
             fig, ax = plt.subplots(figsize=(5.5, 4))
