@@ -126,14 +126,14 @@ def _alignment_quality():
     if here not in sys.path:
         sys.path.insert(0, here)
     from alignment_tasks.bandit import bandit_config_kwargs
-    from alignment_tasks.common import common_train_kwargs
+    from alignment_tasks.common import common_train_kwargs, trace_kl_controller
     from alignment_tasks.hetero_lm import _stratified_bootstrap
     from alignment_tasks.lm import _quickstart
     from alignment_tasks.report import machine_description
 
     return SimpleNamespace(bandit_config_kwargs=bandit_config_kwargs, common_train_kwargs=common_train_kwargs,
                            _stratified_bootstrap=_stratified_bootstrap, _quickstart=_quickstart,
-                           machine_description=machine_description)
+                           machine_description=machine_description, trace_kl_controller=trace_kl_controller)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,17 +335,7 @@ def train(args, model_path, tokenizer, reward_funcs, dataset, numpy_columns=(), 
     if numpy_columns:  # see alignment_quality.train: accelerate walks every float of list columns at every step
         trainer.train_dataset = trainer.train_dataset.with_format("numpy", columns=list(numpy_columns),
                                                                   output_all_columns=True)
-    controller = getattr(trainer, "ctrl_kl_controller", None)
-    if trace is not None and controller is not None:
-        update = controller.update
-
-        def traced(measured_kl):
-            beta = update(measured_kl)
-            if controller.num_updates % 10 == 0 or controller.num_updates == args.max_steps:
-                trace.append([controller.num_updates, controller.kl_estimate, beta])
-            return beta
-
-        controller.update = traced
+    _alignment_quality().trace_kl_controller(trainer, trace, args.max_steps)
     trainer.train()
     model = trainer.model
     model.eval()

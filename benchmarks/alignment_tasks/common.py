@@ -89,17 +89,7 @@ def train(args, model_path, tokenizer, reward_func, dataset, numpy_references: b
     if numpy_references:
         trainer.train_dataset = trainer.train_dataset.with_format(
             "numpy", columns=[args.reference_rewards_column], output_all_columns=True)
-    controller = getattr(trainer, "ctrl_kl_controller", None)
-    if trace is not None and controller is not None:
-        update = controller.update
-
-        def traced(measured_kl):
-            beta = update(measured_kl)
-            if controller.num_updates % 10 == 0 or controller.num_updates == args.max_steps:
-                trace.append([controller.num_updates, controller.kl_estimate, beta])
-            return beta
-
-        controller.update = traced
+    trace_kl_controller(trainer, trace, args.max_steps)
     trainer.train()
     model = trainer.model
     model.eval()
@@ -196,3 +186,19 @@ def row_line(row: dict) -> str:
             f"β {row['start_beta']:.4g}→{row['final_beta']:.4g}  std {f(row['standard_win'])} bon4 {f(row['bon_win'])} "
             f"(diag {f(d.get('bon_win'))}) won4 {f(row['won_win'])} (diag {f(d.get('won_win'))})  "
             f"{row['train_seconds']:.0f}s")
+
+
+def trace_kl_controller(trainer, trace: list | None, max_steps: int) -> None:
+    """Append [update, KL estimate, β] to `trace` every 10 controller updates (and at the last step)."""
+    controller = getattr(trainer, "ctrl_kl_controller", None)
+    if trace is None or controller is None:
+        return
+    update = controller.update
+
+    def traced(measured_kl):
+        beta = update(measured_kl)
+        if controller.num_updates % 10 == 0 or controller.num_updates == max_steps:
+            trace.append([controller.num_updates, controller.kl_estimate, beta])
+        return beta
+
+    controller.update = traced
