@@ -52,7 +52,7 @@ from .kl_control import AdaptiveKLController
 from .model_card import INFALIGN_CITATION
 from .procedures import get_procedure
 from .run_state import CALIBRATION_STATE_FILE, RUN_RECORD_FILE
-from .sampling import combine_rewards
+from .sampling import combine_rewards, reward_func_name
 from .transforms import get_transform
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,6 @@ def pooled_inference_win_rate(calibrated: torch.Tensor, n: int | None = None, pr
     old pair (n, "bon"); NaN when the batch has fewer values than the procedure draws.
     """
     return get_procedure(procedure, n).pooled_calibrated_win_rate(calibrated)
-
-
-def _reward_name(func) -> str:
-    """A reward function's name as TRL will derive it, before anything is loaded (a path's last segment)."""
-    from .sampling import reward_func_name
-
-    return str(func).rstrip("/").split("/")[-1] if isinstance(func, str) else reward_func_name(func)
 
 
 def _gather_matrix(local: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +182,7 @@ class CTRLTrainerMixin:
             self.ctrl_reward_transforms = RewardTransforms({None: self.ctrl_transform}, {None: 1.0})
         else:
             funcs = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-            deployment = self.ctrl_deployment = deployment.bind([_reward_name(f) for f in funcs])
+            deployment = self.ctrl_deployment = deployment.bind([reward_func_name(f) for f in funcs])
             if args.reward_weights is not None and any(float(w) != 1.0 for w in args.reward_weights):
                 warnings.warn(
                     f"{type(args).__name__}.reward_weights={list(args.reward_weights)} is ignored: the deployment "

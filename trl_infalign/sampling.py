@@ -389,7 +389,10 @@ def load_reward_funcs(
 def reward_func_name(func) -> str:
     """The reward function's name as TRL derives it (`RLOOTrainer.reward_func_names`): a model's
     `config._name_or_path.split("/")[-1]`, a callable's `__name__` (a `functools.partial` unwrapped, an object by its
-    class name). Per-reward references are keyed by it. A model without a config is named after its class."""
+    class name). Per-reward references are keyed by it. A model without a config is named after its class; a model
+    path, before it is loaded, by what its config's `_name_or_path` will be: the path as given."""
+    if isinstance(func, str):
+        return func.split("/")[-1]
     if isinstance(func, nn.Module):
         config = getattr(func, "config", None)
         if config is None:
