@@ -17,11 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quickstart(output: Path, seed: int, mode: str, budget: float, steps: int, eval_samples: int) -> dict:
+def run_quickstart(output: Path, seed: int, mode: str, budget: float, steps: int, eval_samples: int,
+                   extra_args: tuple[str, ...] = (), env: dict | None = None) -> dict:
+    """One `examples/quickstart.py` run in a subprocess (`env`: its environment, e.g. a thread count); returns its
+    after-training KL, win rates and betas from results.json."""
     command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output", str(output), "--seed", str(seed),
-               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps), "--eval-samples", str(eval_samples)]
+               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps), "--eval-samples", str(eval_samples),
+               *extra_args]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     results = json.loads((output / "results.json").read_text())
     after, training = results["after"], results["training"]
     wins = {(w["procedure"], w["n"]): w["estimate"] for w in after["win_rates"]}
@@ -48,8 +52,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["adaptive", "fixed"], choices=["adaptive", "fixed"])
     parser.add_argument("--kl-budget", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-samples", type=int, default=64,
-                        help="Samples per prompt and model for the evaluation (the quickstart's 16 give a KL CI of ±10%%).")
+    parser.add_argument("--eval-samples", type=int, default=512,
+                        help="Samples per prompt and model for the evaluation (the quickstart's default).")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
 

@@ -6,6 +6,12 @@
 4. CTRL for Best-of-4 (`transform="auto"` picks exp(t·c) with t from the calibrated-space theory).
 5. Before/after table of KL, standard win rate and BoN-4 win rate against the reference, and a plot.
 
+The defaults make the result a property of the method, not of one machine's float rounding: the SFT policy is trained
+to convergence (learning rate decayed to 0), K = 128 references keep completions from saturating the calibration,
+every step trains on all 32 prompts (256 completions), the adaptive KL controller holds the budget, and the
+evaluation draws 512 samples per prompt. `python benchmarks/demo_stability.py` measures the spread over seeds and
+CPU instruction sets.
+
 Run:  python examples/quickstart.py [--output outputs/quickstart] [--steps 300]
 """
 
@@ -42,11 +48,13 @@ def review_corpus(size: int, seed: int) -> list[str]:
 
 
 PROMPTS = [f"{s} {v}" for s in SUBJECTS for v in VERBS]
+SFT_STEPS = 1500
 
 
-def build_sft_policy(path: Path, seed: int):
+def build_sft_policy(path: Path, seed: int, steps: int = SFT_STEPS):
     """The tiny "SFT" policy: a byte-level BPE tokenizer and a 64×2 Llama pre-trained on generated review snippets,
-    saved to `path`. Returns (path, tokenizer)."""
+    saved to `path`. The learning rate decays to 0 over `steps`, so the policy settles near the corpus's distribution
+    (the same on every machine) instead of wherever float rounding left the last noisy step. Returns (path, tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from trl_infalign.tiny import build_tiny_policy, build_tokenizer, pretrain_on_texts
@@ -55,7 +63,7 @@ def build_sft_policy(path: Path, seed: int):
     tokenizer = build_tokenizer(corpus, vocab_size=400)
     build_tiny_policy(tokenizer, path, hidden_size=64, num_layers=2, seed=seed)
     policy = AutoModelForCausalLM.from_pretrained(path)
-    pretrain_on_texts(policy, tokenizer, corpus, steps=300, lr=3e-3, batch_size=32, seed=seed)
+    pretrain_on_texts(policy, tokenizer, corpus, steps=steps, lr=3e-3, batch_size=64, seed=seed, decay_lr=True)
     policy.save_pretrained(path)
     return path, tokenizer
 
@@ -72,8 +80,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/quickstart", help="Where models, tables and the plot go.")
     parser.add_argument("--steps", type=int, default=300, help="CTRL training steps.")
-    parser.add_argument("--num-reference-samples", type=int, default=16, help="K reference samples per prompt.")
-    parser.add_argument("--eval-samples", type=int, default=64, help="Samples per prompt and model for the evaluation.")
+    parser.add_argument("--completions-per-step", type=int, default=256,
+                        help="Completions per training step (8 per prompt; 256 = every prompt in every step).")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="CTRL learning rate (decays linearly to 0).")
+    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="Pre-training steps of the tiny SFT policy.")
+    parser.add_argument("--num-reference-samples", type=int, default=128, help="K reference samples per prompt.")
+    parser.add_argument("--eval-samples", type=int, default=512, help="Samples per prompt and model for the evaluation.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kl-budget", type=float, default=1.0, help="Per-completion KL budget (nats).")
     parser.add_argument("--kl-control", choices=["adaptive", "fixed"], default="adaptive",
@@ -95,7 +107,7 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     print("1/5  Building the tiny SFT policy (local tokenizer + small Llama, pre-trained on review snippets)")
-    sft_path, tokenizer = build_sft_policy(output / "sft", args.seed)
+    sft_path, tokenizer = build_sft_policy(output / "sft", args.seed, args.sft_steps)
     prompts = PROMPTS
     dataset = Dataset.from_dict({"prompt": prompts})
 
@@ -117,8 +129,8 @@ def main() -> None:
         transform=args.transform,
         kl_budget=args.kl_budget,
         kl_control=args.kl_control,
-        learning_rate=1e-3,
-        per_device_train_batch_size=32,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.completions_per_step,
         num_generations=8,
         max_completion_length=8,
         max_steps=args.steps,
@@ -192,7 +204,10 @@ def main() -> None:
         "kl_budget": config.kl_budget, "kl_unit": "nats per completion", "kl_control": config.kl_control,
         "initial_beta": config.beta, "final_beta": trainer.current_beta, "transform": config.resolved_transform,
         "inference_procedure": procedure.spec,
-        "steps": args.steps, "seed": args.seed,
+        "steps": args.steps, "seed": args.seed, "completions_per_step": args.completions_per_step,
+        "learning_rate": args.learning_rate, "sft_steps": args.sft_steps,
+        "num_reference_samples": args.num_reference_samples, "eval_samples": args.eval_samples,
+        "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     results = {"training": training, "kl_budget": config.kl_budget, "before": before.to_dict(), "after": after.to_dict()}
     (output / "results.json").write_text(json.dumps(results, indent=2))

@@ -380,3 +380,23 @@ def test_provenance_of_format_1_is_still_accepted_with_its_checks(setup, tmp_pat
     edited = old.map(lambda row, i: {"prompt": row["prompt"] + "!" if i == 1 else row["prompt"]}, with_indices=True)
     with pytest.raises(ValueError, match=r"prompts: 1 of 4 rows .*\(rows 1\)"):
         make_trainer(tmp_path, setup, ds=edited)
+
+
+def test_greedy_reference_build_is_refused_by_a_sampling_run(setup, tmp_path):
+    """`generation_kwargs={"do_sample": False}` builds greedy references (one completion per prompt, repeated): another
+    distribution than the one TRL trains on, which the provenance check must name (it was left out of the record)."""
+    greedy = build_reference_rewards(Dataset.from_dict({"prompt": TINY_PROMPTS}), setup["policy"],
+                                     [setup["rm_a"], length_reward], reward_weights=[1.0, 0.5],
+                                     generation_kwargs={"do_sample": False}, **BUILD)
+    assert read_reference_provenance(greedy)["sampling"]["do_sample"] is False
+    with pytest.raises(ValueError, match=r"do_sample: the references were sampled with do_sample=False, this run "
+                                         r"samples with generation_kwargs without 'do_sample'"):
+        make_trainer(tmp_path, setup, ds=greedy)
+    sampled = build_reference_rewards(Dataset.from_dict({"prompt": TINY_PROMPTS}), setup["policy"],
+                                      [setup["rm_a"], length_reward], reward_weights=[1.0, 0.5],
+                                      generation_kwargs={"do_sample": True}, **BUILD)
+    assert "do_sample" not in read_reference_provenance(sampled)["sampling"]  # TRL's own setting: nothing to check
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, setup, ds=sampled)
+    assert provenance_warnings(caught) == []

@@ -833,6 +833,10 @@ def compare_provenance(build: dict, run: dict, prompt_format: str | None) -> lis
         elif key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             run_value = f"{key}={current}"
             fix = f"set CTRLConfig.{key}={recorded}, or rebuild the references with {key}={current}"
+        elif current == "<unset>":
+            run_value = f"generation_kwargs without {key!r}"
+            fix = (f"rebuild the references without generation_kwargs[{key!r}], or set "
+                   f"CTRLConfig.generation_kwargs[{key!r}]={recorded!r}")
         else:
             run_value = f"generation_kwargs[{key!r}]={current}"
             fix = f"make CTRLConfig.generation_kwargs[{key!r}] match, or rebuild with generation_kwargs={{{key!r}: {current!r}}}"

@@ -92,13 +92,19 @@ def build_tiny_reward_model(tokenizer, output_dir: str | Path | None = None, hid
     return model
 
 
-def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, lr: float = 3e-3, batch_size: int = 16, seed: int = 0):
-    """A few steps of plain next-token training so that a random tiny model produces varied, text-like samples."""
+def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, lr: float = 3e-3, batch_size: int = 16,
+                      seed: int = 0, decay_lr: bool = False):
+    """A few steps of plain next-token training so that a random tiny model produces varied, text-like samples.
+
+    `decay_lr=True` decays the learning rate linearly to 0, so that a long enough run settles at the corpus's
+    distribution rather than wherever the last noisy step left it (the quickstart uses it to make its SFT policy a
+    property of the corpus, not of the machine's float rounding)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     encoded = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if decay_lr else 1.0)
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
@@ -112,6 +118,7 @@ def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, 
         loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
     model.eval()
     return model
