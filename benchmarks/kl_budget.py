@@ -18,12 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_quickstart(output: Path, seed: int, mode: str, budget: float, steps: int, eval_samples: int,
-                   extra_args: tuple[str, ...] = (), env: dict | None = None) -> dict:
+                   env: dict | None = None) -> dict:
     """One `examples/quickstart.py` run in a subprocess (`env`: its environment, e.g. a thread count); returns its
     after-training KL, win rates and betas from results.json."""
     command = [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output", str(output), "--seed", str(seed),
-               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps), "--eval-samples", str(eval_samples),
-               *extra_args]
+               "--kl-control", mode, "--kl-budget", str(budget), "--steps", str(steps), "--eval-samples", str(eval_samples)]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     results = json.loads((output / "results.json").read_text())
