@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from alignment_tasks.report import machine_description  # noqa: E402
 from kl_budget import ROOT, run_quickstart  # noqa: E402
-
 
 
 def run(output: Path, seed: int, threads: int, capability: str, args) -> dict:
@@ -77,8 +76,7 @@ def main() -> None:
     print(f"\nKL {min(kls):.3f}–{max(kls):.3f}, BoN-4 {min(bons):.3f}–{max(bons):.3f} over {len(rows)} runs; worst vs "
           f"reference: KL {100 * worst_kl:.1f}%, BoN-4 {worst_bon:.3f} -> target {'holds' if holds else 'MISSED'}")
     output.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-               "python": platform.python_version()}
+    machine = machine_description()
     (output / "demo_stability.json").write_text(json.dumps(
         {"machine": machine, "reference": {"kl_k1": reference_kl, "bon4_win_rate": reference_bon4},
          "worst_kl_relative": worst_kl, "worst_bon4_abs": worst_bon, "target_holds": holds, "rows": rows,

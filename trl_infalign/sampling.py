@@ -113,6 +113,9 @@ _NON_DISTRIBUTIONAL_GENERATION_KWARGS = frozenset(
     {"use_cache", "cache_implementation", "disable_compile", "compile_config", "pad_token_id", "bos_token_id",
      "output_scores", "output_logits", "return_dict_in_generate", "num_return_sequences"}
 )
+#: generation kwargs at the value TRL's `generate` uses anyway (left out of the record when they hold it: only another
+#: value, such as greedy `do_sample=False`, changes the distribution).
+_TRL_GENERATION_DEFAULTS = {"do_sample": True}
 #: Sampling fields that TRL passes to `generate` explicitly (`RLOOTrainer.__init__`), with their neutral values.
 SAMPLING_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
@@ -204,8 +207,10 @@ class SamplingSettings:
             "max_new_tokens": None if self.max_new_tokens is None else int(self.max_new_tokens),
         }
         for key, value in sorted((self.generation_kwargs or {}).items()):
-            if key in _NON_DISTRIBUTIONAL_GENERATION_KWARGS or (key == "do_sample" and value):
-                continue  # do_sample=True is how TRL samples anyway; do_sample=False (greedy) is another distribution
+            if key in _NON_DISTRIBUTIONAL_GENERATION_KWARGS or (
+                key in _TRL_GENERATION_DEFAULTS and value == _TRL_GENERATION_DEFAULTS[key]
+            ):
+                continue
             settings[key] = json.loads(json.dumps(value, default=repr))
         for key, neutral in SAMPLING_FIELDS.items():
             if settings.get(key) is None:
