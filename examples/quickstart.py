@@ -77,13 +77,18 @@ def vader_sentiment(prompts, completions, **kwargs):
 
 
 def main() -> None:
+    from trl_infalign.commands import number_type, positive_float, positive_int
+
+    multiple_of_8 = number_type("multiple_of_8", int, lambda v: v >= 8 and v % 8 == 0, "a multiple of 8",
+                                unparsable="an integer", note=" (8 completions per prompt)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/quickstart", help="Where models, tables and the plot go.")
     parser.add_argument("--steps", type=int, default=300, help="CTRL training steps.")
-    parser.add_argument("--completions-per-step", type=int, default=256,
+    parser.add_argument("--completions-per-step", type=multiple_of_8, default=256,
                         help="Completions per training step (8 per prompt; 256 = every prompt in every step).")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="CTRL learning rate (decays linearly to 0).")
-    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="Pre-training steps of the tiny SFT policy.")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-3,
+                        help="CTRL learning rate (decays linearly to 0).")
+    parser.add_argument("--sft-steps", type=positive_int, default=SFT_STEPS, help="Pre-training steps of the tiny SFT policy.")
     parser.add_argument("--num-reference-samples", type=int, default=128, help="K reference samples per prompt.")
     parser.add_argument("--eval-samples", type=int, default=512, help="Samples per prompt and model for the evaluation.")
     parser.add_argument("--seed", type=int, default=0)

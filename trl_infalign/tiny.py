@@ -104,7 +104,7 @@ def pretrain_on_texts(model, tokenizer, texts: Sequence[str], steps: int = 200, 
     generator = torch.Generator().manual_seed(seed)
     encoded = [tokenizer(t + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if decay_lr else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / max(steps, 1) if decay_lr else 1.0)
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=generator).tolist()
